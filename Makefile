@@ -1,0 +1,39 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv demo test lint typecheck pytest bench clean
+
+venv: $(STAMP)
+
+# torch first and alone: pip takes the pinned CPU build from the local disk;
+# resolving it together with the rest could pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/dynamix demo --out demo_out
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check dynamix_ray pipelines benchmarks tests
+	$(VENV)/bin/ruff format --check dynamix_ray pipelines benchmarks tests
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy dynamix_ray
+
+pytest: $(STAMP)
+	$(PY) -m pytest
+
+test: lint typecheck pytest
+
+bench: $(STAMP)
+	$(PY) benchmarks/segment.py
+
+clean:
+	rm -rf demo_out .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,158 @@
+"""Typed configuration with the papers' defaults; the one place each default lives.
+
+The CLI (``cli.py``) and the Ray-job entry points (``pipelines/``) map their flags
+onto these dataclasses; nothing else holds a default.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = [
+    "GenerateConfig",
+    "SegmentConfig",
+    "parse_duration_s",
+    "format_duration",
+]
+
+_UNITS_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+
+
+def parse_duration_s(text: str | int | float) -> float:
+    """Parse ``"6h"``, ``"30m"``, ``"300s"``, ``"1d"``, ``"250ms"`` or a number (s).
+
+    >>> parse_duration_s("6h")
+    21600.0
+    """
+    if isinstance(text, int | float):
+        return float(text)
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValueError(
+            f"cannot read duration {text!r}: expected a number with an optional unit "
+            "ms, s, m, h or d (e.g. '6h', '30m', '300s', '1d')"
+        )
+    value, unit = match.groups()
+    return float(value) * _UNITS_S[unit or "s"]
+
+
+def format_duration(seconds: float) -> str:
+    """Inverse of :func:`parse_duration_s` for whole units (``21600 -> '6h'``)."""
+    for unit in ("d", "h", "m", "s"):
+        size = _UNITS_S[unit]
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds}s"
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """Parameters of the DynamiX statistic (SPEC §2, paper §3.1–3.2).
+
+    Args:
+        window_s: segmentation window length; windows tile time aligned to UTC
+            midnight of the first event.
+        buffer_s: logging buffer: conversions up to this long *before* an
+            impression still mark it near (paper: 60 s).
+        horizon_s: forecast horizon s: conversions up to this long after an
+            impression mark it near.
+        min_dwell_ms / max_dwell_ms: denoising bounds on dwell time (inclusive).
+        min_events: minimum near and far impressions for a non-null ``corr``.
+        epsilon: fixed threshold on ``|corr|``; ``None`` calibrates it.
+        active_fraction: target active share of eligible (user, window) rows
+            when calibrating epsilon (paper: ~66.67%).
+        num_buckets: hash buckets for unbucketed input (``None``: from the data
+            size and the cluster's CPUs).
+    """
+
+    window_s: int = 6 * 3600
+    buffer_s: int = 60
+    horizon_s: int = 300
+    min_dwell_ms: float = 250.0
+    max_dwell_ms: float = 600_000.0
+    min_events: int = 2
+    epsilon: float | None = None
+    active_fraction: float = 0.6667
+    num_buckets: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.window_s <= 0:
+            raise ValueError(f"window must be positive, got {self.window_s} s")
+        if self.buffer_s < 0 or self.horizon_s < 0:
+            raise ValueError(
+                f"buffer_s and horizon_s must be >= 0, got {self.buffer_s}, "
+                f"{self.horizon_s}"
+            )
+        if not 0 <= self.min_dwell_ms <= self.max_dwell_ms:
+            raise ValueError(
+                "need 0 <= min_dwell_ms <= max_dwell_ms, got "
+                f"{self.min_dwell_ms} and {self.max_dwell_ms}"
+            )
+        if self.min_events < 2:
+            raise ValueError(
+                f"min_events must be >= 2 (a sample variance needs 2), got "
+                f"{self.min_events}"
+            )
+        if self.epsilon is not None and self.epsilon < 0:
+            raise ValueError(f"epsilon must be >= 0, got {self.epsilon}")
+        if not 0.0 < self.active_fraction < 1.0:
+            raise ValueError(
+                f"active_fraction must be in (0, 1), got {self.active_fraction}"
+            )
+        if self.num_buckets is not None and self.num_buckets < 1:
+            raise ValueError(f"num_buckets must be >= 1, got {self.num_buckets}")
+
+    @property
+    def window_ms(self) -> int:
+        return int(self.window_s * 1000)
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Sizes and planted structure of the synthetic EBFs (see ``synth.py``).
+
+    Args:
+        users / days / seed: size and determinism.
+        impressions_per_user_day: mean ad impressions per user and day.
+        active_share: users whose dwell rises shortly before a conversion
+            (default 2/3); the rest are passive (no such rise).
+        switcher_share: share of *all* users, taken from the active ones, whose
+            rise holds only in a block of hours of the day (paper Fig. 4).
+        n_clusters: latent interest clusters driving ads, content and pages.
+        n_countries: values of the optional ``country`` column (0 = no column).
+        ts_type: ``"ms"`` (int64 epoch ms) or ``"timestamp"`` (Parquet timestamp).
+        bucketed: write each source partitioned by user-id hash into this many
+            buckets (``bucket=K/`` folders), or ``0`` for plain files.
+        chunk_users: users generated and written per chunk (bounds memory).
+        start: first day, ISO date (UTC midnight).
+        bad_row_rate: share of rows made invalid on purpose (rejects).
+    """
+
+    users: int = 2000
+    days: int = 7
+    seed: int = 0
+    impressions_per_user_day: float = 30.0
+    active_share: float = 2.0 / 3.0
+    switcher_share: float = 1.0 / 6.0
+    n_clusters: int = 16
+    n_ads: int = 5000
+    n_countries: int = 4
+    ts_type: str = "ms"
+    bucketed: int = 0
+    chunk_users: int = 20_000
+    start: str = "2026-01-05"
+    bad_row_rate: float = 0.0005
+
+    def __post_init__(self) -> None:
+        if self.users < 1 or self.days < 1:
+            raise ValueError(f"need users >= 1 and days >= 1, got {self}")
+        if self.ts_type not in ("ms", "timestamp"):
+            raise ValueError(
+                f"ts_type must be 'ms' or 'timestamp', got {self.ts_type!r}"
+            )
+        if not 0 <= self.switcher_share <= self.active_share <= 1:
+            raise ValueError("need 0 <= switcher_share <= active_share <= 1")
+        if self.bucketed < 0:
+            raise ValueError(f"bucketed must be >= 0, got {self.bucketed}")

@@ -1,0 +1,227 @@
+"""fsspec I/O: dataset discovery, Parquet read/write, user-id hash buckets and the
+atomic commit of outputs.
+
+Any fsspec URL works (``/path``, ``file://``, ``s3://``, ``gs://``, ``memory://``).
+``memory://`` lives in one process only: Ray workers cannot see it, so pipelines
+read and write it from the driver (:func:`is_process_local`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+
+__all__ = [
+    "BUCKETING_FILE",
+    "Dataset",
+    "atomic_output",
+    "discover",
+    "fingerprint",
+    "is_process_local",
+    "pyarrow_fs",
+    "read_bucketing",
+    "read_json",
+    "resolve",
+    "user_bucket",
+    "write_bucketing",
+    "write_json",
+    "write_parquet",
+]
+
+BUCKETING_FILE = "_bucketing.json"
+_HASH = "splitmix64"
+
+
+def resolve(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``url`` -> (filesystem, path without protocol)."""
+    fs, path = url_to_fs(url)
+    return fs, path.rstrip("/") or "/"
+
+
+def is_process_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """True for filesystems that other processes (Ray workers) cannot see."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "memory" in protocols
+
+
+def pyarrow_fs(fs: fsspec.AbstractFileSystem) -> pa.fs.FileSystem:
+    """A pyarrow filesystem over ``fs`` (for Ray Data readers and writers)."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return PyFileSystem(FSSpecHandler(fs))
+
+
+def user_bucket(user_id: np.ndarray, num_buckets: int) -> np.ndarray:
+    """Hash bucket of each user id: splitmix64 finaliser, then modulo.
+
+    The generator (``--bucketed N``) and the segmentation pipeline both use this
+    function, so pre-bucketed files need no shuffle.
+    """
+    with np.errstate(over="ignore"):
+        z = np.asarray(user_id, dtype=np.int64).view(np.uint64) + np.uint64(
+            0x9E3779B97F4A7C15
+        )
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z % np.uint64(num_buckets)).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """An EBF dataset root: its files per source, their row counts and bucketing."""
+
+    url: str
+    fs: fsspec.AbstractFileSystem
+    root: str
+    files: dict[str, list[str]]
+    rows: dict[str, int]
+    num_buckets: int | None
+
+    def bucket_files(self, source: str) -> dict[int, list[str]]:
+        """Files of ``source`` per bucket (bucketed datasets only)."""
+        out: dict[int, list[str]] = {}
+        for f in self.files.get(source, []):
+            part = next(p for p in f.split("/") if p.startswith("bucket="))
+            out.setdefault(int(part.split("=", 1)[1]), []).append(f)
+        return out
+
+
+def _parquet_files(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
+    if not fs.exists(folder):
+        return []
+    found = fs.find(folder)
+    keep = []
+    for f in found:
+        rel = f[len(folder) :].lstrip("/")
+        if any(p.startswith(("_", ".")) for p in rel.split("/")):
+            continue
+        if f.endswith(".parquet") or "." not in posixpath.basename(f):
+            keep.append(f)
+    return sorted(keep)
+
+
+def discover(url: str, sources: Iterable[str], required: Iterable[str] = ()) -> Dataset:
+    """Find the Parquet files of each source under ``url`` and check their columns.
+
+    Raises:
+        FileNotFoundError: a required source has no Parquet file.
+        SchemaError: a file lacks a required column (the message names both).
+    """
+    from dynamix_ray.schema import SOURCES, check_columns
+
+    fs, root = resolve(url)
+    files: dict[str, list[str]] = {}
+    rows: dict[str, int] = {}
+    for name in sources:
+        paths = _parquet_files(fs, f"{root}/{name}")
+        if not paths:
+            if name in required:
+                raise FileNotFoundError(
+                    f"{url}: no Parquet files under '{name}/' (source '{name}' is "
+                    "required)"
+                )
+            continue
+        total = 0
+        for p in paths:
+            with fs.open(p, "rb") as fh:
+                meta = pq.ParquetFile(fh).metadata
+                check_columns(meta.schema.to_arrow_schema(), SOURCES[name], p)
+                total += meta.num_rows
+        files[name], rows[name] = paths, total
+    buckets = read_bucketing(fs, root)
+    if buckets is not None:
+        for name, paths in files.items():
+            if any("bucket=" not in p for p in paths):
+                raise ValueError(
+                    f"{url}: {BUCKETING_FILE} says the data is bucketed but "
+                    f"'{name}/' has files outside bucket=K/ folders"
+                )
+    return Dataset(url, fs, root, files, rows, buckets)
+
+
+def write_bucketing(fs: fsspec.AbstractFileSystem, root: str, num_buckets: int) -> None:
+    write_json(
+        fs, f"{root}/{BUCKETING_FILE}", {"num_buckets": num_buckets, "hash": _HASH}
+    )
+
+
+def read_bucketing(fs: fsspec.AbstractFileSystem, root: str) -> int | None:
+    path = f"{root}/{BUCKETING_FILE}"
+    if not fs.exists(path):
+        return None
+    meta = read_json(fs, path)
+    if meta.get("hash") != _HASH:
+        raise ValueError(f"{path}: unknown bucket hash {meta.get('hash')!r}")
+    return int(meta["num_buckets"])
+
+
+def fingerprint(ds: Dataset) -> str:
+    """sha256 over the input files' paths and sizes (changes when inputs change)."""
+    h = hashlib.sha256()
+    for name in sorted(ds.files):
+        for p in ds.files[name]:
+            h.update(f"{p}\0{ds.fs.size(p)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
+    with fs.open(path, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
+
+
+def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
+    with fs.open(path, "r") as fh:
+        return json.load(fh)
+
+
+def write_parquet(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> None:
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    with fs.open(path, "wb") as fh:
+        pq.write_table(table, fh, compression="zstd")
+
+
+class atomic_output:  # noqa: N801 - used as a context manager, reads like a function
+    """Write under a hidden temporary folder, then move each named part into place.
+
+    ``with atomic_output(fs, out, ["segments", "rejects"]) as tmp:`` writes go to
+    ``tmp/segments`` etc.; on success every part replaces ``out/<part>`` (the old
+    one is removed only after the new one is in place); on failure the temporary
+    folder is deleted and ``out/<part>`` is untouched, so a failed run never
+    leaves a table that looks complete.
+    """
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, out: str, parts: list[str]):
+        self.fs, self.out, self.parts = fs, out.rstrip("/"), parts
+        self.tmp = f"{self.out}/.tmp-{uuid.uuid4().hex[:12]}"
+
+    def __enter__(self) -> str:
+        self.fs.makedirs(self.tmp, exist_ok=True)
+        for part in self.parts:
+            self.fs.makedirs(f"{self.tmp}/{part}", exist_ok=True)
+        return self.tmp
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            self.fs.rm(self.tmp, recursive=True)
+            return
+        for part in self.parts:
+            final = f"{self.out}/{part}"
+            old = f"{self.out}/.old-{part}-{uuid.uuid4().hex[:8]}"
+            if self.fs.exists(final):
+                self.fs.mv(final, old, recursive=True)
+            self.fs.mv(f"{self.tmp}/{part}", final, recursive=True)
+            if self.fs.exists(old):
+                self.fs.rm(old, recursive=True)
+        self.fs.rm(self.tmp, recursive=True)

@@ -1,0 +1,439 @@
+"""Synthetic EBFs with planted, recorded ground truth (``dynamix generate``).
+
+What is planted (all of it written to ``OUT/_truth/``):
+
+* **Segments.** A share of users (default 2/3) is *active*: the log dwell time
+  of an ad impression rises by ``delta`` (0.7–1.4) when the user converts within
+  ``[t - 60 s, t + 300 s]`` — exactly the statistic's *near* definition. Some of
+  them (*switchers*, default 1/6 of all users) are active only during a 12-hour
+  block of the day, as in the paper's Fig. 4; the rest are *passive* (no rise).
+* **Logging skew and outliers.** A conversion is logged between 60 s before and
+  300 s after its impression; a few dwell times are milliseconds or hours.
+* **Interest.** Each user has a latent cluster that drives which ads (hence
+  categories, advertisers, semantic ids), organic content and pages they see,
+  and raises the conversion rate on ads of that cluster. Organic impressions and
+  page views carry the cluster (so boosting them can help). ``campaign_id``,
+  ``media_type``, ``surface`` and ``position`` of ad impressions are drawn
+  independently of everything: they carry no signal.
+* **Bad rows** at ``bad_row_rate``: null user ids, out-of-range timestamps, NaN
+  and negative dwell times, counted per reason in ``_truth/truth.json``.
+
+Generated in chunks of users (bounded memory), deterministic per seed and
+chunk size.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from dynamix_ray.config import GenerateConfig
+from dynamix_ray.io import (
+    resolve,
+    user_bucket,
+    write_bucketing,
+    write_json,
+    write_parquet,
+)
+from dynamix_ray.segments.stats import _near_mask
+
+__all__ = [
+    "NO_SIGNAL_ATTRIBUTES",
+    "generate",
+    "planted_active",
+    "read_truth_users",
+    "segment_recovery",
+]
+
+log = logging.getLogger(__name__)
+
+#: Ad-impression attributes drawn independently of user, ad and label.
+NO_SIGNAL_ATTRIBUTES = ("campaign_id", "media_type", "surface", "position")
+KINDS = ("passive", "active", "switcher")
+CONVERSION_KINDS = ("click", "like", "share", "comment", "purchase")
+_DAY_MS = 86_400_000
+_HOUR_MS = 3_600_000
+_BUFFER_MS, _HORIZON_MS = 60_000, 300_000
+_SWITCH_HOURS = 12
+_AD_ID0, _CONTENT_ID0, _PAGE_ID0 = 1_000_000, 5_000_000, 9_000_000
+
+
+def _start_ms(cfg: GenerateConfig) -> int:
+    return int(np.datetime64(cfg.start, "ms").astype(np.int64))
+
+
+def planted_active(
+    kind: np.ndarray,
+    switch_start_hour: np.ndarray,
+    window_start_ms: np.ndarray,
+    window_ms: int,
+) -> np.ndarray:
+    """Planted truth per (user, window): active users always; switchers when at
+    least half of the window's hours fall in their active block.
+
+    Args:
+        kind: (N,) 0 passive, 1 active, 2 switcher (index into ``KINDS``).
+        switch_start_hour: (N,) first UTC hour of a switcher's active block.
+        window_start_ms: (N,) window starts, epoch ms.
+    """
+    hours = max(1, window_ms // _HOUR_MS)
+    start_hour = (window_start_ms // _HOUR_MS) % 24
+    in_block = np.zeros(len(kind), dtype=np.int64)
+    for h in range(hours):
+        in_block += ((start_hour + h - switch_start_hour) % 24) < _SWITCH_HOURS
+    switcher_on = in_block * 2 >= hours
+    return (kind == 1) | ((kind == 2) & switcher_on)
+
+
+def _catalog(cfg: GenerateConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    c = cfg.n_clusters
+    idx = np.arange(cfg.n_ads)
+    cluster = idx % c
+    n_adv = max(c, cfg.n_ads // 10)
+    return {
+        "ad_id": _AD_ID0 + idx,
+        "cluster": cluster,
+        # advertisers and categories belong to one cluster each
+        "advertiser_id": 100 + (rng.integers(0, n_adv // c, cfg.n_ads) * c + cluster),
+        "category_id": (cluster * 8 + rng.integers(0, 8, cfg.n_ads)).astype(np.int32),
+        "sem_id_1": 10 + cluster,
+        "sem_id_2": 1000 + cluster * 16 + rng.integers(0, 16, cfg.n_ads),
+        "sem_id_3": 100_000 + cluster * 256 + rng.integers(0, 256, cfg.n_ads),
+    }
+
+
+def _users(cfg: GenerateConfig, rng: np.random.Generator, first: int, n: int) -> dict:
+    u = np.arange(first, first + n, dtype=np.int64)
+    r = rng.random(n)
+    kind = np.where(
+        r < cfg.switcher_share, 2, np.where(r < cfg.active_share, 1, 0)
+    ).astype(np.int8)
+    return {
+        "user_id": 1_000_000 + u * 7,  # sparse ids: nothing may assume 0..N-1
+        "cluster": rng.integers(0, cfg.n_clusters, n),
+        "country": rng.integers(0, max(1, cfg.n_countries), n).astype(np.int16),
+        "kind": kind,
+        "delta": np.where(kind > 0, rng.uniform(0.7, 1.4, n), 0.0),
+        "switch_start_hour": np.where(kind == 2, rng.integers(0, 24, n), -1),
+        "rate": rng.lognormal(0.0, 0.4, n) / np.exp(0.08),  # mean 1
+        "dwell_mu": rng.normal(np.log(6000.0), 0.3, n),
+        "dwell_sigma": rng.uniform(0.5, 0.8, n),
+    }
+
+
+def _sessions(
+    rng: np.random.Generator,
+    rate: np.ndarray,
+    per_day: float,
+    days: int,
+    t0: int,
+    per_session: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Event times in bursts: (user index, ts_ms) of each event, per day sessions."""
+    n = len(rate)
+    n_sess = rng.poisson(np.repeat(rate * per_day / per_session, days))
+    sess_user = np.repeat(np.repeat(np.arange(n), days), n_sess)
+    sess_day = np.repeat(np.tile(np.arange(days), n), n_sess)
+    sess_start = t0 + sess_day * _DAY_MS + rng.integers(0, _DAY_MS, len(sess_user))
+    size = 1 + rng.poisson(per_session - 1, len(sess_user))
+    ev_sess = np.repeat(np.arange(len(sess_user)), size)
+    gaps = (rng.exponential(25_000.0, len(ev_sess)) + 3_000).astype(np.int64)
+    csum = np.cumsum(gaps)
+    first = np.repeat(np.cumsum(size) - size, size)
+    offset = csum - csum[first]
+    return sess_user[ev_sess], sess_start[ev_sess] + offset
+
+
+def _chunk(
+    cfg: GenerateConfig, ads: dict[str, np.ndarray], chunk: int, first: int, n: int
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, int]]:
+    rng = np.random.default_rng([cfg.seed, chunk])
+    users = _users(cfg, rng, first, n)
+    t0 = _start_ms(cfg)
+    c = cfg.n_clusters
+    ads_per_cluster = cfg.n_ads // c
+
+    # ---- ad impressions
+    iu, its = _sessions(
+        rng, users["rate"], cfg.impressions_per_user_day, cfg.days, t0, 8.0
+    )
+    m = len(iu)
+    own = rng.random(m) < 0.6
+    ad_idx = np.where(
+        own,
+        users["cluster"][iu] + c * rng.integers(0, ads_per_cluster, m),
+        rng.integers(0, cfg.n_ads, m),
+    )
+    match = ads["cluster"][ad_idx] == users["cluster"][iu]
+    converts = rng.random(m) < np.where(match, 0.045, 0.0075)
+    ci = np.flatnonzero(converts)
+    delay = rng.uniform(-_BUFFER_MS, _HORIZON_MS, len(ci)).astype(np.int64)
+    conv_user, conv_ts, conv_ad = iu[ci], its[ci] + delay, ad_idx[ci]
+
+    near = _near_mask(iu, its, conv_user, conv_ts, _BUFFER_MS, _HORIZON_MS)
+    hour = (its // _HOUR_MS) % 24
+    kind = users["kind"][iu]
+    on = (kind == 1) | (
+        (kind == 2) & (((hour - users["switch_start_hour"][iu]) % 24) < _SWITCH_HOURS)
+    )
+    log_dwell = (
+        users["dwell_mu"][iu]
+        + users["dwell_sigma"][iu] * rng.standard_normal(m)
+        + users["delta"][iu] * (near & on)
+    )
+    dwell = np.exp(log_dwell)
+    r = rng.random(m)
+    dwell = np.where(r < 0.003, rng.uniform(1, 50, m), dwell)  # ms: mis-logged
+    dwell = np.where(r > 0.998, rng.uniform(3.6e6, 1.8e7, m), dwell)  # hours
+    planted = {"dwell_outliers": int(((r < 0.003) | (r > 0.998)).sum())}
+
+    imp = {
+        "user_id": users["user_id"][iu],
+        "ts": its,
+        "dwell_ms": np.round(dwell, 1),
+        "ad_id": ads["ad_id"][ad_idx],
+        "advertiser_id": ads["advertiser_id"][ad_idx],
+        "campaign_id": rng.integers(1, 2001, m),
+        "category_id": ads["category_id"][ad_idx],
+        "sem_id_1": ads["sem_id_1"][ad_idx],
+        "sem_id_2": ads["sem_id_2"][ad_idx],
+        "sem_id_3": ads["sem_id_3"][ad_idx],
+        "media_type": rng.integers(0, 4, m).astype(np.int8),
+        "surface": rng.integers(0, 3, m).astype(np.int8),
+        "position": rng.integers(0, 20, m).astype(np.int16),
+    }
+    conv = {
+        "user_id": users["user_id"][conv_user],
+        "ts": conv_ts,
+        "ad_id": ads["ad_id"][conv_ad],
+        "kind": np.asarray(CONVERSION_KINDS, dtype=object)[
+            rng.integers(0, len(CONVERSION_KINDS), len(ci))
+        ],
+    }
+
+    # ---- organic impressions and page views: carry the interest cluster
+    ou, ots = _sessions(
+        rng, users["rate"], cfg.impressions_per_user_day * 0.8, cfg.days, t0, 6.0
+    )
+    k = len(ou)
+    o_cluster = np.where(
+        rng.random(k) < 0.7, users["cluster"][ou], rng.integers(0, c, k)
+    )
+    content = o_cluster + c * rng.integers(0, 2000, k)
+    organic = {
+        "user_id": users["user_id"][ou],
+        "ts": ots,
+        "dwell_ms": np.round(np.exp(rng.normal(np.log(4000.0), 0.8, k)), 1),
+        "content_id": _CONTENT_ID0 + content,
+        "media_type": rng.integers(0, 4, k).astype(np.int8),
+        "position": rng.integers(0, 20, k).astype(np.int16),
+        "author_id": 500 + (content % (50 * c)),
+    }
+    pu, pts = _sessions(
+        rng, users["rate"], cfg.impressions_per_user_day * 0.4, cfg.days, t0, 4.0
+    )
+    q = len(pu)
+    p_cluster = np.where(
+        rng.random(q) < 0.7, users["cluster"][pu], rng.integers(0, c, q)
+    )
+    page = p_cluster + c * rng.integers(0, 500, q)
+    pages = {
+        "user_id": users["user_id"][pu],
+        "ts": pts,
+        "page_id": _PAGE_ID0 + page,
+        "sem_id_1": 10 + p_cluster,
+        "sem_id_2": 1000 + p_cluster * 16 + rng.integers(0, 16, q),
+        "media_type": rng.integers(0, 4, q).astype(np.int8),
+    }
+    sources = {
+        "ad_impressions": imp,
+        "conversions": conv,
+        "organic_impressions": organic,
+        "page_views": pages,
+    }
+    if cfg.n_countries > 0:
+        for src, idx in (
+            ("ad_impressions", iu),
+            ("conversions", conv_user),
+            ("organic_impressions", ou),
+            ("page_views", pu),
+        ):
+            sources[src]["country"] = users["country"][idx]
+    planted.update(_plant_bad_rows(cfg, rng, sources))
+    return sources, users, planted
+
+
+def _plant_bad_rows(
+    cfg: GenerateConfig, rng: np.random.Generator, sources: dict[str, dict[str, Any]]
+) -> dict[str, int]:
+    """Turn a few rows of every source into rejects; return counts per reason.
+
+    ``user_id`` becomes a masked array entry (null), so the user's other rows keep
+    their ids. Reasons are assigned so that each bad row has exactly one.
+    """
+    counts: dict[str, int] = {}
+    for src, cols in sources.items():
+        n = len(cols["user_id"])
+        bad = rng.random(n) < cfg.bad_row_rate
+        reasons = ["null_user_id", "ts_out_of_range"]
+        if "dwell_ms" in cols:
+            reasons += ["dwell_not_finite", "dwell_negative"]
+        which = rng.integers(0, len(reasons), n)
+        null_user = np.zeros(n, dtype=bool)
+        for i, reason in enumerate(reasons):
+            sel = bad & (which == i)
+            counts[f"{src}/{reason}"] = int(sel.sum())
+            if reason == "null_user_id":
+                null_user |= sel
+            elif reason == "ts_out_of_range":
+                cols["ts"] = np.where(sel, cols["ts"] - 40 * 365 * _DAY_MS, cols["ts"])
+            elif reason == "dwell_not_finite":
+                cols["dwell_ms"] = np.where(sel, np.nan, cols["dwell_ms"])
+            else:
+                cols["dwell_ms"] = np.where(sel, -cols["dwell_ms"], cols["dwell_ms"])
+        cols["_null_user"] = null_user
+    return counts
+
+
+def _to_table(cols: dict[str, Any], ts_type: str, order: np.ndarray) -> pa.Table:
+    data: dict[str, pa.Array] = {}
+    null_user = cols["_null_user"][order]
+    for name, values in cols.items():
+        if name == "_null_user":
+            continue
+        v = np.asarray(values)[order]
+        if name == "user_id":
+            data[name] = pa.array(v, pa.int64(), mask=null_user)
+        elif name == "ts":
+            arr = pa.array(v, pa.int64())
+            data[name] = (
+                arr.cast(pa.timestamp("ms", tz="UTC"))
+                if ts_type == "timestamp"
+                else arr
+            )
+        elif v.dtype == object:
+            data[name] = pa.array(v, pa.string())
+        else:
+            data[name] = pa.array(v)
+    return pa.table(data)
+
+
+def generate(
+    out_url: str,
+    cfg: GenerateConfig | None = None,
+    progress: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Write the four EBF sources and ``_truth/`` under ``out_url``.
+
+    Returns:
+        The truth summary also written to ``_truth/truth.json``.
+    """
+    cfg = cfg or GenerateConfig()
+    fs, root = resolve(out_url)
+    fs.makedirs(root, exist_ok=True)
+    t_start = time.perf_counter()
+    ads = _catalog(cfg, np.random.default_rng([cfg.seed, 1 << 30]))
+    rows: dict[str, int] = {}
+    planted: dict[str, int] = {}
+    user_parts = []
+    n_chunks = (cfg.users + cfg.chunk_users - 1) // cfg.chunk_users
+    for chunk in range(n_chunks):
+        first = chunk * cfg.chunk_users
+        n = min(cfg.chunk_users, cfg.users - first)
+        sources, users, counts = _chunk(cfg, ads, chunk, first, n)
+        for k, v in counts.items():
+            planted[k] = planted.get(k, 0) + v
+        for src, cols in sources.items():
+            order = np.argsort(cols["ts"], kind="stable")  # logs arrive in time order
+            table = _to_table(cols, cfg.ts_type, order)
+            rows[src] = rows.get(src, 0) + table.num_rows
+            if cfg.bucketed:
+                uid = table.column("user_id").fill_null(0).to_numpy()
+                bucket = user_bucket(uid, cfg.bucketed)
+                # null user ids land in bucket of id 0; they are rejects anyway
+                for b in np.unique(bucket):
+                    part = table.take(pa.array(np.flatnonzero(bucket == b)))
+                    write_parquet(
+                        fs,
+                        f"{root}/{src}/bucket={b:05d}/part-{chunk:05d}.parquet",
+                        part,
+                    )
+            else:
+                write_parquet(fs, f"{root}/{src}/part-{chunk:05d}.parquet", table)
+        user_parts.append(
+            pa.table({k: v for k, v in users.items() if k not in ("rate",)})
+        )
+        if progress:
+            progress(
+                f"generate: chunk {chunk + 1}/{n_chunks} ({first + n:,} users, "
+                f"{rows['ad_impressions']:,} ad impressions, "
+                f"{time.perf_counter() - t_start:.1f} s)"
+            )
+    if cfg.bucketed:
+        write_bucketing(fs, root, cfg.bucketed)
+    write_parquet(fs, f"{root}/_truth/users.parquet", pa.concat_tables(user_parts))
+    write_parquet(fs, f"{root}/_truth/ads.parquet", pa.table(ads))
+    truth = {
+        "config": asdict(cfg),
+        "rows": rows,
+        "planted": planted,
+        "no_signal_attributes": list(NO_SIGNAL_ATTRIBUTES),
+        "kinds": list(KINDS),
+        "switch_hours": _SWITCH_HOURS,
+        "dwell_effect": "log dwell += delta when near (conversion in [t-60s, t+300s])",
+        "wall_s": time.perf_counter() - t_start,
+    }
+    write_json(fs, f"{root}/_truth/truth.json", truth)
+    return truth
+
+
+def read_truth_users(events_url: str) -> pa.Table:
+    """``_truth/users.parquet`` of a generated dataset."""
+    import pyarrow.parquet as pq
+
+    fs, root = resolve(events_url)
+    with fs.open(f"{root}/_truth/users.parquet", "rb") as fh:
+        return pq.read_table(fh)
+
+
+def segment_recovery(truth_users: pa.Table, segments: pa.Table) -> dict[str, float]:
+    """Precision and recall of ``segment == 1`` against the planted truth, over
+    eligible rows (non-null ``corr``), plus the planted active share there."""
+    uid = truth_users.column("user_id").to_numpy()
+    order = np.argsort(uid)
+    seg_uid = segments.column("user_id").to_numpy()
+    pos = order[np.searchsorted(uid, seg_uid, sorter=order)]
+    window_start = segments.column("window_start").cast(pa.int64()).to_numpy()
+    window_ms = (
+        int(
+            (
+                segments.column("window_end").cast(pa.int64()).to_numpy()[:1]
+                - window_start[:1]
+            )[0]
+        )
+        if segments.num_rows
+        else _DAY_MS // 4
+    )
+    truth = planted_active(
+        truth_users.column("kind").to_numpy()[pos],
+        truth_users.column("switch_start_hour").to_numpy()[pos],
+        window_start,
+        window_ms,
+    )
+    eligible = segments.column("corr").is_valid().to_numpy(zero_copy_only=False)
+    pred = segments.column("segment").to_numpy().astype(bool)
+    t, p = truth[eligible], pred[eligible]
+    tp = int((t & p).sum())
+    return {
+        "eligible_rows": int(eligible.sum()),
+        "precision": tp / max(1, int(p.sum())),
+        "recall": tp / max(1, int(t.sum())),
+        "planted_active_share": float(t.mean()) if len(t) else 0.0,
+        "predicted_active_share": float(p.mean()) if len(p) else 0.0,
+    }
