@@ -17,18 +17,24 @@ def calibrate_epsilon(abs_corr: np.ndarray, active_fraction: float) -> float:
 
     Returns:
         The midpoint between the largest passive and the smallest active value, so
-        that float noise of a few ulps in ``corr`` cannot flip a segment. 0.0 when
-        there is no eligible row.
+        that float noise of a few ulps in ``corr`` cannot flip a segment. Equal
+        values cannot be split: the closest achievable share wins. 0.0 when there
+        is no eligible row.
     """
-    a = np.sort(np.asarray(abs_corr, dtype=np.float64))
+    a = np.asarray(abs_corr, dtype=np.float64)
     n = len(a)
     if n == 0:
         return 0.0
     if np.isnan(a).any():
         raise ValueError("abs_corr must not hold NaN: pass eligible rows only")
-    k = int(round(active_fraction * n))  # rows to make active
-    if k <= 0:
-        return float(a[-1])
-    if k >= n:
-        return float(max(0.0, np.nextafter(a[0], -np.inf)))
-    return float((a[n - k - 1] + a[n - k]) / 2.0)
+    # eps in [u_i, u_{i+1}) makes exactly above[i] rows active; ties cannot be
+    # split, so pick the achievable share closest to the target.
+    u, counts = np.unique(a, return_counts=True)
+    above = n - np.cumsum(counts)
+    thresholds = np.append((u[:-1] + u[1:]) / 2.0, u[-1])
+    shares = above / n
+    if u[0] > 0:  # everyone active is achievable with eps in [0, u_0)
+        thresholds = np.insert(thresholds, 0, u[0] / 2.0)
+        shares = np.insert(shares, 0, 1.0)
+    best = int(np.argmin(np.abs(shares - active_fraction)))
+    return float(thresholds[best])
