@@ -31,7 +31,9 @@ def calibrate_epsilon(abs_corr: np.ndarray, active_fraction: float) -> float:
     # split, so pick the achievable share closest to the target.
     u, counts = np.unique(a, return_counts=True)
     above = n - np.cumsum(counts)
-    thresholds = np.append((u[:-1] + u[1:]) / 2.0, u[-1])
+    mid = (u[:-1] + u[1:]) / 2.0
+    mid = np.where(mid < u[1:], mid, u[:-1])  # adjacent floats: no midpoint
+    thresholds = np.append(mid, u[-1])
     shares = above / n
     if u[0] > 0:  # everyone active is achievable with eps in [0, u_0)
         thresholds = np.insert(thresholds, 0, u[0] / 2.0)
