@@ -117,8 +117,12 @@ def test_merge_of_halves_equals_whole(ev, cut, seed):
     user, ts, dwell, cu, cts = ev
     cfg = SegmentConfig()
     half = np.random.default_rng(seed).random(len(user)) < cut
-    parts = [compute_stats(user[m], ts[m], dwell[m], cu, cts, cfg) for m in (half, ~half)]
-    assert_stats_equal(merge_stats(*parts), compute_stats(user, ts, dwell, cu, cts, cfg))
+    parts = [
+        compute_stats(user[m], ts[m], dwell[m], cu, cts, cfg) for m in (half, ~half)
+    ]
+    assert_stats_equal(
+        merge_stats(*parts), compute_stats(user, ts, dwell, cu, cts, cfg)
+    )
 
 
 def test_ties_at_both_edges_count_as_near():
@@ -127,8 +131,10 @@ def test_ties_at_both_edges_count_as_near():
     user = np.zeros(4, dtype=np.int64)
     dwell = np.full(4, 1000.0)
     # exactly t-60 s, exactly t+300 s, 1 ms outside on each side
-    conv = np.array([T0 - 60_000, T0 + H + 300_000, T0 + 2 * H - 60_001,
-                     T0 + 3 * H + 300_001], dtype=np.int64)
+    conv = np.array(
+        [T0 - 60_000, T0 + H + 300_000, T0 + 2 * H - 60_001, T0 + 3 * H + 300_001],
+        dtype=np.int64,
+    )
     s = compute_stats(user, ts, dwell, np.zeros(4, dtype=np.int64), conv, cfg)
     assert s["n_near"].tolist() == [2] and s["n_far"].tolist() == [2]
 
@@ -137,8 +143,9 @@ def test_conversion_outside_window_still_counts():
     cfg = SegmentConfig()  # windows [0h, 6h), [6h, 12h) ...
     ts = np.array([T0 + 6 * H - 1_000], dtype=np.int64)  # last second of window 0
     conv = np.array([T0 + 6 * H + 100_000], dtype=np.int64)  # in window 1
-    s = compute_stats(np.zeros(1, np.int64), ts, np.array([500.0]),
-                      np.zeros(1, np.int64), conv, cfg)
+    s = compute_stats(
+        np.zeros(1, np.int64), ts, np.array([500.0]), np.zeros(1, np.int64), conv, cfg
+    )
     assert s["n_near"].tolist() == [1]
     assert s["window_start_ms"].tolist() == [T0]
 
@@ -146,8 +153,14 @@ def test_conversion_outside_window_still_counts():
 def test_dwell_bounds_are_inclusive_and_filtered_rows_counted():
     cfg = SegmentConfig()
     dwell = np.array([250.0, 600_000.0, 249.99, 600_000.5, 3.0])
-    s = compute_stats(np.zeros(5, np.int64), np.full(5, T0, np.int64), dwell,
-                      np.zeros(0, np.int64), np.zeros(0, np.int64), cfg)
+    s = compute_stats(
+        np.zeros(5, np.int64),
+        np.full(5, T0, np.int64),
+        dwell,
+        np.zeros(0, np.int64),
+        np.zeros(0, np.int64),
+        cfg,
+    )
     assert s["n_far"].tolist() == [2] and s["n_filtered"].tolist() == [3]
 
 
@@ -159,8 +172,14 @@ def test_finalize_matches_textbook_formulas():
     dwell = np.exp(np.concatenate([near, far]))
     # conversions make the first three near; place the others 2 h later
     ts[3:] += 2 * H
-    s = compute_stats(np.zeros(7, np.int64), ts, dwell, np.zeros(1, np.int64),
-                      np.array([T0 + 1000], np.int64), cfg)
+    s = compute_stats(
+        np.zeros(7, np.int64),
+        ts,
+        dwell,
+        np.zeros(1, np.int64),
+        np.array([T0 + 1000], np.int64),
+        cfg,
+    )
     out = finalize(s, cfg, epsilon=0.5)
     corr = near.mean() - far.mean()
     pooled = (2 * near.var(ddof=1) + 3 * far.var(ddof=1)) / 5
@@ -177,20 +196,34 @@ def test_finalize_nulls_and_passive_defaults():
     # one event only; all-equal dwell (pooled variance 0); no conversions
     cases = [
         (np.array([T0]), np.array([1000.0]), np.zeros(0, np.int64)),
-        (np.full(4, T0) + np.array([0, 1, 2 * H, 2 * H + 1]), np.full(4, 1000.0),
-         np.array([T0])),
+        (
+            np.full(4, T0) + np.array([0, 1, 2 * H, 2 * H + 1]),
+            np.full(4, 1000.0),
+            np.array([T0]),
+        ),
         (np.full(4, T0), np.array([300.0, 400.0, 500.0, 600.0]), np.zeros(0, np.int64)),
     ]
     for ts, dwell, conv in cases:
-        s = compute_stats(np.zeros(len(ts), np.int64), ts.astype(np.int64), dwell,
-                          np.zeros(len(conv), np.int64), conv.astype(np.int64), cfg)
+        s = compute_stats(
+            np.zeros(len(ts), np.int64),
+            ts.astype(np.int64),
+            dwell,
+            np.zeros(len(conv), np.int64),
+            conv.astype(np.int64),
+            cfg,
+        )
         out = finalize(s, cfg, epsilon=0.0)
         assert np.isnan(out["w_mle"][0])
         assert out["segment"][0] == 0
     # equal dwell with near and far: corr 0, w_mle undefined (pooled variance 0)
-    s = compute_stats(np.zeros(4, np.int64), (np.full(4, T0) + np.array(
-        [0, 1, 2 * H, 2 * H + 1])).astype(np.int64), np.full(4, 1000.0),
-        np.zeros(1, np.int64), np.array([T0], np.int64), cfg)
+    s = compute_stats(
+        np.zeros(4, np.int64),
+        (np.full(4, T0) + np.array([0, 1, 2 * H, 2 * H + 1])).astype(np.int64),
+        np.full(4, 1000.0),
+        np.zeros(1, np.int64),
+        np.array([T0], np.int64),
+        cfg,
+    )
     out = finalize(s, cfg, epsilon=0.0)
     assert out["corr"][0] == 0.0 and math.isnan(out["w_mle"][0])
 
@@ -198,8 +231,14 @@ def test_finalize_nulls_and_passive_defaults():
 def test_users_spanning_windows_get_a_row_each():
     cfg = SegmentConfig()
     ts = T0 + np.array([0, 7 * H, 13 * H, 13 * H + 5], dtype=np.int64)
-    s = compute_stats(np.array([5, 5, 5, 9], np.int64), ts, np.full(4, 900.0),
-                      np.zeros(0, np.int64), np.zeros(0, np.int64), cfg)
+    s = compute_stats(
+        np.array([5, 5, 5, 9], np.int64),
+        ts,
+        np.full(4, 900.0),
+        np.zeros(0, np.int64),
+        np.zeros(0, np.int64),
+        cfg,
+    )
     got = sorted(zip(s["user_id"].tolist(), s["window_start_ms"].tolist(), strict=True))
     assert got == [(5, T0), (5, T0 + 6 * H), (5, T0 + 12 * H), (9, T0 + 12 * H)]
 
