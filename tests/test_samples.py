@@ -1,0 +1,136 @@
+"""Training samples: the vectorised builder equals the per-sample loop; no
+history event at or after ``t - buffer``; segments only from ended windows."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dynamix_ray.samples import SampleConfig, build_samples, reference_samples
+
+T0 = 1_767_571_200_000
+H = 3_600_000
+EDGES = [-60_000, -60_001, -59_999, 0, 300_000, 300_001, -1]
+
+
+@st.composite
+def user_events(draw):
+    users = draw(st.lists(st.integers(1, 10**12), min_size=1, max_size=3, unique=True))
+    n = draw(st.integers(0, 25))
+    imp_user = np.array([draw(st.sampled_from(users)) for _ in range(n)], np.int64)
+    imp_ts = np.array([T0 + draw(st.integers(0, 30 * H)) for _ in range(n)], np.int64)
+    ads = np.array([draw(st.sampled_from([11, 12, 13])) for _ in range(n)], np.int64)
+    conv_u, conv_t, conv_a = [], [], []
+    for i in range(n):
+        if draw(st.booleans()):
+            conv_u.append(imp_user[i])
+            conv_t.append(imp_ts[i] + draw(st.sampled_from(EDGES)))
+            conv_a.append(draw(st.sampled_from([ads[i], ads[i], 99])))
+    hist_u = [draw(st.sampled_from(users)) for _ in range(draw(st.integers(0, 30)))]
+    # history events exactly at t - buffer, just before, and anywhere
+    hist_t = []
+    for _ in hist_u:
+        if n and draw(st.booleans()):
+            hist_t.append(
+                int(imp_ts[draw(st.integers(0, n - 1))])
+                + draw(st.sampled_from([-60_000, -60_001, 0, 5]))
+            )
+        else:
+            hist_t.append(T0 + draw(st.integers(-5 * H, 30 * H)))
+    seg_u, seg_end, seg_v = [], [], []
+    for u in users:
+        for w in range(draw(st.integers(0, 6))):
+            seg_u.append(u)
+            seg_end.append(T0 + (w + 1) * 6 * H)
+            seg_v.append(draw(st.integers(0, 1)))
+    return (
+        {"user_id": imp_user, "ts_ms": imp_ts, "ad_id": ads},
+        {
+            "user_id": np.array(conv_u, np.int64),
+            "ts_ms": np.array(conv_t, np.int64),
+            "ad_id": np.array(conv_a, np.int64),
+        },
+        {
+            "page_views": {
+                "user_id": np.array(hist_u, np.int64),
+                "ts_ms": np.array(hist_t, np.int64),
+                "page_id": np.arange(len(hist_u), dtype=np.int64) + 1,
+            }
+        },
+        {
+            "user_id": np.array(seg_u, np.int64),
+            "window_end_ms": np.array(seg_end, np.int64),
+            "segment": np.array(seg_v, np.int8),
+        },
+    )
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ev=user_events(), max_len=st.integers(1, 6))
+def test_builder_equals_reference(ev, max_len):
+    imps, convs, hist, segs = ev
+    cfg = SampleConfig(max_seq_len=max_len)
+    fast = build_samples(imps, convs, hist, segs, cfg)
+    slow = reference_samples(imps, convs, hist, segs, cfg)
+    assert len(fast["t_ms"]) == len(slow)
+    for i, row in enumerate(slow):
+        assert fast["user_id"][i] == row["user_id"] and fast["t_ms"][i] == row["t_ms"]
+        assert fast["label"][i] == row["label"]
+        assert fast["segment"][i] == row["segment"]
+        mask = fast["page_views.mask"][i]
+        assert (
+            fast["page_views.ts_ms"][i][mask].tolist() == row["hist_ts"]["page_views"]
+        )
+        # right-aligned: padding first, events newest last
+        assert not mask[: max_len - mask.sum()].any()
+
+
+@settings(max_examples=150, deadline=None)
+@given(ev=user_events())
+def test_no_history_event_at_or_after_t_minus_buffer(ev):
+    imps, convs, hist, segs = ev
+    cfg = SampleConfig(max_seq_len=8)
+    s = build_samples(imps, convs, hist, segs, cfg)
+    bound = s["t_ms"][:, None] - cfg.buffer_s * 1000
+    ts, mask = s["page_views.ts_ms"], s["page_views.mask"]
+    assert (ts[mask] < np.broadcast_to(bound, ts.shape)[mask]).all()
+    # and padding carries no values
+    assert (ts[~mask] == 0).all() and (s["page_views.page_id"][~mask] == 0).all()
+
+
+@settings(max_examples=150, deadline=None)
+@given(ev=user_events())
+def test_segment_never_comes_from_a_window_that_had_not_ended(ev):
+    imps, convs, hist, segs = ev
+    s = build_samples(imps, convs, hist, segs, SampleConfig())
+    for u, t, seg in zip(s["user_id"], s["t_ms"], s["segment"], strict=True):
+        ended = [
+            (e, v)
+            for su, e, v in zip(
+                segs["user_id"], segs["window_end_ms"], segs["segment"], strict=True
+            )
+            if su == u and e <= t
+        ]
+        assert seg == (max(ended)[1] if ended else 0)
+
+
+def test_window_ending_exactly_at_t_counts_and_one_ms_later_does_not():
+    imps = {
+        "user_id": np.array([5, 5], np.int64),
+        "ts_ms": np.array([T0 + 6 * H, T0 + 6 * H - 1], np.int64),
+        "ad_id": np.array([1, 1], np.int64),
+    }
+    empty = {
+        "user_id": np.zeros(0, np.int64),
+        "ts_ms": np.zeros(0, np.int64),
+        "ad_id": np.zeros(0, np.int64),
+    }
+    segs = {
+        "user_id": np.array([5], np.int64),
+        "window_end_ms": np.array([T0 + 6 * H], np.int64),
+        "segment": np.array([1], np.int8),
+    }
+    s = build_samples(imps, empty, {}, segs, SampleConfig())
+    assert s["t_ms"].tolist() == [T0 + 6 * H - 1, T0 + 6 * H]
+    assert s["segment"].tolist() == [0, 1]
