@@ -20,13 +20,14 @@ go through the same bucketing and kernel.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -40,7 +41,6 @@ from dynamix_ray.io import (
     discover,
     fingerprint,
     is_process_local,
-    pyarrow_fs,
     resolve,
     user_bucket,
     write_json,
@@ -49,7 +49,6 @@ from dynamix_ray.io import (
 from dynamix_ray.schema import REJECT_SCHEMA, SOURCES, Validated, validate
 from dynamix_ray.segments.epsilon import calibrate_epsilon
 from dynamix_ray.segments.stats import (
-    STAT_COLUMNS,
     compute_stats,
     finalize,
     window_origin_ms,
@@ -76,7 +75,6 @@ SEGMENT_SCHEMA = pa.schema(
         ("segment", pa.int8()),
     ]
 )
-_EVENT_COLUMNS = ("user_id", "ts_ms", "dwell_ms", "is_conv")
 
 
 @dataclass
@@ -135,40 +133,13 @@ def read_validated(
     return Validated(pa.concat_tables(valid), pa.concat_tables(rejects))
 
 
-def _events(imp: pa.Table, conv: pa.Table) -> dict[str, np.ndarray]:
-    """Impressions and conversions as one column set (``is_conv`` tells them apart)."""
-    n_imp, n_conv = imp.num_rows, conv.num_rows
-    return {
-        "user_id": np.concatenate(
-            [imp.column("user_id").to_numpy(), conv.column("user_id").to_numpy()]
-        ),
-        "ts_ms": np.concatenate(
-            [imp.column("ts_ms").to_numpy(), conv.column("ts_ms").to_numpy()]
-        ),
-        "dwell_ms": np.concatenate(
-            [imp.column("dwell_ms").to_numpy(), np.full(n_conv, np.nan)]
-        ),
-        "is_conv": np.concatenate(
-            [np.zeros(n_imp, dtype=np.int8), np.ones(n_conv, dtype=np.int8)]
-        ),
-    }
+_IMP_COLUMNS = ["user_id", "ts", "dwell_ms"]
+_CONV_COLUMNS = ["user_id", "ts"]
+_SOURCE_COLUMNS = {"ad_impressions": _IMP_COLUMNS, "conversions": _CONV_COLUMNS}
+#: Rows per map task of the shuffle (whole Parquet row groups are kept together).
+_SPLIT_ROWS = 1 << 20
 
-
-def _stats_of_events(
-    batch: dict[str, np.ndarray], cfg: SegmentConfig, origin_ms: int
-) -> dict[str, np.ndarray]:
-    """Kernel over a batch holding all events of its users (both sources)."""
-    conv = batch["is_conv"].astype(bool)
-    imp = ~conv
-    return compute_stats(
-        batch["user_id"][imp],
-        batch["ts_ms"][imp],
-        batch["dwell_ms"][imp],
-        batch["user_id"][conv],
-        batch["ts_ms"][conv],
-        cfg,
-        origin_ms,
-    )
+Columns = dict[str, np.ndarray]
 
 
 def _write_rejects(fs: Any, folder: str, rejects: pa.Table, name: str) -> None:
@@ -182,60 +153,158 @@ def _write_rejects(fs: Any, folder: str, rejects: pa.Table, name: str) -> None:
     write_parquet(fs, f"{folder}/{name}-{digest.hexdigest()[:12]}.parquet", rejects)
 
 
-def _bucket_stats(
-    batch: dict[str, np.ndarray],
+def _columns(table: pa.Table) -> Columns:
+    return {c: table.column(c).to_numpy() for c in table.column_names}
+
+
+def _concat(parts: list[Columns], name: str, dtype: Any) -> np.ndarray:
+    arrays = [p[name] for p in parts if len(p[name])]
+    if not arrays:
+        return np.zeros(0, dtype=dtype)
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def _kernel(
+    imp: list[Columns], conv: list[Columns], cfg: SegmentConfig, origin_ms: int
+) -> tuple[Columns, dict[str, Any]]:
+    """Partial statistics of whole users, and the small summary the driver needs
+    (``|corr|`` of eligible rows for epsilon, counts, user ids)."""
+    stats = compute_stats(
+        _concat(imp, "user_id", np.int64),
+        _concat(imp, "ts_ms", np.int64),
+        _concat(imp, "dwell_ms", np.float64),
+        _concat(conv, "user_id", np.int64),
+        _concat(conv, "ts_ms", np.int64),
+        cfg,
+        origin_ms,
+    )
+    return stats, _summary(stats, cfg.min_events)
+
+
+def _summary(stats: Columns, min_events: int) -> dict[str, Any]:
+    n_near, n_far = stats["n_near"], stats["n_far"]
+    kept = (n_near + n_far) > 0
+    ok = (n_near >= min_events) & (n_far >= min_events)
+    return {
+        # the same float operation as ``finalize``'s corr: segments can be counted
+        # from it exactly
+        "abs_corr": np.abs(stats["mean_near"][ok] - stats["mean_far"][ok]),
+        "rows": int(kept.sum()),
+        "eligible": int(ok.sum()),
+        "impressions": int((n_near + n_far + stats["n_filtered"]).sum()),
+        "filtered": int(stats["n_filtered"].sum()),
+        "user_id": np.unique(stats["user_id"][kept]),
+    }
+
+
+def _bucket_task(
     cfg: SegmentConfig,
     origin_ms: int,
     url: str,
+    out_url: str,
     rejects_dir: str,
-) -> dict[str, np.ndarray]:
-    """Ray Data task: bucket rows (file lists) -> their partial statistics.
-
-    A plain function (Ray tasks, not actors), so idle stages hold no CPU.
-    """
+    bucket: int,
+    imp_paths: list[str],
+    conv_paths: list[str],
+) -> tuple[Columns, dict[str, Any]]:
+    """Ray task (bucketed input): read, validate and run the kernel on one bucket's
+    files; no shuffle."""
     fs, _ = resolve(url)
-    parts = []
-    for bucket, imp_paths, conv_paths in zip(
-        batch["bucket"], batch["imp_paths"], batch["conv_paths"], strict=True
-    ):
-        imp = read_validated(
-            fs, _split(imp_paths), "ad_impressions", ["user_id", "ts", "dwell_ms"]
-        )
-        conv = read_validated(fs, _split(conv_paths), "conversions", ["user_id", "ts"])
-        for v, src in ((imp, "ad_impressions"), (conv, "conversions")):
-            _write_rejects(fs, rejects_dir, v.rejects, f"{src}-b{bucket}")
-        parts.append(_stats_of_events(_events(imp.valid, conv.valid), cfg, origin_ms))
-    return {c: np.concatenate([p[c] for p in parts]) for c in STAT_COLUMNS}
+    out_fs, _ = resolve(out_url)
+    imp = read_validated(fs, imp_paths, "ad_impressions", _IMP_COLUMNS)
+    conv = read_validated(fs, conv_paths, "conversions", _CONV_COLUMNS)
+    for v, src in ((imp, "ad_impressions"), (conv, "conversions")):
+        _write_rejects(out_fs, rejects_dir, v.rejects, f"{src}-b{bucket}")
+    return _kernel([_columns(imp.valid)], [_columns(conv.valid)], cfg, origin_ms)
 
 
-def _split(paths: str) -> list[str]:
-    return [p for p in str(paths).split("\n") if p]
-
-
-def _validate_tag(
-    table: pa.Table, source: str, url: str, rejects_dir: str, num_buckets: int
-) -> pa.Table:
-    """Ray Data task: validate a batch of one source, write its rejects, and tag
-    every valid row with its user's hash bucket."""
-    fs, _ = resolve(url)
-    v = validate(table, SOURCES[source], "", columns=[])
-    _write_rejects(fs, rejects_dir, v.rejects, source)
-    return _tag(v.valid, source == "conversions", num_buckets)
-
-
-def _tag(valid: pa.Table, is_conv: bool, num_buckets: int) -> pa.Table:
-    user = valid.column("user_id").to_numpy()
-    n = valid.num_rows
-    dwell = valid.column("dwell_ms").to_numpy() if not is_conv else np.full(n, np.nan)
-    return pa.table(
-        {
-            "user_id": user,
-            "ts_ms": valid.column("ts_ms").to_numpy(),
-            "dwell_ms": dwell,
-            "is_conv": np.full(n, int(is_conv), dtype=np.int8),
-            "bucket": user_bucket(user, num_buckets),
-        }
+def _by_bucket(valid: pa.Table, num_buckets: int) -> list[Columns]:
+    """Valid rows split by their user's hash bucket (one stable radix sort)."""
+    cols = _columns(valid)
+    bucket = user_bucket(cols["user_id"], num_buckets)
+    bucket = bucket.astype(np.int16 if num_buckets <= 1 << 15 else np.int64)
+    order = np.argsort(bucket, kind="stable")
+    bounds = np.concatenate(
+        [[0], np.cumsum(np.bincount(bucket, minlength=num_buckets))]
     )
+    cols = {c: v[order] for c, v in cols.items()}
+    return [
+        {c: v[bounds[b] : bounds[b + 1]] for c, v in cols.items()}
+        for b in range(num_buckets)
+    ]
+
+
+def _map_task(
+    url: str,
+    out_url: str,
+    source: str,
+    path: str,
+    row_groups: list[int],
+    rejects_dir: str,
+    num_buckets: int,
+) -> Any:
+    """Ray task, map side of the shuffle: read row groups of one file, validate
+    them, write their rejects and split the valid rows by user bucket."""
+    fs, _ = resolve(url)
+    with fs.open(path, "rb") as fh:
+        table = pq.ParquetFile(fh).read_row_groups(
+            row_groups, columns=_SOURCE_COLUMNS[source]
+        )
+    v = validate(table, SOURCES[source], path, columns=[])
+    out_fs, _ = resolve(out_url)
+    _write_rejects(out_fs, rejects_dir, v.rejects, f"{source}-{_short(path)}")
+    parts = _by_bucket(v.valid, num_buckets)
+    return parts[0] if num_buckets == 1 else tuple(parts)
+
+
+def _split_table_task(valid: pa.Table, num_buckets: int) -> Any:
+    """Ray task, map side of the shuffle for rows the driver already validated."""
+    parts = _by_bucket(valid, num_buckets)
+    return parts[0] if num_buckets == 1 else tuple(parts)
+
+
+def _reduce_task(
+    cfg: SegmentConfig, origin_ms: int, n_imp: int, *parts: Columns
+) -> tuple[Columns, dict[str, Any]]:
+    """Ray task, reduce side: every event of one bucket's users -> statistics."""
+    return _kernel(list(parts[:n_imp]), list(parts[n_imp:]), cfg, origin_ms)
+
+
+def _finalize_task(
+    stats: Columns, cfg: SegmentConfig, epsilon: float, out_url: str, path: str | None
+) -> pa.Table | int:
+    """Ray task: SPEC §3 columns of one bucket; written to ``path`` (returns the
+    row count) or returned (process-local outputs)."""
+    table = _segment_table(stats, cfg, epsilon)
+    if path is None:
+        return table
+    if table.num_rows:
+        out_fs, _ = resolve(out_url)
+        write_parquet(out_fs, path, table)
+    return table.num_rows
+
+
+def _short(path: str) -> str:
+    return hashlib.sha1(path.encode()).hexdigest()[:10]
+
+
+def _splits(fs: Any, paths: list[str], rows: int) -> list[tuple[str, list[int]]]:
+    """(file, row groups) pieces of about ``rows`` rows each."""
+    out: list[tuple[str, list[int]]] = []
+    for p in paths:
+        with fs.open(p, "rb") as fh:
+            meta = pq.ParquetFile(fh).metadata
+        group: list[int] = []
+        n = 0
+        for i in range(meta.num_row_groups):
+            group.append(i)
+            n += meta.row_group(i).num_rows
+            if n >= rows:
+                out.append((p, group))
+                group, n = [], 0
+        if group:
+            out.append((p, group))
+    return out
 
 
 # ------------------------------------------------------------------ the pipeline
@@ -256,10 +325,8 @@ def _first_ts_ms(ds: Dataset) -> int | None:
     return first
 
 
-def _finalize_batch(
-    batch: dict[str, np.ndarray], cfg: SegmentConfig, epsilon: float
-) -> pa.Table:
-    cols = finalize(batch, cfg, epsilon)
+def _segment_table(stats: Columns, cfg: SegmentConfig, epsilon: float) -> pa.Table:
+    cols = finalize(stats, cfg, epsilon)
     data: dict[str, pa.Array] = {}
     for f in SEGMENT_SCHEMA:
         if f.name in ("window_start", "window_end"):
@@ -269,32 +336,20 @@ def _finalize_batch(
     return pa.table(data, schema=SEGMENT_SCHEMA)
 
 
-def _abs_corr(batch: dict[str, np.ndarray], min_events: int) -> dict[str, np.ndarray]:
-    ok = (batch["n_near"] >= min_events) & (batch["n_far"] >= min_events)
-    return {"abs_corr": np.abs(batch["mean_near"][ok] - batch["mean_far"][ok])}
-
-
-def _block_counts(batch: dict[str, np.ndarray], min_events: int) -> dict[str, Any]:
-    kept = (batch["n_near"] + batch["n_far"]) > 0
-    ok = (batch["n_near"] >= min_events) & (batch["n_far"] >= min_events)
-    return {
-        "rows": np.array([int(kept.sum())]),
-        "eligible": np.array([int(ok.sum())]),
-        "impressions": np.array(
-            [int((batch["n_near"] + batch["n_far"] + batch["n_filtered"]).sum())]
-        ),
-        "filtered": np.array([int(batch["n_filtered"].sum())]),
-    }
-
-
-def _users(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    kept = (batch["n_near"] + batch["n_far"]) > 0
-    return {"user_id": np.unique(batch["user_id"][kept])}
-
-
 def default_num_buckets(total_rows: int, cpus: int) -> int:
     """Enough buckets to keep every core busy and each bucket near 1M events."""
     return max(2 * cpus, math.ceil(total_rows / 1_000_000))
+
+
+@functools.cache
+def _remote(fn: Any, num_returns: int = 1) -> Any:
+    import ray
+
+    return ray.remote(num_returns=num_returns)(fn)
+
+
+def _as_list(refs: Any) -> list[Any]:
+    return list(refs) if isinstance(refs, list | tuple) else [refs]
 
 
 def run_segment(
@@ -311,7 +366,7 @@ def run_segment(
             ``conversions/`` (SPEC §1).
         out_url: output root; ``segments/`` and ``rejects/`` are replaced atomically.
         cfg: statistic parameters (paper defaults).
-        progress: Ray Data progress bars.
+        progress: log each stage (the stages are plain Ray tasks).
 
     Returns:
         :class:`SegmentResult` with the run's ``_meta.json`` content.
@@ -323,8 +378,6 @@ def run_segment(
     cfg = cfg or SegmentConfig()
     t0 = time.perf_counter()
     ensure_ray()
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = progress
 
     ds = discover(
         events_url,
@@ -337,123 +390,124 @@ def run_segment(
         cfg, None if 86_400_000 % cfg.window_ms == 0 else _first_ts_ms(ds)
     )
     total_rows = sum(ds.rows.values())
+    say = log.info if progress else log.debug
 
     with atomic_output(out_fs, out_root, ["segments", "rejects"]) as tmp:
         rejects_dir = f"{tmp}/rejects"
-        stats_ds: Any
-        events: Any
+        outs: list[Any]
         if ds.num_buckets is not None and not local:
             mode, num_buckets = "bucketed", ds.num_buckets
-            imp_b, conv_b = (
-                ds.bucket_files("ad_impressions"),
-                ds.bucket_files("conversions"),
-            )
-            items = [
-                {
-                    "bucket": b,
-                    "imp_paths": "\n".join(imp_b.get(b, [])),
-                    "conv_paths": "\n".join(conv_b.get(b, [])),
-                }
+            imp_b = ds.bucket_files("ad_impressions")
+            conv_b = ds.bucket_files("conversions")
+            task = _remote(_bucket_task, num_returns=2)
+            outs = [
+                task.remote(
+                    cfg,
+                    origin,
+                    ds.url,
+                    out_url,
+                    rejects_dir,
+                    b,
+                    imp_b.get(b, []),
+                    conv_b.get(b, []),
+                )
                 for b in sorted(set(imp_b) | set(conv_b))
             ]
-            stats_ds = ray.data.from_items(items, override_num_blocks=len(items))
-            stats_ds = stats_ds.map_batches(
-                cast(Any, _bucket_stats),
-                fn_args=(cfg, origin, ds.url, rejects_dir),
-                batch_size=1,
-                batch_format="numpy",
-            )
         else:
             num_buckets = cfg.num_buckets or default_num_buckets(
                 total_rows, cluster_cpus()
             )
+            maps: dict[str, list[list[Any]]] = {}
             if local:
                 mode = "driver-read (process-local filesystem)"
-                tagged = []
-                for src, cols in (
-                    ("ad_impressions", ["user_id", "ts", "dwell_ms"]),
-                    ("conversions", ["user_id", "ts"]),
-                ):
+                split = _remote(_split_table_task, num_returns=num_buckets)
+                for src, cols in _SOURCE_COLUMNS.items():
                     v = read_validated(ds.fs, ds.files[src], src, cols)
                     write_parquet(out_fs, f"{rejects_dir}/{src}.parquet", v.rejects)
-                    tagged.append(_tag(v.valid, src == "conversions", num_buckets))
-                events = ray.data.from_arrow(pa.concat_tables(tagged))
+                    maps[src] = [
+                        _as_list(
+                            split.remote(v.valid.slice(lo, _SPLIT_ROWS), num_buckets)
+                        )
+                        for lo in range(0, max(1, v.valid.num_rows), _SPLIT_ROWS)
+                    ]
             else:
                 mode = "shuffled (hash buckets by user_id)"
-                pafs = pyarrow_fs(ds.fs)
-                parts = []
-                for src, cols in (
-                    ("ad_impressions", ["user_id", "ts", "dwell_ms"]),
-                    ("conversions", ["user_id", "ts"]),
-                ):
-                    parts.append(
-                        ray.data.read_parquet(
-                            ds.files[src],
-                            filesystem=pafs,
-                            columns=cols,
-                            partitioning=None,
-                        ).map_batches(
-                            cast(Any, _validate_tag),
-                            fn_args=(src, ds.url, rejects_dir, num_buckets),
-                            batch_format="pyarrow",
-                            batch_size=None,
+                mapper = _remote(_map_task, num_returns=num_buckets)
+                for src in _SOURCE_COLUMNS:
+                    maps[src] = [
+                        _as_list(
+                            mapper.remote(
+                                ds.url,
+                                out_url,
+                                src,
+                                path,
+                                groups,
+                                rejects_dir,
+                                num_buckets,
+                            )
                         )
-                    )
-                events = parts[0].union(parts[1])
-            stats_ds = events.groupby("bucket", num_partitions=num_buckets).map_groups(
-                cast(Any, _stats_of_events),
-                fn_args=(cfg, origin),
-                batch_format="numpy",
+                        for path, groups in _splits(ds.fs, ds.files[src], _SPLIT_ROWS)
+                    ]
+            say(
+                "segment: shuffling %d map outputs into %d buckets",
+                sum(len(m) for m in maps.values()),
+                num_buckets,
             )
-        stats_ds = stats_ds.materialize()
+            reduce = _remote(_reduce_task, num_returns=2)
+            imp_maps, conv_maps = maps["ad_impressions"], maps["conversions"]
+            outs = [
+                reduce.remote(
+                    cfg,
+                    origin,
+                    len(imp_maps),
+                    *[m[b] for m in imp_maps],
+                    *[m[b] for m in conv_maps],
+                )
+                for b in range(num_buckets)
+            ]
+        stats_refs = [o[0] for o in outs]
+        summaries: list[dict[str, Any]] = ray.get([o[1] for o in outs])
+        say(
+            "segment: statistics of %d buckets done (%.1f s)",
+            len(outs),
+            time.perf_counter() - t0,
+        )
 
-        # Global, cheap steps over the per-window statistics.
+        # Global, cheap steps over the per-bucket summaries.
+        abs_corr = np.concatenate([np.zeros(0)] + [s["abs_corr"] for s in summaries])
         if cfg.epsilon is None:
-            abs_corr = np.concatenate(
-                [np.zeros(0)]
-                + [
-                    b["abs_corr"]
-                    for b in stats_ds.map_batches(
-                        _abs_corr, fn_args=(cfg.min_events,), batch_format="numpy"
-                    ).iter_batches(batch_size=None, batch_format="numpy")
-                ]
-            )
             epsilon = calibrate_epsilon(abs_corr, cfg.active_fraction)
             eps_source = f"calibrated to active_fraction={cfg.active_fraction}"
         else:
             epsilon, eps_source = float(cfg.epsilon), "given"
-        counts: dict[str, Any] = _sum_counts(
-            stats_ds.map_batches(
-                _block_counts,
-                fn_args=(cfg.min_events,),
-                batch_format="numpy",
-                batch_size=None,
-            )
-        )
+        counts: dict[str, Any] = {
+            k: int(sum(s[k] for s in summaries))
+            for k in ("rows", "eligible", "impressions", "filtered")
+        }
         users = np.unique(
             np.concatenate(
-                [np.zeros(0, dtype=np.int64)]
-                + [
-                    b["user_id"]
-                    for b in stats_ds.map_batches(
-                        _users, batch_format="numpy", batch_size=None
-                    ).iter_batches(batch_size=None, batch_format="numpy")
-                ]
+                [np.zeros(0, dtype=np.int64)] + [s["user_id"] for s in summaries]
             )
         )
-        seg_ds = stats_ds.map_batches(
-            _finalize_batch,
-            fn_args=(cfg, epsilon),
-            batch_format="numpy",
-            batch_size=None,
-        )
-        active = _count_active(seg_ds)
+        active = int(np.count_nonzero(abs_corr > epsilon))
+
+        fin = _remote(_finalize_task)
         if local:
-            tables = ray.get(seg_ds.to_arrow_refs())
-            table = pa.concat_tables([t.cast(SEGMENT_SCHEMA) for t in tables])
+            tables = ray.get(
+                [fin.remote(s, cfg, epsilon, out_url, None) for s in stats_refs]
+            )
+            table = pa.concat_tables([SEGMENT_SCHEMA.empty_table(), *tables])
             write_parquet(out_fs, f"{tmp}/segments/part-00000.parquet", table)
         else:
-            seg_ds.write_parquet(f"{tmp}/segments", filesystem=pyarrow_fs(out_fs))
+            ray.get(
+                [
+                    fin.remote(
+                        s, cfg, epsilon, out_url, f"{tmp}/segments/part-{i:05d}.parquet"
+                    )
+                    for i, s in enumerate(stats_refs)
+                ]
+            )
+        del stats_refs, outs
 
         rejected = _reject_counts(out_fs, rejects_dir)
         counts.update(
@@ -488,27 +542,6 @@ def run_segment(
         write_json(out_fs, f"{tmp}/segments/_meta.json", meta)
     result = SegmentResult(out_url, meta)
     return result
-
-
-def _sum_counts(ds: Any) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for k, v in b.items():
-            total[k] = total.get(k, 0) + int(np.sum(v))
-    for k in ("rows", "eligible", "impressions", "filtered"):
-        total.setdefault(k, 0)
-    return total
-
-
-def _count_active(seg_ds: Any) -> int:
-    return int(
-        sum(
-            int(np.sum(b["segment"]))
-            for b in seg_ds.select_columns(["segment"]).iter_batches(
-                batch_size=None, batch_format="numpy"
-            )
-        )
-    )
 
 
 def _reject_counts(fs: Any, folder: str) -> dict[str, int]:
