@@ -1,0 +1,208 @@
+"""The sequence CTR model, its user tower, and its analytic FLOPs.
+
+::
+
+    candidate attrs ──emb──► cand_proj ─────────────────────────────┐ (B, D)
+    per enabled source s:                                           │
+      history ──emb + dwell──► proj ─+ CFEE─► blocks ─► h_s (B, L, D)
+        h_s ── TargetAttention(query = candidate) ───────────────────┤ (B, D) each
+        h_s ── AttentionPool(learned query) ─► user_proj ─► user ────┤ (B, E)
+    head: SlicedLinear([candidate, target.s..., user]) ─► GELU ─► Linear ─► logit
+
+The model holds weights for the union of attributes in ``ModelConfig``; each
+forward does only the work of its ``FeatureSet``. Disabled sources are not
+encoded at all, and the head's first layer is a :class:`SlicedLinear`: it
+multiplies only the columns of the sources that ran (no zero padding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dynamix_ray.model.config import DWELL, FeatureSet, ModelConfig
+from dynamix_ray.model.embeddings import AttributeEmbeddings
+from dynamix_ray.model.encoders import SourceEncoder
+from dynamix_ray.model.layers import AttentionPool, SlicedLinear, TargetAttention
+
+__all__ = ["Batch", "DynamixCTR", "Features", "flops_per_sample"]
+
+#: The batch contract of the sample builder (see ``DynamixCTR.forward``).
+Batch = Mapping[str, Any]
+#: A ``FeatureSet``, a mapping ``source -> attributes``, or ``None`` (all).
+Features = FeatureSet | Mapping[str, Any] | None
+
+
+class DynamixCTR(nn.Module):
+    """Sequence CTR model over the four EBF sources with CFEE time encodings.
+
+    Args:
+        cfg: shapes and the union of attributes to hold weights for.
+
+    Example::
+
+        model = DynamixCTR(ModelConfig())
+        logits = model(batch, FeatureSet(page_views=()))  # (B,)
+        user = model.user_tower(batch, normalize=True)  # (B, E)
+    """
+
+    def __init__(self, cfg: ModelConfig | None = None) -> None:
+        super().__init__()
+        cfg = cfg or ModelConfig()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.tables = AttributeEmbeddings(cfg)
+        self.encoders = nn.ModuleDict(
+            {s: SourceEncoder(s, a, cfg) for s, a in cfg.sources.items() if a}
+        )
+        self.target = nn.ModuleDict(
+            {s: TargetAttention(d, cfg.n_heads) for s in self.encoders}
+        )
+        self.pool = nn.ModuleDict(
+            {s: AttentionPool(d, cfg.n_heads) for s in self.encoders}
+        )
+        self.cand_proj = SlicedLinear(
+            [(a, cfg.emb_dim) for a in cfg.candidate_attrs], d, label="candidate"
+        )
+        self.user_proj = SlicedLinear(
+            [(s, d) for s in self.encoders], cfg.user_dim, label="user tower"
+        )
+        self.head_in = SlicedLinear(
+            [("candidate", d), *((f"target.{s}", d) for s in self.encoders)]
+            + [("user", cfg.user_dim)],
+            cfg.head_hidden,
+            label="head",
+        )
+        self.head_out = nn.Sequential(nn.GELU(), nn.Linear(cfg.head_hidden, 1))
+
+    def _enabled(self, fs: FeatureSet) -> tuple[str, ...]:
+        missing = [s for s in fs.enabled_sources if s not in self.encoders]
+        if missing:
+            raise ValueError(
+                f"feature set enables {missing}, but the model has no weights for "
+                f"them (ModelConfig.sources has {list(self.encoders)})"
+            )
+        return fs.enabled_sources
+
+    def encode(
+        self, batch: Batch, features: Features = None
+    ) -> dict[str, tuple[Tensor, Tensor]]:
+        """Encoded histories of the enabled sources: ``{s: (h (B, L, D), mask)}``.
+
+        Sources disabled by ``features`` are neither read nor encoded.
+        """
+        fs = FeatureSet.of(features)
+        hist = batch["hist"]
+        out: dict[str, tuple[Tensor, Tensor]] = {}
+        for s in self._enabled(fs):
+            if s not in hist:
+                raise KeyError(
+                    f"batch['hist'] lacks source {s!r} that the feature set enables; "
+                    f"it has {sorted(hist)}"
+                )
+            out[s] = self.encoders[s](hist[s], fs.attrs(s), self.tables, batch["t_ms"])
+        return out
+
+    def _user(
+        self, encoded: Mapping[str, tuple[Tensor, Tensor]], batch_size: int
+    ) -> Tensor:
+        """(B, E) from the encoded histories (bias only if no source ran)."""
+        if not encoded:
+            return self.user_proj.bias[None].repeat(batch_size, 1)  # (B, E)
+        pooled = {s: self.pool[s](h, m) for s, (h, m) in encoded.items()}  # (B, D)
+        return self.user_proj(pooled)  # (B, E)
+
+    def user_tower(
+        self, batch: Batch, features: Features = None, normalize: bool = False
+    ) -> Tensor:
+        """The user embedding, without the candidate (ALURE's async part).
+
+        Args:
+            batch: the batch contract; ``batch["cand"]`` is not read.
+            features: which sources / attributes to use.
+            normalize: L2-normalise each row.
+        Returns:
+            (B, E).
+        """
+        u = self._user(self.encode(batch, features), batch["t_ms"].shape[0])
+        return F.normalize(u, dim=-1) if normalize else u
+
+    def candidate(
+        self, cand: Mapping[str, Tensor], attrs: tuple[str, ...], batch_size: int
+    ) -> Tensor:
+        """The candidate ad, (B, D), from its used attributes (bias if none)."""
+        used = self.cand_proj.ordered(attrs)
+        missing = [a for a in used if a not in cand]
+        if missing:
+            raise KeyError(f"batch['cand'] lacks {missing}; it has {sorted(cand)}")
+        if not used:
+            return self.cand_proj.bias[None].repeat(batch_size, 1)  # (B, D)
+        return self.cand_proj({a: self.tables[a](cand[a]) for a in used})  # (B, D)
+
+    def forward(self, batch: Batch, features: Features = None) -> Tensor:
+        """CTR logits.
+
+        Args:
+            batch: ``{"cand": {attr: (B,) int64}, "hist": {source: {"attrs":
+                {attr: (B, L) int64}, "dwell": (B, L), "ts_ms": (B, L) int64,
+                "mask": (B, L) bool}}, "t_ms": (B,) int64}`` (``"label"`` is
+                ignored). Events are newest last; a row may have no events.
+            features: which attributes of which source to use (default: all).
+        Returns:
+            (B,) logits.
+        """
+        fs = FeatureSet.of(features)
+        encoded = self.encode(batch, fs)
+        b = batch["t_ms"].shape[0]
+        cand = self.candidate(batch["cand"], fs.candidate, b)  # (B, D)
+        parts = {"candidate": cand, "user": self._user(encoded, b)}
+        for s, (h, m) in encoded.items():
+            parts[f"target.{s}"] = self.target[s](cand, h, m)  # (B, D)
+        return self.head_out(self.head_in(parts))[:, 0]  # (B,)
+
+
+def flops_per_sample(
+    cfg: ModelConfig,
+    features: Features = None,
+    seq_lens: Mapping[str, int] | None = None,
+    part: Literal["ctr", "user_tower"] = "ctr",
+) -> int:
+    """Analytic FLOPs (2 x multiply-accumulates) of one sample's forward pass.
+
+    Counts what ``torch.utils.flop_counter.FlopCounterMode`` counts: the matrix
+    products of projections, attention and MLPs. Embedding look-ups (memory
+    ops), softmax, norms, activations and the CFEE feature arithmetic are 0.
+
+    Args:
+        cfg: the model's shapes.
+        features: the feature set of the pass (default: all).
+        seq_lens: padded history length per source (default ``cfg.max_seq_len``).
+        part: ``"ctr"`` (the whole model) or ``"user_tower"``.
+    """
+    fs = FeatureSet.of(features)
+    seq_lens = seq_lens or {}
+    d, e, m = cfg.d_model, cfg.emb_dim, cfg.mlp_ratio * cfg.d_model
+    macs = 0
+    enabled = fs.enabled_sources
+    for s in enabled:
+        length = seq_lens.get(s, cfg.max_seq_len)
+        used = fs.attrs(s)
+        macs += length * e if DWELL in used else 0  # dwell: Linear(1, e)
+        macs += length * len(used) * e * d  # attribute projection
+        macs += length * cfg.n_time_features * d  # CFEE projection
+        per_layer = length * d * 3 * d + 2 * length * length * d + length * d * d
+        per_layer += 2 * length * d * m  # MLP
+        macs += cfg.n_layers * per_layer
+        macs += 2 * length * d  # attention pooling: scores + weighted sum
+        if part == "ctr":  # target attention: q, kv, scores, mix, out
+            macs += d * d + length * 2 * d * d + 2 * length * d + d * d
+    if enabled:
+        macs += len(enabled) * d * cfg.user_dim  # user_proj
+    if part == "ctr":
+        macs += len(fs.candidate) * e * d  # cand_proj
+        macs += (d + len(enabled) * d + cfg.user_dim) * cfg.head_hidden
+        macs += cfg.head_hidden  # head_out
+    return 2 * macs
