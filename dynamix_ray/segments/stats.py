@@ -89,6 +89,9 @@ def _near_mask(
     near = np.zeros(len(ts_ms), dtype=bool)
     if len(conv_ts_ms) == 0 or len(ts_ms) == 0:
         return near
+    slots = _near_by_slots(code, ts_ms, conv_code, conv_ts_ms, buffer_ms, horizon_ms)
+    if slots is not None:
+        return slots
     base = min(int(ts_ms.min()), int(conv_ts_ms.min())) - buffer_ms
     span = max(int(ts_ms.max()), int(conv_ts_ms.max())) - base + horizon_ms + 1
     n_codes = int(max(code.max(), conv_code.max())) + 1
@@ -113,6 +116,49 @@ def _near_mask(
         hit = ck[np.minimum(idx, len(ck) - 1)] <= key + horizon_ms
         near[imp_sel] = (idx < len(ck)) & hit
     return near
+
+
+def _near_by_slots(
+    code: np.ndarray,
+    ts_ms: np.ndarray,
+    conv_code: np.ndarray,
+    conv_ts_ms: np.ndarray,
+    buffer_ms: int,
+    horizon_ms: int,
+) -> np.ndarray | None:
+    """:func:`_near_mask` with two hash probes per impression instead of a binary
+    search (about twice as fast); ``None`` where it does not apply.
+
+    Time is cut into slots of width ``G = buffer + horizon`` from ``base``. The
+    closed interval ``[t - buffer, t + horizon]`` starts in slot ``s`` (that of
+    ``t - buffer``) and ends before slot ``s + 2``. Every conversion in slot ``s``
+    is before the slot's end ``<= t - buffer + G = t + horizon``, so one of them
+    is in the interval iff the slot's *latest* is ``>= t - buffer``; every one in
+    slot ``s + 1`` is after ``t - buffer``, so one is in the interval iff the
+    slot's *earliest* is ``<= t + horizon``. Exact, integer arithmetic only.
+    """
+    width = buffer_ms + horizon_ms
+    if width <= 0:
+        return None
+    base = min(int(ts_ms.min()) - buffer_ms, int(conv_ts_ms.min()))
+    n_slots = (max(int(ts_ms.max()), int(conv_ts_ms.max())) - base) // width + 2
+    n_codes = int(max(code.max(), conv_code.max())) + 1
+    if n_codes * n_slots >= 1 << 62:
+        return None
+    conv_key = conv_code * n_slots + (conv_ts_ms - base) // width
+    order = np.argsort(conv_key, kind="stable")
+    conv_key, conv_t = conv_key[order], conv_ts_ms[order]
+    starts = np.flatnonzero(np.r_[True, conv_key[1:] != conv_key[:-1]])
+    latest = np.maximum.reduceat(conv_t, starts)
+    earliest = np.minimum.reduceat(conv_t, starts)
+    index = pd.Index(conv_key[starts])
+    lo = ts_ms - buffer_ms
+    key = code * n_slots + (lo - base) // width
+    first = index.get_indexer(key)
+    second = index.get_indexer(key + 1)
+    return ((first >= 0) & (latest[first] >= lo)) | (
+        (second >= 0) & (earliest[second] <= ts_ms + horizon_ms)
+    )
 
 
 def compute_stats(
