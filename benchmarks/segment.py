@@ -452,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, list[float]] = {"a": [], "b": [], "c": []}
     metas: dict[str, dict] = {}
     try:
+        # untimed: starts the Ray workers and their imports (not part of a run)
+        run_segment(bucketed, str(work / "warmup"), cfg, progress=False)
         for rep in range(args.reps):
             for key, events in (("a", bucketed), ("b", plain)):
                 mem.new_phase()

@@ -1,21 +1,24 @@
-"""``dynamix segment``: the statistic on Ray Data (SPEC §2–3).
+"""``dynamix segment``: the statistic on Ray (SPEC §2–3).
 
-Flow (every step a Ray Data operator, the logic in ``stats.py``):
+Flow (each stage plain Ray tasks, the logic in ``stats.py``):
 
 * **bucketed input** (``_bucketing.json`` at the root, written by
   ``dynamix generate --bucketed N``): one task per bucket reads that bucket's
   impression and conversion files, validates them and runs the kernel. No
   shuffle.
-* **unbucketed input**: ``read_parquet`` of both sources -> validate and tag each
-  row with the hash bucket of its user -> ``groupby("bucket",
-  num_partitions=B).map_groups`` runs the kernel once per *bucket* (a few dozen
-  groups of whole users, numpy batches: not a per-user pandas group).
-* statistics are materialised once; epsilon is calibrated from their ``|corr|``
-  (a cheap global step, no second pass over events); ``finalize`` adds the SPEC
-  §3 columns; the table, rejects and ``_meta.json`` are committed atomically.
+* **unbucketed input**: a hash shuffle by user. Map tasks read about 1M rows
+  (whole Parquet row groups) of one source, validate them, write their rejects
+  and split the valid rows by the hash bucket of their user (``num_returns=B``);
+  one reduce task per bucket gets every event of its users and runs the kernel.
+  (Ray Data's generic ``groupby().map_groups`` shuffle was several times slower.)
+* every kernel task also returns a small summary (``|corr|`` of eligible rows,
+  counts, user ids): epsilon is calibrated from it and the counts summed without
+  another pass over the statistics; one task per bucket then adds the SPEC §3
+  columns (``finalize``) and writes its part; the table, rejects and
+  ``_meta.json`` are committed atomically.
 
 ``memory://`` inputs are read in the driver (Ray workers cannot see them), then
-go through the same bucketing and kernel.
+go through the same shuffle and kernel.
 """
 
 from __future__ import annotations
