@@ -1,0 +1,496 @@
+"""Segmentation on a real two-node Ray cluster, as a Ray job; a worker and the
+driver killed mid-run; the ``ray up`` config (``cluster.yaml``).
+
+The cluster is two ``ray start`` processes on this machine (a head and a worker
+node, 1 CPU each) with their own temp dir, ports and auth token, so nothing here
+touches another Ray on the machine (``/tmp/ray``, default ports). It is torn down
+by killing exactly its own processes: those whose command line names its temp
+dir or GCS port, and their descendants (the workers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pytest
+import yaml
+
+from dynamix_ray.config import GenerateConfig
+from dynamix_ray.segments.pipeline import read_segments, run_segment
+from dynamix_ray.synth import generate
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+# Not part of the job's working dir (.gitignore covers most; be explicit).
+JOB_EXCLUDES = [".git", ".venv", "bench_out", "demo_out", ".mypy_cache", "*.parquet"]
+START_TIMEOUT_S = 90
+JOB_TIMEOUT_S = 150
+# Ray Data task names of the segmentation (process titles ``ray::<name>``).
+SEGMENT_TASK = re.compile(r"^ray::(_map_task|_reduce_task|\S*(MapBatches|Map\())")
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class LocalCluster:
+    """A head and a worker node (``ray start``), 1 CPU each, on this machine."""
+
+    def __init__(self) -> None:
+        # Unix socket paths under the temp dir must stay short (< 108 bytes).
+        self.temp_dir = tempfile.mkdtemp(prefix="dxr-", dir="/tmp")
+        (
+            self.gcs_port,
+            self.dashboard_port,
+            self.client_port,
+            *self.node_ports,
+        ) = _free_ports(3 + 2 * 5)
+        self.env = {
+            **os.environ,
+            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            # `ray start --head` turns token auth on by itself when
+            # ~/.ray/auth_token exists but `ray start --address` does not:
+            # be explicit, with a token of our own.
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": secrets.token_hex(16),
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
+        self.env.pop("RAY_ADDRESS", None)
+        self.procs: dict[int, psutil.Process] = {}
+        self.raylets: list[psutil.Process] = []
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def _node_args(self, k: int) -> list[str]:
+        p = self.node_ports[5 * k : 5 * k + 5]
+        return [
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=1",
+            "--object-store-memory=400000000",
+            f"--node-manager-port={p[0]}",
+            f"--object-manager-port={p[1]}",
+            f"--dashboard-agent-listen-port={p[2]}",
+            f"--dashboard-agent-grpc-port={p[3]}",
+            f"--runtime-env-agent-port={p[4]}",
+            "--min-worker-port=0",
+            "--max-worker-port=0",
+            "--disable-usage-stats",
+        ]
+
+    def _ray_start(self, args: list[str]) -> None:
+        r = subprocess.run(
+            [str(VENV_BIN / "ray"), "start", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT_S,
+        )
+        self.procs.update({p.pid: p for p in self.processes()})
+        assert r.returncode == 0, f"ray start failed:\n{r.stdout}\n{r.stderr}"
+
+    def start(self) -> None:
+        self._ray_start(
+            [
+                "--head",
+                f"--port={self.gcs_port}",
+                f"--temp-dir={self.temp_dir}",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}",
+                f"--ray-client-server-port={self.client_port}",
+                *self._node_args(0),
+            ]
+        )
+        # Its own temp dir: nodes sharing one would share runtime_resources/, and
+        # the worker node's runtime-env agent would unpack the job's working dir
+        # again over the one the driver runs in (its cwd would vanish).
+        self._ray_start(
+            [
+                f"--address=127.0.0.1:{self.gcs_port}",
+                f"--temp-dir={self.temp_dir}/w",
+                *self._node_args(1),
+            ]
+        )
+        self._wait_for_nodes(2)
+        self.raylets = [p for p in self.processes() if p.name() == "raylet"]
+        assert len(self.raylets) == 2, self.raylets
+
+    def _wait_for_nodes(self, n: int) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            r = subprocess.run(
+                [
+                    str(VENV_BIN / "ray"),
+                    "status",
+                    f"--address=127.0.0.1:{self.gcs_port}",
+                ],
+                env=self.env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            active = r.stdout.split("Active:", 1)[-1].split("Pending:", 1)[0]
+            if r.returncode == 0 and active.count("node_") >= n:
+                return
+            assert time.monotonic() < deadline, f"{n} nodes not up:\n{r.stdout}"
+            time.sleep(1)
+
+    def _owns(self, cmdline: list[str]) -> bool:
+        gcs = f":{self.gcs_port}"
+        return any(self.temp_dir in a or a.endswith(gcs) for a in cmdline)
+
+    def processes(self) -> list[psutil.Process]:
+        """This cluster's processes: daemons (by temp dir or GCS port in their
+        command line) and all their descendants (workers, job drivers)."""
+        found: dict[int, psutil.Process] = {}
+        for p in psutil.process_iter(["cmdline"]):
+            with contextlib.suppress(psutil.Error):
+                if self._owns(p.info["cmdline"] or []):
+                    found[p.pid] = p
+                    found.update({c.pid: c for c in p.children(recursive=True)})
+        found.pop(os.getpid(), None)
+        return list(found.values())
+
+    def workers(self) -> list[tuple[psutil.Process, str]]:
+        """Ray worker processes of this cluster (children of its raylets) and
+        their titles (``ray::IDLE``, ``ray::_map_task``, ...)."""
+        out = []
+        for raylet in self.raylets:
+            with contextlib.suppress(psutil.Error):
+                for p in raylet.children():
+                    with contextlib.suppress(psutil.Error):
+                        title = " ".join(p.cmdline())
+                        if title.startswith("ray::"):
+                            out.append((p, title))
+        return out
+
+    def stop(self) -> None:
+        procs = {p.pid: p for p in self.processes()}
+        # Recorded at start, still the same process (psutil checks create time).
+        procs.update({k: p for k, p in self.procs.items() if p.is_running()})
+        for p in procs.values():
+            with contextlib.suppress(psutil.Error):
+                p.terminate()
+        _, alive = psutil.wait_procs(list(procs.values()), timeout=5)
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(alive, timeout=10)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def submit(
+        self, args: list[str], log: Path, *, submission_id: str
+    ) -> subprocess.Popen:
+        """``ray job submit --working-dir . -- python pipelines/segment.py ARGS``
+        from the repository root; waits for the job (the CLI tails its logs)."""
+        cmd = [
+            str(VENV_BIN / "ray"),
+            "job",
+            "submit",
+            f"--address={self.dashboard}",
+            f"--submission-id={submission_id}",
+            "--working-dir=.",
+            f"--runtime-env-json={json.dumps({'excludes': JOB_EXCLUDES})}",
+            "--",
+            "python",
+            "pipelines/segment.py",
+            *args,
+            "--no-progress",
+        ]
+        with open(log, "w") as fh:
+            return subprocess.Popen(
+                cmd, cwd=REPO, env=self.env, stdout=fh, stderr=subprocess.STDOUT
+            )
+
+    def job_status(self, submission_id: str) -> str:
+        """``ray job status``: ``SUCCEEDED``, ``FAILED``, ... (or its raw text)."""
+        r = subprocess.run(
+            [
+                str(VENV_BIN / "ray"),
+                "job",
+                "status",
+                f"--address={self.dashboard}",
+                submission_id,
+            ],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        text = r.stdout + r.stderr
+        for status in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
+            if re.search(rf"(?i)\b{status}\b", text):
+                return status
+        return text
+
+    def stop_job(self, submission_id: str) -> None:
+        subprocess.run(
+            [
+                str(VENV_BIN / "ray"),
+                "job",
+                "stop",
+                f"--address={self.dashboard}",
+                "--no-wait",
+                submission_id,
+            ],
+            env=self.env,
+            capture_output=True,
+            timeout=60,
+        )
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    c = LocalCluster()
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+def _wait(proc: subprocess.Popen, log: Path, timeout: float) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"job did not finish in {timeout} s:\n{log.read_text()[-4000:]}")
+
+
+def _sorted(t: pa.Table) -> pa.Table:
+    return t.sort_by([("user_id", "ascending"), ("window_start", "ascending")])
+
+
+def assert_same_table(got: pa.Table, want: pa.Table) -> None:
+    """Equal after sorting by (user_id, window_start); floats within 1e-9."""
+    got, want = _sorted(got), _sorted(want)
+    assert got.schema == want.schema
+    assert got.num_rows == want.num_rows > 0
+    for name in want.column_names:
+        a, b = got.column(name).combine_chunks(), want.column(name).combine_chunks()
+        assert a.is_null().equals(b.is_null()), name
+        if pa.types.is_floating(a.type):
+            np.testing.assert_allclose(
+                a.to_numpy(zero_copy_only=False),
+                b.to_numpy(zero_copy_only=False),
+                rtol=0,
+                atol=1e-9,
+                equal_nan=True,
+                err_msg=name,
+            )
+        else:
+            assert a.equals(b), name
+
+
+def _meta(out: Path) -> dict:
+    return json.loads((out / "segments" / "_meta.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def small_events(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cluster_events")
+    plain, bucketed = root / "plain", root / "bucketed"
+    generate(str(plain), GenerateConfig(users=200, days=2), progress=None)
+    generate(
+        str(bucketed), GenerateConfig(users=200, days=2, bucketed=4), progress=None
+    )
+    return {"plain": plain, "bucketed": bucketed}
+
+
+@pytest.mark.timeout(300)
+def test_segment_job_on_two_node_cluster_equals_local_run(
+    cluster, small_events, ray_session, tmp_path
+):
+    """`ray job submit` of pipelines/segment.py on the cluster commits the same
+    table as a local run, for plain and for bucketed input."""
+    for layout in ("plain", "bucketed"):
+        events = small_events[layout]
+        out_job, out_local = tmp_path / f"job_{layout}", tmp_path / f"local_{layout}"
+        log = tmp_path / f"job_{layout}.log"
+        sub_id = f"dxr-{layout}-{secrets.token_hex(4)}"
+        proc = cluster.submit([str(events), str(out_job)], log, submission_id=sub_id)
+        rc = _wait(proc, log, JOB_TIMEOUT_S)
+        text = log.read_text()
+        assert rc == 0, text[-4000:]
+        assert cluster.job_status(sub_id) == "SUCCEEDED"
+        assert "dynamix segment: done" in text
+
+        run_segment(str(events), str(out_local), progress=False)
+        assert_same_table(read_segments(str(out_job)), read_segments(str(out_local)))
+        job_meta, local_meta = _meta(out_job), _meta(out_local)
+        assert job_meta["epsilon"] == pytest.approx(local_meta["epsilon"], abs=1e-9)
+        for key in ("rows", "users", "eligible", "active_rows", "rejected_total"):
+            assert job_meta["counts"][key] == local_meta["counts"][key], key
+        if layout == "bucketed":
+            assert job_meta["mode"] == "bucketed"
+
+
+@pytest.fixture(scope="module")
+def larger_events(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cluster_events_large") / "plain"
+    generate(str(root), GenerateConfig(users=3000, days=3, seed=3), progress=None)
+    return root
+
+
+def _kill_during_segmentation(
+    cluster: LocalCluster, proc: subprocess.Popen, log: Path, *, driver: bool
+) -> str:
+    """As soon as a worker runs a segmentation task, SIGKILL that worker (or,
+    with ``driver``, the job's driver process). Returns what was killed."""
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while proc.poll() is None and time.monotonic() < deadline:
+        for p, title in cluster.workers():
+            if not SEGMENT_TASK.search(title):
+                continue
+            if driver:
+                drivers = [
+                    q
+                    for q in cluster.processes()
+                    if q.name().startswith("python")
+                    and "pipelines/segment.py" in " ".join(q.cmdline())
+                ]  # not the `sh -c` around it
+                assert len(drivers) == 1, drivers
+                p, title = drivers[0], " ".join(drivers[0].cmdline())
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.send_signal(signal.SIGKILL)
+                return title.strip()
+        time.sleep(0.005)
+    pytest.fail(
+        f"no segmentation task seen while the job ran:\n{log.read_text()[-4000:]}"
+    )
+
+
+def _submit_and_kill(
+    cluster: LocalCluster, events: Path, out: Path, log: Path, *, driver: bool
+) -> tuple[str, int, str]:
+    """Submit the segmentation job, kill during it; (what was killed, the CLI's
+    exit code, the job's final status)."""
+    sub_id = f"dxr-kill-{secrets.token_hex(4)}"
+    proc = cluster.submit([str(events), str(out)], log, submission_id=sub_id)
+    try:
+        killed = _kill_during_segmentation(cluster, proc, log, driver=driver)
+        rc = _wait(proc, log, JOB_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+            cluster.stop_job(sub_id)
+    return killed, rc, cluster.job_status(sub_id)
+
+
+def _assert_nothing_committed(out: Path) -> None:
+    assert not (out / "segments" / "_meta.json").exists()
+    with pytest.raises(FileNotFoundError):
+        read_segments(str(out))
+
+
+@pytest.mark.timeout(300)
+def test_killed_worker_retries_or_fails_cleanly(
+    cluster, larger_events, ray_session, tmp_path
+):
+    """SIGKILL a worker running a segmentation task: the job either finishes with
+    the clean run's table (Ray retries the task) or fails, then with a clear
+    error and no committed table."""
+    out_job, out_clean, log = tmp_path / "job", tmp_path / "clean", tmp_path / "log"
+    killed, rc, status = _submit_and_kill(
+        cluster, larger_events, out_job, log, driver=False
+    )
+    text = log.read_text()
+    if rc == 0:
+        assert status == "SUCCEEDED"
+        run_segment(str(larger_events), str(out_clean), progress=False)
+        assert_same_table(read_segments(str(out_job)), read_segments(str(out_clean)))
+    else:
+        assert status == "FAILED", status
+        assert re.search(r"(?i)worker.*(died|crash|exit)|WorkerCrashedError", text), (
+            text[-4000:]
+        )
+        _assert_nothing_committed(out_job)
+    print(f"killed {killed!r}; job exit code {rc}")
+
+
+@pytest.mark.timeout(300)
+def test_killed_driver_commits_nothing(cluster, larger_events, tmp_path):
+    """SIGKILL the job's driver mid-run: the job fails and no table that looks
+    complete (segments/_meta.json) is left behind."""
+    out, log = tmp_path / "job", tmp_path / "log"
+    killed, rc, status = _submit_and_kill(cluster, larger_events, out, log, driver=True)
+    assert "pipelines/segment.py" in killed
+    assert rc != 0
+    assert status == "FAILED", status
+    _assert_nothing_committed(out)
+
+
+# ------------------------------------------------------------------ cluster.yaml
+
+
+def _gpu_uncommented(text: str) -> str:
+    """cluster.yaml with its commented GPU worker type switched on."""
+    lines, out, in_gpu = text.splitlines(), [], False
+    for line in lines:
+        if line.startswith("  # gpu_worker:"):
+            in_gpu = True
+        if in_gpu and line.startswith("  # "):
+            out.append("  " + line[4:])
+            continue
+        in_gpu = in_gpu and line.startswith("  #")
+        out.append(line)
+    return "\n".join(out)
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_cluster_yaml_is_a_valid_ray_up_config(gpu):
+    import copy
+
+    import jsonschema
+    import ray
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    text = (REPO / "cluster.yaml").read_text()
+    cfg = yaml.safe_load(_gpu_uncommented(text) if gpu else text)
+    schema_path = Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
+    jsonschema.validate(cfg, json.loads(schema_path.read_text()))
+    full = prepare_config(copy.deepcopy(cfg))  # merges the AWS defaults
+    validate_config(full)
+
+    types = cfg["available_node_types"]
+    assert cfg["provider"]["type"] == "aws"
+    assert cfg["head_node_type"] in types
+    assert "cpu_worker" in types
+    assert ("gpu_worker" in types) == gpu
+    if gpu:
+        assert types["gpu_worker"]["resources"]["GPU"] == 1
+    assert cfg["max_workers"] >= 1 and cfg["idle_timeout_minutes"] > 0
+    assert "~/dynamix_ray" in cfg["file_mounts"]
+    setup = " && ".join(cfg["setup_commands"])
+    assert setup.index("pip install torch==2.13.0") < setup.index(
+        "pip install -e ~/dynamix_ray"
+    )
