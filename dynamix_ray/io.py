@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ __all__ = [
     "atomic_output",
     "discover",
     "fingerprint",
+    "group_by_bucket",
     "is_process_local",
     "pyarrow_fs",
     "read_bucketing",
@@ -91,11 +93,16 @@ class Dataset:
 
     def bucket_files(self, source: str) -> dict[int, list[str]]:
         """Files of ``source`` per bucket (bucketed datasets only)."""
-        out: dict[int, list[str]] = {}
-        for f in self.files.get(source, []):
-            part = next(p for p in f.split("/") if p.startswith("bucket="))
-            out.setdefault(int(part.split("=", 1)[1]), []).append(f)
-        return out
+        return group_by_bucket(self.files.get(source, []))
+
+
+def group_by_bucket(paths: Iterable[str]) -> dict[int, list[str]]:
+    """Paths with a ``bucket=K`` folder, grouped by K."""
+    out: dict[int, list[str]] = {}
+    for f in paths:
+        part = next(p for p in f.split("/") if p.startswith("bucket="))
+        out.setdefault(int(part.split("=", 1)[1]), []).append(f)
+    return out
 
 
 def _parquet_files(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
@@ -206,7 +213,25 @@ class atomic_output:  # noqa: N801 - used as a context manager, reads like a fun
         self.fs, self.out, self.parts = fs, out.rstrip("/"), parts
         self.tmp = f"{self.out}/.tmp-{uuid.uuid4().hex[:12]}"
 
+    #: Temporary folders of runs that died (driver killed) older than this go.
+    stale_after_s = 24 * 3600
+
+    def _remove_stale(self) -> None:
+        if not self.fs.exists(self.out):
+            return
+        now = time.time()
+        for path in self.fs.ls(self.out, detail=False):
+            if not posixpath.basename(path).startswith(".tmp-"):
+                continue
+            try:
+                age = now - self.fs.modified(path).timestamp()
+            except (NotImplementedError, FileNotFoundError, OSError):
+                continue
+            if age > self.stale_after_s:
+                self.fs.rm(path, recursive=True)
+
     def __enter__(self) -> str:
+        self._remove_stale()
         self.fs.makedirs(self.tmp, exist_ok=True)
         for part in self.parts:
             self.fs.makedirs(f"{self.tmp}/{part}", exist_ok=True)

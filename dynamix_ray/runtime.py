@@ -22,7 +22,14 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         log.info("connecting to Ray cluster at %s", os.environ["RAY_ADDRESS"])
         ray.init(log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # address="local": a new local Ray even when another one runs on this
+        # machine (plain ray.init() would join the last `ray start` cluster).
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            log_to_driver=True,
+        )
 
 
 def cluster_cpus() -> int:

@@ -42,7 +42,7 @@ JOB_EXCLUDES = [".git", ".venv", "bench_out", "demo_out", ".mypy_cache", "*.parq
 START_TIMEOUT_S = 90
 JOB_TIMEOUT_S = 150
 # Ray Data task names of the segmentation (process titles ``ray::<name>``).
-SEGMENT_TASK = re.compile(r"^ray::(_map_task|_reduce_task|\S*(MapBatches|Map\())")
+SEGMENT_TASK = re.compile(r"^ray::\S*(MapBatches|Map\()")
 
 
 def _free_ports(n: int) -> list[int]:
@@ -180,7 +180,7 @@ class LocalCluster:
 
     def workers(self) -> list[tuple[psutil.Process, str]]:
         """Ray worker processes of this cluster (children of its raylets) and
-        their titles (``ray::IDLE``, ``ray::_map_task``, ...)."""
+        their titles (``ray::IDLE``, ``ray::ReadItems->MapBatches(...)``, ...)."""
         out = []
         for raylet in self.raylets:
             with contextlib.suppress(psutil.Error):

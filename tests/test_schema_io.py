@@ -174,3 +174,18 @@ def test_memory_filesystem_is_reported_process_local():
 
     assert is_process_local(fsspec.filesystem("memory"))
     assert not is_process_local(fsspec.filesystem("file"))
+
+
+def test_atomic_output_removes_temp_folders_of_dead_runs(tmp_path):
+    import os
+    import time
+
+    old, fresh = tmp_path / ".tmp-dead", tmp_path / ".tmp-running"
+    old.mkdir()
+    fresh.mkdir()
+    day_ago = time.time() - 2 * 24 * 3600
+    os.utime(old, (day_ago, day_ago))
+    fs, path = resolve(str(tmp_path))
+    with atomic_output(fs, path, ["segments"]):
+        pass
+    assert not old.exists() and fresh.exists()
