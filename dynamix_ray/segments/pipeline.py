@@ -52,6 +52,7 @@ from dynamix_ray.io import (
     write_json,
     write_parquet,
 )
+from dynamix_ray.runtime import cluster_cpus, ensure_ray
 from dynamix_ray.schema import REJECT_SCHEMA, SOURCES, Validated, validate
 from dynamix_ray.segments.epsilon import calibrate_epsilon
 from dynamix_ray.segments.stats import (
@@ -144,6 +145,7 @@ _CONV_COLUMNS = ["user_id", "ts"]
 _SOURCE_COLUMNS = {"ad_impressions": _IMP_COLUMNS, "conversions": _CONV_COLUMNS}
 #: Rows per map task of the shuffle (whole Parquet row groups are kept together).
 _SPLIT_ROWS = 1 << 20
+_BLOCKS_PER_CPU = 2
 
 Columns = dict[str, np.ndarray]
 
@@ -405,8 +407,6 @@ def run_segment(
     """
     import ray
 
-    from dynamix_ray.runtime import cluster_cpus, ensure_ray
-
     cfg = cfg or SegmentConfig()
     t0 = time.perf_counter()
     ensure_ray()
@@ -425,7 +425,35 @@ def run_segment(
     say = log.info if progress else log.debug
 
     ctx = ray.data.DataContext.get_current()
+    saved = ctx.enable_progress_bars, ctx.op_resource_reservation_enabled
     ctx.enable_progress_bars = progress
+    # The stages run one after another: Ray Data's per-operator CPU reservations
+    # only idle cores here (measured: 3.1 s -> 2.0 s for the kernel stage on 2
+    # CPUs). Restored on exit.
+    ctx.op_resource_reservation_enabled = False
+    try:
+        meta = _run(
+            ray, ds, cfg, out_url, out_fs, out_root, local, origin, total_rows, say, t0
+        )
+    finally:
+        ctx.enable_progress_bars, ctx.op_resource_reservation_enabled = saved
+    return SegmentResult(out_url, meta)
+
+
+def _run(
+    ray: Any,
+    ds: Dataset,
+    cfg: SegmentConfig,
+    out_url: str,
+    out_fs: Any,
+    out_root: str,
+    local: bool,
+    origin: int,
+    total_rows: int,
+    say: Any,
+    t0: float,
+) -> dict[str, Any]:
+    """The stages of :func:`run_segment` inside its Ray Data settings."""
     with atomic_output(out_fs, out_root, ["segments", "rejects"]) as tmp:
         rejects_dir = f"{tmp}/rejects"
         stats_ds: Any
@@ -492,7 +520,10 @@ def run_segment(
                 for b in sorted(set().union(*buckets.values()))
             ]
             stats_ds = ray.data.from_items(
-                items, override_num_blocks=max(1, len(items))
+                items,
+                override_num_blocks=max(
+                    1, min(len(items), _BLOCKS_PER_CPU * cluster_cpus())
+                ),
             ).map_batches(
                 cast(Any, _bucket_stats),
                 fn_args=(
@@ -502,7 +533,7 @@ def run_segment(
                     out_url,
                     rejects_dir,
                 ),
-                batch_size=1,
+                batch_size=None,
                 batch_format="numpy",
             )
         stats_ds = stats_ds.materialize()
@@ -561,7 +592,7 @@ def run_segment(
             active_share_rows=active / counts["rows"] if counts["rows"] else 0.0,
         )
         meta = {
-            "input": events_url,
+            "input": ds.url,
             "input_fingerprint": fingerprint(ds),
             "mode": mode,
             "num_buckets": num_buckets,
@@ -579,8 +610,7 @@ def run_segment(
             "wall_s": time.perf_counter() - t0,
         }
         write_json(out_fs, f"{tmp}/segments/_meta.json", meta)
-    result = SegmentResult(out_url, meta)
-    return result
+    return meta
 
 
 def _reject_counts(fs: Any, folder: str) -> dict[str, int]:
