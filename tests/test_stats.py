@@ -271,3 +271,49 @@ def test_calibrate_epsilon_empty_and_exact():
     a = np.arange(1, 10, dtype=float)  # 1..9, 2/3 of 9 = 6 active
     eps = calibrate_epsilon(a, 2 / 3)
     assert (a > eps).sum() == 6 and 3 < eps < 4
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    ev=events(max_imps=25),
+    bad=st.lists(st.sampled_from([float("nan"), -1.0, float("inf"), None]), max_size=5),
+    ts_type=st.sampled_from(["ms", "timestamp[us]", "timestamp[ms, UTC]"]),
+)
+def test_raw_rows_through_validation_equal_reference(ev, bad, ts_type):
+    """From raw rows (NaN, negative, infinite or null dwell; either ts type) through
+    validation to the kernel: bad rows become rejects, the rest equals the
+    reference on the valid rows."""
+    import pyarrow as pa
+
+    from dynamix_ray.schema import SOURCES, validate
+
+    user, ts, dwell, cu, cts = ev
+    n_bad = len(bad)
+    raw_user = np.concatenate([user, np.full(n_bad, 77, np.int64)])
+    raw_ts = np.concatenate([ts, np.full(n_bad, T0, np.int64)])
+    raw_dwell = pa.array(list(dwell) + bad, pa.float64())
+
+    def ts_column(values):
+        arr = pa.array(values, pa.int64())
+        if ts_type == "timestamp[us]":
+            return pa.array(values * 1000, pa.int64()).cast(pa.timestamp("us"))
+        if ts_type == "timestamp[ms, UTC]":
+            return arr.cast(pa.timestamp("ms", tz="UTC"))
+        return arr
+
+    imp = validate(
+        pa.table({"user_id": raw_user, "ts": ts_column(raw_ts), "dwell_ms": raw_dwell}),
+        SOURCES["ad_impressions"],
+    )
+    conv = validate(
+        pa.table({"user_id": cu, "ts": ts_column(cts)}), SOURCES["conversions"]
+    )
+    assert imp.rejects.num_rows == n_bad and conv.rejects.num_rows == 0
+    cols = {c: imp.valid.column(c).to_numpy() for c in ("user_id", "ts_ms", "dwell_ms")}
+    conv_cols = [conv.valid.column(c).to_numpy() for c in ("user_id", "ts_ms")]
+    cfg = SegmentConfig()
+    fast = compute_stats(
+        cols["user_id"], cols["ts_ms"], cols["dwell_ms"], *conv_cols, cfg
+    )
+    slow = reference_stats(user, ts, dwell, cu, cts, cfg)
+    assert_stats_equal(fast, slow)
