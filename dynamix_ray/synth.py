@@ -150,6 +150,33 @@ def _sessions(
     return sess_user[ev_sess], sess_start[ev_sess] + offset
 
 
+def _interest_events(
+    rng: np.random.Generator,
+    cfg: GenerateConfig,
+    users: dict,
+    t0: int,
+    rate_vs_ads: float,
+    per_session: float,
+    items_per_cluster: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Organic or page events: (user index, ts_ms, cluster, item index); 70% of
+    items come from the user's own interest cluster."""
+    c = cfg.n_clusters
+    uidx, ts = _sessions(
+        rng,
+        users["rate"],
+        cfg.impressions_per_user_day * rate_vs_ads,
+        cfg.days,
+        t0,
+        per_session,
+    )
+    n = len(uidx)
+    cluster = np.where(
+        rng.random(n) < 0.7, users["cluster"][uidx], rng.integers(0, c, n)
+    )
+    return uidx, ts, cluster, cluster + c * rng.integers(0, items_per_cluster, n)
+
+
 def _chunk(
     cfg: GenerateConfig, ads: dict[str, np.ndarray], chunk: int, first: int, n: int
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, int]]:
@@ -218,14 +245,8 @@ def _chunk(
     }
 
     # ---- organic impressions and page views: carry the interest cluster
-    ou, ots = _sessions(
-        rng, users["rate"], cfg.impressions_per_user_day * 0.8, cfg.days, t0, 6.0
-    )
+    ou, ots, _, content = _interest_events(rng, cfg, users, t0, 0.8, 6.0, 2000)
     k = len(ou)
-    o_cluster = np.where(
-        rng.random(k) < 0.7, users["cluster"][ou], rng.integers(0, c, k)
-    )
-    content = o_cluster + c * rng.integers(0, 2000, k)
     organic = {
         "user_id": users["user_id"][ou],
         "ts": ots,
@@ -235,14 +256,8 @@ def _chunk(
         "position": rng.integers(0, 20, k).astype(np.int16),
         "author_id": 500 + (content % (50 * c)),
     }
-    pu, pts = _sessions(
-        rng, users["rate"], cfg.impressions_per_user_day * 0.4, cfg.days, t0, 4.0
-    )
+    pu, pts, p_cluster, page = _interest_events(rng, cfg, users, t0, 0.4, 4.0, 500)
     q = len(pu)
-    p_cluster = np.where(
-        rng.random(q) < 0.7, users["cluster"][pu], rng.integers(0, c, q)
-    )
-    page = p_cluster + c * rng.integers(0, 500, q)
     pages = {
         "user_id": users["user_id"][pu],
         "ts": pts,
