@@ -95,10 +95,14 @@ CONFIGS = [
     SegmentConfig(),
     SegmentConfig(window_s=3600, horizon_s=120, buffer_s=0),
     SegmentConfig(window_s=5 * 3600, min_events=3),  # does not divide a day
+    # buffer + horizon = 0: the binary-search path instead of the slot probes
+    SegmentConfig(buffer_s=0, horizon_s=0),
 ]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=["default", "1h-nobuffer", "5h"])
+@pytest.mark.parametrize(
+    "cfg", CONFIGS, ids=["default", "1h-nobuffer", "5h", "exact-time-search"]
+)
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ev=events())
 def test_kernel_equals_reference(cfg, ev):
