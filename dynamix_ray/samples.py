@@ -21,16 +21,23 @@ these functions.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
+from dynamix_ray.io import resolve, user_bucket
 from dynamix_ray.segments.stats import _near_mask
 
 __all__ = [
     "HISTORY_SOURCES",
     "SampleConfig",
     "build_samples",
+    "eval_boundary_ms",
+    "read_segment_rows",
+    "sample_dataset",
     "history_index",
     "reference_samples",
     "segment_at",
@@ -64,6 +71,12 @@ HISTORY_SOURCES: dict[str, tuple[str, ...]] = {
     "page_views": ("page_id", "sem_id_1", "sem_id_2", "media_type"),
 }
 CANDIDATE_ATTRIBUTES = HISTORY_SOURCES["ad_impressions"][1:]
+HISTORY_SOURCES_ALL = (
+    "ad_impressions",
+    "conversions",
+    "organic_impressions",
+    "page_views",
+)
 
 Arrays = dict[str, np.ndarray]
 
@@ -317,3 +330,127 @@ def reference_samples(
             }
         )
     return out
+
+
+# ---------------------------------------------------------------- Ray Data shell
+
+
+def _read_bucket(
+    fs: Any, paths: list[str], source: str, bucket: int, num_buckets: int
+) -> dict[str, np.ndarray]:
+    """Valid rows of ``source`` whose user falls in ``bucket`` (all columns)."""
+    from dynamix_ray.schema import SOURCES, validate
+
+    parts = []
+    for p in paths:
+        with fs.open(p, "rb") as fh:
+            table = pq.read_table(fh)
+        v = validate(table, SOURCES[source], p)
+        keep = user_bucket(v.valid.column("user_id").to_numpy(), num_buckets) == bucket
+        parts.append(v.valid.filter(pa.array(keep)))
+    if not parts:
+        return {}
+    table = pa.concat_tables(parts, promote_options="permissive")
+    return {
+        c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names
+    }
+
+
+def _bucket_samples(
+    batch: dict[str, np.ndarray],
+    url: str,
+    files: dict[str, list[str]],
+    segments: dict[str, np.ndarray],
+    num_buckets: int,
+    bucketed: bool,
+    cfg: SampleConfig,
+) -> dict[str, np.ndarray]:
+    """Ray Data map: the samples of one user bucket (SPEC §6)."""
+    from dynamix_ray.io import group_by_bucket
+
+    fs, _ = resolve(url)
+    out = []
+    for bucket in batch["bucket"].tolist():
+        ev = {}
+        for src, paths in files.items():
+            if bucketed:
+                paths = group_by_bucket(paths).get(bucket, [])
+            ev[src] = _read_bucket(fs, paths, src, bucket, num_buckets)
+        if not ev.get("ad_impressions"):
+            continue
+        seg_keep = user_bucket(segments["user_id"], num_buckets) == bucket
+        history = {s: ev[s] for s in HISTORY_SOURCES if ev.get(s)}
+        out.append(
+            build_samples(
+                ev["ad_impressions"],
+                ev.get("conversions") or _NO_CONVERSIONS,
+                history,
+                {k: v[seg_keep] for k, v in segments.items()},
+                cfg,
+            )
+        )
+    if not out:
+        return {}
+    return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
+
+
+_NO_CONVERSIONS = {
+    "user_id": np.zeros(0, np.int64),
+    "ts_ms": np.zeros(0, np.int64),
+    "ad_id": np.zeros(0, np.int64),
+}
+
+
+def read_segment_rows(segments_url: str) -> dict[str, np.ndarray]:
+    """``user_id``, ``window_end_ms``, ``segment`` of a committed segment table."""
+    from dynamix_ray.segments.pipeline import read_segments
+
+    t = read_segments(segments_url)
+    return {
+        "user_id": t.column("user_id").to_numpy(),
+        "window_end_ms": t.column("window_end").cast(pa.int64()).to_numpy(),
+        "segment": t.column("segment").to_numpy(),
+    }
+
+
+def sample_dataset(
+    events_url: str,
+    segments_url: str,
+    cfg: SampleConfig | None = None,
+    num_buckets: int | None = None,
+) -> Any:
+    """A Ray Dataset of training samples, one Ray Data task per user bucket.
+
+    Bucketed inputs (``generate --bucketed``) are read bucket by bucket; plain
+    inputs are read by every bucket task and filtered to its users (fine for
+    small data; bucket large inputs first).
+
+    Returns:
+        The (unmaterialised) dataset with the columns of :func:`build_samples`.
+    """
+    import ray
+
+    from dynamix_ray.io import discover
+    from dynamix_ray.runtime import cluster_cpus, ensure_ray
+
+    cfg = cfg or SampleConfig()
+    ensure_ray()
+    ds = discover(events_url, list(HISTORY_SOURCES_ALL), required=["ad_impressions"])
+    bucketed = ds.num_buckets is not None
+    n = ds.num_buckets if bucketed else (num_buckets or cluster_cpus())
+    assert n is not None
+    segments = read_segment_rows(segments_url)
+    return ray.data.from_items(
+        [{"bucket": b} for b in range(n)], override_num_blocks=n
+    ).map_batches(
+        cast(Any, _bucket_samples),
+        fn_args=(ds.url, ds.files, segments, n, bucketed, cfg),
+        batch_size=1,
+        batch_format="numpy",
+    )
+
+
+def eval_boundary_ms(t_ms: np.ndarray, eval_days: int) -> int:
+    """UTC midnight starting the last ``eval_days`` days of ``t_ms``."""
+    last_day = int(np.max(t_ms)) // 86_400_000
+    return (last_day - eval_days + 1) * 86_400_000
