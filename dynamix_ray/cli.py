@@ -116,6 +116,52 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from dynamix_ray.train import TrainConfig
+
+    t = TrainConfig()
+    p = sub.add_parser(
+        "train",
+        help="segment-conditional training of the sequence CTR model on Ray Train",
+        description="Build samples (SPEC §6) on Ray Data, train with a TorchTrainer "
+        "(DDP when --num-workers > 1), evaluate on the last day, and write "
+        "checkpoints and OUT/metrics.json. Re-running with the same OUT resumes.",
+    )
+    p.add_argument("events", help="dataset root (SPEC §1)")
+    p.add_argument("segments", help="output root of `dynamix segment`")
+    p.add_argument("out", help="output folder (checkpoints, metrics.json)")
+    p.add_argument(
+        "--policy",
+        default=t.policy,
+        choices=(
+            "baseline",
+            "remove-active",
+            "remove-passive",
+            "boost-all",
+            "boost-selective",
+        ),
+    )
+    p.add_argument(
+        "--removed",
+        default="",
+        help="comma-separated ad-impression attributes that the remove-* "
+        "policies drop (e.g. campaign_id,media_type,surface,position)",
+    )
+    p.add_argument("--epochs", type=int, default=t.epochs)
+    p.add_argument("--batch-size", type=int, default=t.batch_size)
+    p.add_argument("--lr", type=float, default=t.lr)
+    p.add_argument("--seed", type=int, default=t.seed)
+    p.add_argument("--num-workers", type=int, default=t.num_workers)
+    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument(
+        "--mixed-precision",
+        action="store_true",
+        help="bf16 autocast on GPU (ignored on CPU)",
+    )
+    p.add_argument("--max-failures", type=int, default=t.max_failures)
+    p.add_argument("--max-seq-len", type=int, default=64)
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
@@ -141,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(sub)
     _add_segment(sub)
+    _add_train(sub)
     _add_demo(sub)
     return parser
 
@@ -228,7 +275,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"generate": cmd_generate, "segment": cmd_segment, "demo": cmd_demo}
+def cmd_train(args: argparse.Namespace) -> int:
+    from dynamix_ray.model import ModelConfig
+    from dynamix_ray.train import TrainConfig, run_train
+
+    tcfg = TrainConfig(
+        policy=args.policy,
+        removed=tuple(a for a in args.removed.split(",") if a),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        num_workers=args.num_workers,
+        use_gpu=args.use_gpu,
+        mixed_precision=args.mixed_precision,
+        max_failures=args.max_failures,
+        model=ModelConfig(max_seq_len=args.max_seq_len),
+    )
+    m = run_train(args.events, args.segments, args.out, tcfg, args.max_seq_len)
+    print(
+        f"dynamix train: policy {m['policy']}, NE {m.get('ne')}, "
+        f"NE active {m.get('ne_active')}, NE passive {m.get('ne_passive')}, "
+        f"AUC {m.get('auc')}, {m.get('train_examples_per_s')} examples/s\n"
+        f"  metrics {args.out.rstrip('/')}/metrics.json\n"
+        f"  checkpoint {m.get('checkpoint')}"
+    )
+    return 0
+
+
+_COMMANDS = {
+    "generate": cmd_generate,
+    "segment": cmd_segment,
+    "train": cmd_train,
+    "demo": cmd_demo,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -451,6 +451,14 @@ def sample_dataset(
 
 
 def eval_boundary_ms(t_ms: np.ndarray, eval_days: int) -> int:
-    """UTC midnight starting the last ``eval_days`` days of ``t_ms``."""
-    last_day = int(np.max(t_ms)) // 86_400_000
-    return (last_day - eval_days + 1) * 86_400_000
+    """UTC midnight starting the last ``eval_days`` *full* days of ``t_ms``.
+
+    A last day holding under half the median rows per day (events spilling past
+    midnight after the data's last day) is not a day to evaluate on.
+    """
+    day = np.asarray(t_ms) // 86_400_000
+    first = int(day.min())
+    counts = np.bincount(day - first)
+    full = np.flatnonzero(counts >= 0.5 * np.median(counts[counts > 0]))
+    last_full = first + int(full.max())
+    return (last_full - eval_days + 1) * 86_400_000

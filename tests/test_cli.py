@@ -13,7 +13,7 @@ import pytest
 from dynamix_ray.cli import build_parser, main, segment_config
 from dynamix_ray.config import SegmentConfig
 
-COMMANDS = ["generate", "segment", "demo"]
+COMMANDS = ["generate", "segment", "train", "demo"]
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])

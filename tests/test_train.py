@@ -1,0 +1,113 @@
+"""Ray Train end to end on tiny data: metrics, checkpoints, resume, a killed
+training worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+
+from dynamix_ray.config import GenerateConfig
+from dynamix_ray.model import ModelConfig
+from dynamix_ray.segments.pipeline import run_segment
+from dynamix_ray.synth import generate
+from dynamix_ray.train import TrainConfig, run_train
+
+SMALL_MODEL = ModelConfig(
+    emb_dim=8, d_model=16, user_dim=16, head_hidden=32, max_seq_len=16
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(ray_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    events, segs = str(root / "events"), str(root / "segs")
+    generate(events, GenerateConfig(users=120, days=3, seed=2), progress=None)
+    run_segment(events, segs, progress=False)
+    return events, segs
+
+
+def _cfg(**kw) -> TrainConfig:
+    return TrainConfig(**{"epochs": 1, "batch_size": 256, "model": SMALL_MODEL, **kw})
+
+
+def test_train_writes_metrics_and_resumes_from_its_checkpoint(tiny, tmp_path):
+    events, segs = tiny
+    out = str(tmp_path / "run")
+    m = run_train(events, segs, out, _cfg(epochs=1), max_seq_len=16)
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["policy"] == "baseline" and saved["epoch"] == 0
+    assert 0 < saved["ne"] < 2 and saved["eval_rows"] > 0
+    assert saved["train_examples_per_s"] > 0
+    assert set(saved["flops_per_sample"]) == {"0", "1"} or set(
+        saved["flops_per_sample"]
+    ) == {0, 1}
+    assert m["checkpoint"] and os.path.isdir(m["checkpoint"])
+    # the same run name and folder with more epochs continues after epoch 0
+    m2 = run_train(events, segs, out, _cfg(epochs=2), max_seq_len=16)
+    assert m2["epoch"] == 1 and m2["resumed_at_epoch"] == 1
+
+
+def test_remove_policy_runs_and_records_what_it_removed(tiny, tmp_path):
+    events, segs = tiny
+    removed = ("campaign_id", "media_type", "surface", "position")
+    m = run_train(
+        events,
+        segs,
+        str(tmp_path),
+        _cfg(policy="remove-active", removed=removed),
+        max_seq_len=16,
+    )
+    assert m["removed"] == list(removed)
+    flops = {int(k): v for k, v in m["flops_per_sample"].items()}
+    assert flops[1] < flops[0]
+
+
+def _kill_a_train_worker_after_first_checkpoint(storage: str, stop: threading.Event):
+    """SIGKILL this run's Ray Train worker (a process of this session's Ray started
+    after the run began) once the controller has registered a checkpoint."""
+    started = time.time() - 1
+    deadline = time.time() + 240
+    while not stop.is_set() and time.time() < deadline:
+        # the controller has registered a checkpoint (not just its upload)
+        done = any(
+            "checkpoint_manager_snapshot.json" in files
+            for _, _, files in os.walk(storage)
+        )
+        if done:
+            for p in psutil.process_iter(["pid", "cmdline", "create_time"]):
+                title = " ".join(p.info["cmdline"] or [])
+                if title.startswith("ray::RayTrainWorker") and (
+                    p.info["create_time"] >= started
+                ):
+                    os.kill(p.pid, signal.SIGKILL)
+                    return p.pid
+        time.sleep(0.05)
+    return None
+
+
+def test_killed_training_worker_resumes_from_checkpoint(tiny, tmp_path):
+    events, segs = tiny
+    stop = threading.Event()
+    killed: list[int | None] = []
+    t = threading.Thread(
+        target=lambda: killed.append(
+            _kill_a_train_worker_after_first_checkpoint(str(tmp_path), stop)
+        )
+    )
+    t.start()
+    try:
+        m = run_train(
+            events, segs, str(tmp_path), _cfg(epochs=3, max_failures=2), max_seq_len=16
+        )
+    finally:
+        stop.set()
+        t.join()
+    assert killed and killed[0] is not None, "no training worker was killed"
+    assert m["epoch"] == 2
+    assert m["resumed_at_epoch"] >= 1  # restarted from a checkpoint, not epoch 0
