@@ -222,8 +222,8 @@ def run_train(
     checkpoint of that run.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.data.expressions import col
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from dynamix_ray.features import available_features, flops_by_segment
