@@ -28,17 +28,40 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "was planted: segments, interest clusters, no-signal attributes, bad rows).",
     )
     p.add_argument("out", help="dataset root (any fsspec URL)")
-    p.add_argument("--users", type=int, default=_GEN.users)
-    p.add_argument("--days", type=int, default=_GEN.days)
-    p.add_argument("--seed", type=int, default=_GEN.seed)
+    p.add_argument(
+        "--users",
+        type=int,
+        default=_GEN.users,
+        help="number of users (default %(default)s)",
+    )
+    p.add_argument(
+        "--days",
+        type=int,
+        default=_GEN.days,
+        help="days of events (default %(default)s)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=_GEN.seed, help="random seed (default %(default)s)"
+    )
     p.add_argument(
         "--events-per-user-day",
         type=float,
         default=_GEN.impressions_per_user_day,
         help="mean ad impressions per user and day (default %(default)s)",
     )
-    p.add_argument("--active-share", type=float, default=_GEN.active_share)
-    p.add_argument("--switcher-share", type=float, default=_GEN.switcher_share)
+    p.add_argument(
+        "--active-share",
+        type=float,
+        default=_GEN.active_share,
+        help="users with the planted dwell effect (default %(default).4g)",
+    )
+    p.add_argument(
+        "--switcher-share",
+        type=float,
+        default=_GEN.switcher_share,
+        help="users (of the active ones) active only 12 h a day "
+        "(default %(default).4g)",
+    )
     p.add_argument(
         "--countries",
         type=int,
@@ -64,7 +87,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         default=_GEN.chunk_users,
         help="users per written chunk (bounds memory)",
     )
-    p.add_argument("--bad-row-rate", type=float, default=_GEN.bad_row_rate)
+    p.add_argument(
+        "--bad-row-rate",
+        type=float,
+        default=_GEN.bad_row_rate,
+        help="share of rows made invalid on purpose (default %(default)s)",
+    )
     p.add_argument("--start", default=_GEN.start, help="first day (UTC, ISO date)")
 
 
@@ -88,9 +116,24 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
         default=f"{_SEG.buffer_s}s",
         help="logging buffer (default %(default)s)",
     )
-    p.add_argument("--min-dwell-ms", type=float, default=_SEG.min_dwell_ms)
-    p.add_argument("--max-dwell-ms", type=float, default=_SEG.max_dwell_ms)
-    p.add_argument("--min-events", type=int, default=_SEG.min_events)
+    p.add_argument(
+        "--min-dwell-ms",
+        type=float,
+        default=_SEG.min_dwell_ms,
+        help="denoising lower bound, inclusive (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-dwell-ms",
+        type=float,
+        default=_SEG.max_dwell_ms,
+        help="denoising upper bound, inclusive (default %(default)s)",
+    )
+    p.add_argument(
+        "--min-events",
+        type=int,
+        default=_SEG.min_events,
+        help="near and far impressions needed for a corr (default %(default)s)",
+    )
     eps = p.add_mutually_exclusive_group()
     eps.add_argument(
         "--epsilon",
