@@ -30,3 +30,14 @@ def tiny_events(tmp_path_factory):
     root = tmp_path_factory.mktemp("events") / "plain"
     generate(str(root), GenerateConfig(users=300, days=3, seed=7), progress=None)
     return str(root)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matmuls: on a loaded 2-core box, intra-op threads only contend."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
