@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dynamix_ray.io import resolve, user_bucket
+from dynamix_ray.schema import SOURCES
 from dynamix_ray.segments.stats import _near_mask
 
 __all__ = [
@@ -44,39 +45,16 @@ __all__ = [
     "time_split",
 ]
 
-#: History sources and the attributes a sample carries for each (``dwell_ms``
-#: becomes ``ln(1 + dwell_ms)``).
+#: History sources and the attributes a sample carries for each: the integer
+#: attributes of the schema (``dwell_ms`` becomes ``ln(1 + dwell_ms)``; the
+#: conversions' string ``kind`` is not carried).
 HISTORY_SOURCES: dict[str, tuple[str, ...]] = {
-    "ad_impressions": (
-        "dwell_ms",
-        "ad_id",
-        "advertiser_id",
-        "campaign_id",
-        "category_id",
-        "sem_id_1",
-        "sem_id_2",
-        "sem_id_3",
-        "media_type",
-        "surface",
-        "position",
-    ),
-    "conversions": ("ad_id",),
-    "organic_impressions": (
-        "dwell_ms",
-        "content_id",
-        "media_type",
-        "position",
-        "author_id",
-    ),
-    "page_views": ("page_id", "sem_id_1", "sem_id_2", "media_type"),
+    name: (("dwell_ms",) if src.has_dwell else ())
+    + tuple(a for a, t in src.attributes.items() if pa.types.is_integer(t))
+    for name, src in SOURCES.items()
 }
-CANDIDATE_ATTRIBUTES = HISTORY_SOURCES["ad_impressions"][1:]
-HISTORY_SOURCES_ALL = (
-    "ad_impressions",
-    "conversions",
-    "organic_impressions",
-    "page_views",
-)
+CANDIDATE_ATTRIBUTES = tuple(SOURCES["ad_impressions"].attributes)
+HISTORY_SOURCES_ALL = tuple(HISTORY_SOURCES)
 
 Arrays = dict[str, np.ndarray]
 
@@ -339,7 +317,7 @@ def _read_bucket(
     fs: Any, paths: list[str], source: str, bucket: int, num_buckets: int
 ) -> dict[str, np.ndarray]:
     """Valid rows of ``source`` whose user falls in ``bucket`` (all columns)."""
-    from dynamix_ray.schema import SOURCES, validate
+    from dynamix_ray.schema import validate
 
     parts = []
     for p in paths:
