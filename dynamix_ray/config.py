@@ -121,6 +121,12 @@ class GenerateConfig:
         switcher_share: share of *all* users, taken from the active ones, whose
             rise holds only in a block of hours of the day (paper Fig. 4).
         n_clusters: latent interest clusters driving ads, content and pages.
+        own_cluster_share: share of a user's ad impressions drawn from their
+            own cluster (the rest from all ads).
+        conv_rate_match / conv_rate_other: conversion probability of an ad
+            impression whose ad is / is not in the user's cluster. With the
+            defaults the best possible model (one that knows the cluster) has
+            NE ~0.90 against the base rate.
         n_countries: values of the optional ``country`` column (0 = no column).
         ts_type: ``"ms"`` (int64 epoch ms) or ``"timestamp"`` (Parquet timestamp).
         bucketed: write each source partitioned by user-id hash into this many
@@ -137,6 +143,9 @@ class GenerateConfig:
     active_share: float = 2.0 / 3.0
     switcher_share: float = 1.0 / 6.0
     n_clusters: int = 16
+    own_cluster_share: float = 0.6
+    conv_rate_match: float = 0.08
+    conv_rate_other: float = 0.002
     n_ads: int = 5000
     n_countries: int = 4
     ts_type: str = "ms"
@@ -156,3 +165,6 @@ class GenerateConfig:
             raise ValueError("need 0 <= switcher_share <= active_share <= 1")
         if self.bucketed < 0:
             raise ValueError(f"bucketed must be >= 0, got {self.bucketed}")
+        for name in ("own_cluster_share", "conv_rate_match", "conv_rate_other"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")

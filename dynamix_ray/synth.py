@@ -191,14 +191,14 @@ def _chunk(
         rng, users["rate"], cfg.impressions_per_user_day, cfg.days, t0, 8.0
     )
     m = len(iu)
-    own = rng.random(m) < 0.6
+    own = rng.random(m) < cfg.own_cluster_share
     ad_idx = np.where(
         own,
         users["cluster"][iu] + c * rng.integers(0, ads_per_cluster, m),
         rng.integers(0, cfg.n_ads, m),
     )
     match = ads["cluster"][ad_idx] == users["cluster"][iu]
-    converts = rng.random(m) < np.where(match, 0.045, 0.0075)
+    converts = rng.random(m) < np.where(match, cfg.conv_rate_match, cfg.conv_rate_other)
     ci = np.flatnonzero(converts)
     delay = rng.uniform(-_BUFFER_MS, _HORIZON_MS, len(ci)).astype(np.int64)
     conv_user, conv_ts, conv_ad = iu[ci], its[ci] + delay, ad_idx[ci]

@@ -7,7 +7,8 @@
       history ──emb + dwell──► proj ─+ CFEE─► blocks ─► h_s (B, L, D)
         h_s ── TargetAttention(query = candidate) ───────────────────┤ (B, D) each
         h_s ── AttentionPool(learned query) ─► user_proj ─► user ────┤ (B, E)
-    head: SlicedLinear([candidate, target.s..., user]) ─► GELU ─► Linear ─► logit
+        candidate ⊙ target.s ─► cross.s (B, D) each ─────────────────┤
+    head: SlicedLinear([candidate, target.s, cross.s..., user]) ─► GELU ─► Linear ─► logit
 
 The model holds weights for the union of attributes in ``ModelConfig``; each
 forward does only the work of its ``FeatureSet``. Disabled sources are not
@@ -71,7 +72,8 @@ class DynamixCTR(nn.Module):
             [(s, d) for s in self.encoders], cfg.user_dim, label="user tower"
         )
         self.head_in = SlicedLinear(
-            [("candidate", d), *((f"target.{s}", d) for s in self.encoders)]
+            [("candidate", d)]
+            + [(f"{k}.{s}", d) for s in self.encoders for k in ("target", "cross")]
             + [("user", cfg.user_dim)],
             cfg.head_hidden,
             label="head",
@@ -160,7 +162,9 @@ class DynamixCTR(nn.Module):
         cand = self.candidate(batch["cand"], fs.candidate, b)  # (B, D)
         parts = {"candidate": cand, "user": self._user(encoded, b)}
         for s, (h, m) in encoded.items():
-            parts[f"target.{s}"] = self.target[s](cand, h, m)  # (B, D)
+            t = self.target[s](cand, h, m)  # (B, D)
+            parts[f"target.{s}"] = t
+            parts[f"cross.{s}"] = cand * t  # (B, D): DIN-style interaction
         return self.head_out(self.head_in(parts))[:, 0]  # (B,)
 
 
@@ -203,6 +207,6 @@ def flops_per_sample(
         macs += len(enabled) * d * cfg.user_dim  # user_proj
     if part == "ctr":
         macs += len(fs.candidate) * e * d  # cand_proj
-        macs += (d + len(enabled) * d + cfg.user_dim) * cfg.head_hidden
+        macs += (d + 2 * len(enabled) * d + cfg.user_dim) * cfg.head_hidden
         macs += cfg.head_hidden  # head_out
     return 2 * macs
