@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -188,7 +189,16 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "--removed",
         default="",
         help="comma-separated ad-impression attributes that the remove-* "
-        "policies drop (e.g. campaign_id,media_type,surface,position)",
+        "policies drop (e.g. campaign_id,media_type,surface,position); "
+        "prefer --removed-from",
+    )
+    p.add_argument(
+        "--removed-from",
+        metavar="BASELINE_OUT",
+        default=None,
+        help="take the 4 lowest-importance ad-impression attributes from the "
+        "permutation importance a --policy baseline run recorded in "
+        "BASELINE_OUT/metrics.json",
     )
     p.add_argument("--epochs", type=int, default=t.epochs)
     p.add_argument("--batch-size", type=int, default=t.batch_size)
@@ -220,6 +230,99 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def parse_instant_ms(text: str) -> int:
+    """Epoch ms (an integer) or an ISO date/datetime (UTC unless it says)."""
+    import datetime as dt
+
+    if text.lstrip("-").isdigit():
+        return int(text)
+    try:
+        t = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected epoch ms or an ISO date such as 2026-01-11"
+        ) from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    return int(t.timestamp() * 1000)
+
+
+def _add_embed(sub: argparse._SubParsersAction) -> None:
+    from dynamix_ray.alure.embed import EmbedConfig
+
+    c = EmbedConfig()
+    p = sub.add_parser(
+        "embed",
+        help="ALURE user embeddings from a trained model's user tower",
+        description="Evaluate only the user tower of a checkpoint over each user's "
+        "history before --as-of (Ray Data task per user bucket, then an actor pool "
+        "that loads the model once per actor). Writes OUT/embeddings/*.parquet and "
+        "OUT/_meta.json. A re-run with a later --as-of and the same model embeds "
+        "only users with new events and keeps the rest.",
+    )
+    p.add_argument("events", help="dataset root (SPEC §1)")
+    p.add_argument(
+        "checkpoint", help="a `dynamix train` OUT folder or a checkpoint folder"
+    )
+    p.add_argument("out", help="output folder")
+    p.add_argument(
+        "--as-of",
+        type=parse_instant_ms,
+        default=None,
+        help="embed histories strictly before this instant (epoch ms or ISO "
+        "date, UTC); default: the end of the data",
+    )
+    p.add_argument(
+        "--max-seq-len", type=int, default=None, help="default: the checkpoint's"
+    )
+    p.add_argument("--batch-size", type=int, default=c.batch_size)
+    p.add_argument("--actors", type=int, default=c.actors, help="user-tower actors")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per actor")
+    p.add_argument(
+        "--full", action="store_true", help="re-embed everyone (not incremental)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_u2u(sub: argparse._SubParsersAction) -> None:
+    from dynamix_ray.alure.candidates import CandidateConfig
+    from dynamix_ray.alure.graph import U2UConfig
+
+    c, cc = U2UConfig(), CandidateConfig()
+    p = sub.add_parser(
+        "u2u",
+        help="ALURE user-to-user graph (faiss spherical k-means + IVF) and its "
+        "evaluation",
+        description="Build each user's k2 nearest users per country: spherical "
+        "k-means (k1 clusters), an IVF index searched over the k1-probe nearest "
+        "clusters, queries sharded over Ray. Writes OUT/u2u/*.parquet and "
+        "OUT/u2u/_meta.json with the measured neighbour recall against exact "
+        "search. With --eval EVENTS: recall@K of held-out conversions for u2u "
+        "candidates vs most-popular vs random ads, and planted-cluster recovery.",
+    )
+    p.add_argument("embeddings", help="output folder of `dynamix embed`")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--k1", type=int, default=None, help="clusters (default ~4 sqrt(n))")
+    p.add_argument(
+        "--k1-probe", type=int, default=None, help="clusters searched (default k1/8)"
+    )
+    p.add_argument("--k2", type=int, default=c.k2, help="neighbours per user")
+    p.add_argument("--recall-sample", type=int, default=c.recall_sample)
+    p.add_argument(
+        "--no-per-country", action="store_true", help="one graph for all countries"
+    )
+    p.add_argument("--seed", type=int, default=c.seed)
+    p.add_argument(
+        "--eval",
+        metavar="EVENTS",
+        default=None,
+        help="evaluate u2u candidates on these events (held out: from the "
+        "embeddings' as_of on); writes OUT/u2u_eval.json",
+    )
+    p.add_argument("--cap", type=int, default=cc.cap, help="candidates per user")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dynamix",
@@ -231,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_segment(sub)
     _add_train(sub)
+    _add_embed(sub)
+    _add_u2u(sub)
     _add_demo(sub)
     return parser
 
@@ -320,11 +425,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from dynamix_ray.model import ModelConfig
-    from dynamix_ray.train import TrainConfig, run_train
+    from dynamix_ray.train import TrainConfig, removed_from_baseline, run_train
 
+    removed = tuple(a for a in args.removed.split(",") if a)
+    extra: dict[str, object] = {}
+    if args.removed_from:
+        if removed:
+            raise ValueError("pass either --removed or --removed-from, not both")
+        removed = removed_from_baseline(args.removed_from)
+        extra["removed_from"] = os.path.abspath(args.removed_from)
     tcfg = TrainConfig(
         policy=args.policy,
-        removed=tuple(a for a in args.removed.split(",") if a),
+        removed=removed,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -335,7 +447,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         max_failures=args.max_failures,
         model=ModelConfig(max_seq_len=args.max_seq_len),
     )
-    m = run_train(args.events, args.segments, args.out, tcfg, args.max_seq_len)
+    m = run_train(
+        args.events, args.segments, args.out, tcfg, args.max_seq_len, extra_meta=extra
+    )
     print(
         f"dynamix train: policy {m['policy']}, NE {m.get('ne')}, "
         f"NE active {m.get('ne_active')}, NE passive {m.get('ne_passive')}, "
@@ -343,6 +457,87 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"  metrics {args.out.rstrip('/')}/metrics.json\n"
         f"  checkpoint {m.get('checkpoint')}"
     )
+    if m.get("lowest_importance"):
+        print(
+            "  lowest permutation importance (for --removed-from): "
+            + ", ".join(m["lowest_importance"])
+        )
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from dynamix_ray.alure.embed import EmbedConfig, run_embed
+
+    cfg = EmbedConfig(
+        as_of_ms=args.as_of,
+        max_seq_len=args.max_seq_len,
+        batch_size=args.batch_size,
+        actors=args.actors,
+        use_gpu=args.use_gpu,
+        incremental=not args.full,
+    )
+    m = run_embed(
+        args.events, args.checkpoint, args.out, cfg, progress=not args.no_progress
+    )
+    print(
+        f"dynamix embed: {m['users']:,} users ({m['embedded_this_run']:,} embedded "
+        f"now, {m['kept_from_previous']:,} kept) as of {m['as_of_ms']}, model "
+        f"{m['model_version']}, {m['wall_s']:.1f} s\n"
+        f"  embeddings {args.out.rstrip('/')}/embeddings/"
+    )
+    return 0
+
+
+def cmd_u2u(args: argparse.Namespace) -> int:
+    from dynamix_ray.alure.candidates import CandidateConfig
+    from dynamix_ray.alure.embed import read_embeddings
+    from dynamix_ray.alure.graph import U2UConfig, build_u2u, read_u2u
+    from dynamix_ray.io import read_json, resolve, write_json
+
+    cfg = U2UConfig(
+        k1=args.k1,
+        k1_probe=args.k1_probe,
+        k2=args.k2,
+        recall_sample=args.recall_sample,
+        per_country=not args.no_per_country,
+        seed=args.seed,
+    )
+    emb = read_embeddings(args.embeddings)
+    m = build_u2u(emb, args.out, cfg, progress=not args.no_progress)
+    groups = ", ".join(
+        f"{g}: {v['users']} users k1={v['k1']} probe={v['k1_probe']}"
+        for g, v in m["groups"].items()
+    )
+    print(
+        f"dynamix u2u: {m['users']:,} users, {m['edges']:,} edges, neighbour "
+        f"recall@{cfg.k2} vs exact {m['recall_at_k2']:.4f}, build {m['build_s']:.1f}"
+        f" s, queries {m['query_s']:.1f} s\n  groups {groups}\n"
+        f"  graph {args.out.rstrip('/')}/u2u/"
+    )
+    if args.eval:
+        from dynamix_ray.alure.evaluate import evaluate_retrieval
+
+        fs, root = resolve(args.embeddings)
+        as_of = int(read_json(fs, f"{root}/_meta.json")["as_of_ms"])
+        ev = evaluate_retrieval(
+            args.eval, emb, read_u2u(args.out), as_of, cfg=CandidateConfig(cap=args.cap)
+        )
+        ofs, oroot = resolve(args.out)
+        write_json(ofs, f"{oroot}/u2u_eval.json", ev)
+        print(
+            f"  held-out conversions {ev['held_out_conversions']:,}, users with "
+            f"candidates {ev['users_with_candidates']:,}/{ev['users']:,}"
+        )
+        for k, r in ev["recall"].items():
+            print(
+                f"  recall@{k}: u2u {r['u2u']:.4f}  most-popular "
+                f"{r['most_popular']:.4f}  random {r['random']:.4f}"
+            )
+        if "cluster_ari" in ev:
+            print(
+                f"  planted clusters ({ev['planted_clusters']}): ARI "
+                f"{ev['cluster_ari']:.3f}, purity {ev['cluster_purity']:.3f}"
+            )
     return 0
 
 
@@ -350,6 +545,8 @@ _COMMANDS = {
     "generate": cmd_generate,
     "segment": cmd_segment,
     "train": cmd_train,
+    "embed": cmd_embed,
+    "u2u": cmd_u2u,
     "demo": cmd_demo,
 }
 

@@ -316,14 +316,17 @@ def reference_samples(
 def _read_bucket(
     fs: Any, paths: list[str], source: str, bucket: int, num_buckets: int
 ) -> dict[str, np.ndarray]:
-    """Valid rows of ``source`` whose user falls in ``bucket`` (all columns)."""
+    """Valid rows of ``source`` whose user falls in ``bucket``: its columns
+    and the optional ``country``."""
     from dynamix_ray.schema import validate
 
     parts = []
     for p in paths:
         with fs.open(p, "rb") as fh:
             table = pq.read_table(fh)
-        v = validate(table, SOURCES[source], p)
+        v = validate(
+            table, SOURCES[source], p, [*SOURCES[source].attributes, "country"]
+        )
         keep = user_bucket(v.valid.column("user_id").to_numpy(), num_buckets) == bucket
         parts.append(v.valid.filter(pa.array(keep)))
     if not parts:
@@ -391,6 +394,19 @@ def read_segment_rows(segments_url: str) -> dict[str, np.ndarray]:
     }
 
 
+#: Ad impressions (= samples) per user bucket of a plain (unbucketed) input:
+#: blocks small enough to stream and to shuffle between.
+SAMPLES_PER_BUCKET = 20_000
+
+
+def default_sample_buckets(impressions: int) -> int:
+    """User buckets of a plain input: at least one per CPU, about
+    :data:`SAMPLES_PER_BUCKET` samples each."""
+    from dynamix_ray.runtime import cluster_cpus
+
+    return max(cluster_cpus(), -(-impressions // SAMPLES_PER_BUCKET))
+
+
 def sample_dataset(
     events_url: str,
     segments_url: str,
@@ -409,13 +425,17 @@ def sample_dataset(
     import ray
 
     from dynamix_ray.io import discover
-    from dynamix_ray.runtime import cluster_cpus, ensure_ray
+    from dynamix_ray.runtime import ensure_ray
 
     cfg = cfg or SampleConfig()
     ensure_ray()
     ds = discover(events_url, list(HISTORY_SOURCES_ALL), required=["ad_impressions"])
     bucketed = ds.num_buckets is not None
-    n = ds.num_buckets if bucketed else (num_buckets or cluster_cpus())
+    n = (
+        ds.num_buckets
+        if bucketed
+        else (num_buckets or default_sample_buckets(ds.rows["ad_impressions"]))
+    )
     assert n is not None
     segments = read_segment_rows(segments_url)
     return ray.data.from_items(

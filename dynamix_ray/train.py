@@ -26,8 +26,19 @@ from typing import Any
 import numpy as np
 
 from dynamix_ray.model import DynamixCTR, ModelConfig
+from dynamix_ray.model.config import DWELL
 
-__all__ = ["TrainConfig", "run_train", "train_loop_per_worker"]
+__all__ = [
+    "TrainConfig",
+    "train_step",
+    "baseline_importance",
+    "load_checkpoint",
+    "model_config_dict",
+    "resolve_checkpoint",
+    "removed_from_baseline",
+    "run_train",
+    "train_loop_per_worker",
+]
 
 
 @dataclass(frozen=True)
@@ -42,6 +53,11 @@ class TrainConfig:
         the last checkpoint).
     warmup_steps: steps per epoch excluded from examples/s.
     eval_days: last days held out for evaluation.
+    shuffle_buffer: rows of Ray Data's local shuffle buffer when reading
+        training batches (samples come sorted by user and time; without it a
+        batch holds a handful of users). 0: no shuffle.
+    importance_rows: evaluation rows on which a ``baseline`` run measures the
+        permutation importance of the ad-impression attributes (0: skip).
     """
 
     policy: str = "baseline"
@@ -56,6 +72,8 @@ class TrainConfig:
     max_failures: int = 0
     warmup_steps: int = 3
     eval_days: int = 1
+    importance_rows: int = 20_000
+    shuffle_buffer: int = 50_000
     model: ModelConfig = field(default_factory=ModelConfig)
 
 
@@ -84,6 +102,49 @@ def _ne(sums: dict[str, float], name: str) -> float | None:
         return None
     p = pos / n
     return (ll / n) / float(-(p * np.log(p) + (1 - p) * np.log(1 - p)))
+
+
+def train_step(
+    model: Any,
+    opt: Any,
+    batch: dict[str, np.ndarray],
+    policy: str,
+    removed: tuple[str, ...],
+    device: Any = "cpu",
+    use_amp: bool = False,
+) -> float:
+    """One optimisation step on a batch of sample columns; returns the mean loss.
+
+    The batch is split by segment and each part runs with its policy's
+    ``FeatureSet``; the summed loss gets one backward pass and one optimizer
+    step (DDP workers stay in lock-step whatever segments they hold).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from dynamix_ray.features import (
+        available_features,
+        policy_features,
+        split_by_segment,
+        to_model_batch,
+    )
+
+    dev = torch.device(device)
+    available = available_features(batch)
+    loss = torch.zeros((), device=dev)
+    for seg, part in split_by_segment(batch).items():
+        feats = policy_features(policy, seg, removed, available)
+        mb = to_model_batch(part, dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
+            logits = model(mb, feats)
+        loss = loss + F.binary_cross_entropy_with_logits(
+            logits.float(), mb["label"], reduction="sum"
+        )
+    opt.zero_grad(set_to_none=True)
+    mean = loss / len(batch["label"])
+    mean.backward()
+    opt.step()
+    return float(mean.detach())
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -121,7 +182,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     raw: Any = model.module if hasattr(model, "module") else model
     world = ray.train.get_context().get_world_size()
     use_amp = tcfg.mixed_precision and device.type == "cuda"
-    bce = torch.nn.BCEWithLogitsLoss(reduction="sum")
 
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval")
@@ -129,23 +189,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.train()
         steady_n, steady_t0, steps = 0, None, 0
         batches = train_shard.iter_batches(
-            batch_size=tcfg.batch_size, batch_format="numpy"
+            batch_size=tcfg.batch_size,
+            batch_format="numpy",
+            local_shuffle_buffer_size=tcfg.shuffle_buffer or None,
+            local_shuffle_seed=tcfg.seed + epoch if tcfg.shuffle_buffer else None,
         )
         for step, batch in enumerate(batches):
             steps = step + 1
             if step == tcfg.warmup_steps:
                 steady_t0 = time.perf_counter()
-            available = available_features(batch)
-            loss = torch.zeros((), device=device)
-            for seg, part in split_by_segment(batch).items():
-                feats = policy_features(tcfg.policy, seg, tcfg.removed, available)
-                mb = to_model_batch(part, device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    logits = model(mb, feats)
-                loss = loss + bce(logits.float(), mb["label"])
-            opt.zero_grad(set_to_none=True)
-            (loss / len(batch["label"])).backward()
-            opt.step()
+            train_step(model, opt, batch, tcfg.policy, tcfg.removed, device, use_amp)
             if steady_t0 is not None:
                 steady_n += len(batch["label"])
         steady_s = time.perf_counter() - steady_t0 if steady_t0 else 0.0
@@ -198,6 +251,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         "model": raw.state_dict(),
                         "opt": opt.state_dict(),
                         "epoch": epoch,
+                        "model_config": model_config_dict(tcfg.model),
+                        "policy": tcfg.policy,
+                        "removed": list(tcfg.removed),
                     },
                     os.path.join(d, "state.pt"),
                 )
@@ -208,6 +264,160 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ray.train.report(metrics)
 
 
+def _take_columns(ds: Any, n: int) -> dict[str, np.ndarray]:
+    """The first ``n`` rows of a Ray Dataset as numpy columns."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for b in ds.limit(n).iter_batches(batch_size=4096, batch_format="numpy"):
+        for k, v in b.items():
+            parts.setdefault(k, []).append(v)
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def model_config_dict(cfg: ModelConfig) -> dict[str, Any]:
+    """``cfg`` as plain containers (what a weights-only checkpoint may hold)."""
+    d = asdict(cfg)
+    d["sources"] = {k: list(v) for k, v in cfg.sources.items()}
+    d["num_buckets"] = dict(cfg.num_buckets)
+    return d
+
+
+def _model_config(d: dict[str, Any]) -> ModelConfig:
+    tuples = ("candidate_attrs", "direct_attrs")
+    return ModelConfig(
+        **{
+            **d,
+            "sources": {k: tuple(v) for k, v in d["sources"].items()},
+            **{k: tuple(d[k]) for k in tuples},
+        }
+    )
+
+
+def resolve_checkpoint(path: str) -> str:
+    """The checkpoint folder of ``path``: a folder holding ``state.pt``, or a
+    ``dynamix train`` OUT folder (its ``metrics.json`` names the last one)."""
+    if os.path.exists(os.path.join(path, "state.pt")):
+        return path
+    metrics = os.path.join(path, "metrics.json")
+    if os.path.exists(metrics):
+        with open(metrics) as fh:
+            ckpt = json.load(fh).get("checkpoint")
+        if ckpt and os.path.exists(os.path.join(ckpt, "state.pt")):
+            return str(ckpt)
+    raise FileNotFoundError(
+        f"{path}: neither a checkpoint folder (state.pt) nor a `dynamix train` "
+        "output folder whose metrics.json names one"
+    )
+
+
+def load_checkpoint(
+    path: str, cfg: ModelConfig | None = None
+) -> tuple[Any, ModelConfig, dict[str, Any]]:
+    """``(model in eval mode, its ModelConfig, {"policy", "removed", "epoch"})``.
+
+    Weights-only loading. ``cfg`` is needed only for checkpoints that predate
+    the saved ``model_config``.
+    """
+    import torch
+
+    d = resolve_checkpoint(path)
+    state = torch.load(
+        os.path.join(d, "state.pt"), weights_only=True, map_location="cpu"
+    )
+    if "model_config" in state:
+        cfg = _model_config(state["model_config"])
+    elif cfg is None:
+        raise ValueError(f"{d}/state.pt records no model_config; pass cfg")
+    model = DynamixCTR(cfg)
+    model.load_state_dict(state["model"])
+    meta = {k: state.get(k) for k in ("policy", "removed", "epoch")}
+    meta["path"] = d
+    return model.eval(), cfg, meta
+
+
+def baseline_importance(
+    checkpoint_dir: str,
+    cfg: ModelConfig,
+    cols: dict[str, np.ndarray],
+    rng_seed: int = 0,
+    batch_size: int = 4096,
+) -> dict[str, float]:
+    """Permutation importance of every ad-impression history attribute.
+
+    The model of ``checkpoint_dir`` scores ``cols`` (validation samples) with
+    the ``baseline`` feature set of each row's segment; the score is NE, and an
+    attribute's importance is how much NE rises when its column is permuted
+    between rows (:func:`features.permutation_importance`).
+
+    Returns:
+        ``{model attribute name: NE increase}`` (``dwell_ms`` for dwell).
+    """
+    import torch
+
+    from dynamix_ray.features import (
+        available_features,
+        permutation_importance,
+        policy_features,
+        split_by_segment,
+        to_model_batch,
+    )
+    from dynamix_ray.model import normalized_entropy
+
+    model, _, _ = load_checkpoint(checkpoint_dir, cfg)
+    available = available_features(cols)
+
+    def score(c: dict[str, np.ndarray]) -> float:
+        logits, labels = [], []
+        with torch.no_grad():
+            for i in range(0, len(c["label"]), batch_size):
+                chunk = {k: v[i : i + batch_size] for k, v in c.items()}
+                for seg, part in split_by_segment(chunk).items():
+                    fs = policy_features("baseline", seg, (), available)
+                    logits.append(model(to_model_batch(part), fs).numpy())
+                    labels.append(part["label"])
+        return normalized_entropy(np.concatenate(logits), np.concatenate(labels))
+
+    names = [
+        f"ad_impressions.{'dwell' if a == DWELL else a}"
+        for a in available.attrs("ad_impressions")
+    ]
+    raw = permutation_importance(score, cols, names, rng_seed=rng_seed)
+    return {_model_attr(n): v for n, v in raw.items()}
+
+
+def _model_attr(column: str) -> str:
+    attr = column.split(".", 1)[1]
+    return DWELL if attr == "dwell" else attr
+
+
+def removed_from_baseline(baseline_out: str, k: int = 4) -> tuple[str, ...]:
+    """The ``k`` lowest-importance attributes recorded by a baseline run.
+
+    Args:
+        baseline_out: the ``OUT`` folder of a ``dynamix train --policy
+            baseline`` run (its ``metrics.json`` holds ``importance``).
+    Raises:
+        FileNotFoundError: no ``metrics.json`` there.
+        ValueError: the run recorded no importance (not a baseline run, or
+            ``importance_rows`` was 0).
+    """
+    from dynamix_ray.features import lowest_importance
+
+    path = os.path.join(baseline_out, "metrics.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} does not exist: train a baseline into {baseline_out} first "
+            "(dynamix train EVENTS SEGMENTS OUT --policy baseline)"
+        )
+    with open(path) as fh:
+        importance = json.load(fh).get("importance")
+    if not importance:
+        raise ValueError(
+            f"{path} records no permutation importance; it must come from a "
+            "--policy baseline run with importance_rows > 0"
+        )
+    return lowest_importance(importance, k)
+
+
 def run_train(
     events_url: str,
     segments_url: str,
@@ -215,11 +425,20 @@ def run_train(
     tcfg: TrainConfig | None = None,
     max_seq_len: int = 64,
     name: str | None = None,
+    extra_meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train one policy; write checkpoints under ``out_dir`` and ``metrics.json``.
 
     Re-running with the same ``out_dir`` and ``name`` resumes from the last
-    checkpoint of that run.
+    checkpoint of that run. A ``baseline`` run also measures the permutation
+    importance of the ad-impression attributes on up to
+    ``tcfg.importance_rows`` evaluation rows and records it (``importance``,
+    ``lowest_importance``) for the ``remove-*`` policies
+    (:func:`removed_from_baseline`). ``extra_meta`` is merged into
+    ``metrics.json``.
+
+    Raises:
+        ValueError: a ``remove-*`` policy without ``tcfg.removed``.
     """
     import ray
     from ray.data.expressions import col
@@ -231,6 +450,12 @@ def run_train(
     from dynamix_ray.samples import SampleConfig, eval_boundary_ms, sample_dataset
 
     tcfg = tcfg or TrainConfig()
+    if tcfg.policy.startswith("remove-") and not tcfg.removed:
+        raise ValueError(
+            f"policy {tcfg.policy} needs the attributes to remove: pass "
+            "--removed-from BASELINE_OUT (a baseline run's permutation "
+            "importance) or --removed a,b,c,d"
+        )
     ensure_ray()
     t0 = time.perf_counter()
     samples = sample_dataset(
@@ -247,6 +472,8 @@ def run_train(
     boundary = eval_boundary_ms(t_ms, tcfg.eval_days)
     available = available_features(samples.take_batch(1, batch_format="numpy"))
     train_ds = samples.filter(expr=col("t_ms") < boundary)
+    if tcfg.shuffle_buffer:
+        train_ds = train_ds.randomize_block_order(seed=tcfg.seed)
     eval_ds = samples.filter(expr=col("t_ms") >= boundary)
     out_dir = os.path.abspath(out_dir)
     name = name or f"train-{tcfg.policy}"
@@ -281,7 +508,17 @@ def run_train(
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "wall_s": time.perf_counter() - t0,
         "ray_version": ray.__version__,
+        **(extra_meta or {}),
     }
+    if tcfg.policy == "baseline" and tcfg.importance_rows > 0 and result.checkpoint:
+        from dynamix_ray.features import lowest_importance
+
+        cols = _take_columns(eval_ds, tcfg.importance_rows)
+        with result.checkpoint.as_directory() as d:
+            importance = baseline_importance(d, tcfg.model, cols, tcfg.seed)
+        metrics["importance"] = importance
+        metrics["importance_rows"] = len(cols["label"])
+        metrics["lowest_importance"] = list(lowest_importance(importance))
     with open(os.path.join(out_dir, "metrics.json"), "w") as fh:
         json.dump(metrics, fh, indent=2, default=str)
     return metrics

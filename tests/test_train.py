@@ -12,11 +12,13 @@ import time
 import psutil
 import pytest
 
+from dynamix_ray.cli import main as dynamix
 from dynamix_ray.config import GenerateConfig
 from dynamix_ray.model import ModelConfig
+from dynamix_ray.model.config import SOURCE_ATTRIBUTES
 from dynamix_ray.segments.pipeline import run_segment
 from dynamix_ray.synth import generate
-from dynamix_ray.train import TrainConfig, run_train
+from dynamix_ray.train import TrainConfig, removed_from_baseline, run_train
 
 SMALL_MODEL = ModelConfig(
     emb_dim=8, d_model=16, user_dim=16, head_hidden=32, max_seq_len=16
@@ -33,7 +35,15 @@ def tiny(ray_session, tmp_path_factory):
 
 
 def _cfg(**kw) -> TrainConfig:
-    return TrainConfig(**{"epochs": 1, "batch_size": 256, "model": SMALL_MODEL, **kw})
+    return TrainConfig(
+        **{
+            "epochs": 1,
+            "batch_size": 256,
+            "model": SMALL_MODEL,
+            "importance_rows": 600,
+            **kw,
+        }
+    )
 
 
 def test_train_writes_metrics_and_resumes_from_its_checkpoint(tiny, tmp_path):
@@ -41,6 +51,13 @@ def test_train_writes_metrics_and_resumes_from_its_checkpoint(tiny, tmp_path):
     out = str(tmp_path / "run")
     m = run_train(events, segs, out, _cfg(epochs=1), max_seq_len=16)
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    # a baseline records the permutation importance of every ad-impression
+    # attribute, and the 4 lowest are what --removed-from hands remove-*
+    assert set(saved["importance"]) == set(SOURCE_ATTRIBUTES["ad_impressions"])
+    assert saved["importance_rows"] == 600
+    ranked = sorted(saved["importance"], key=lambda a: (saved["importance"][a], a))
+    assert removed_from_baseline(out) == tuple(ranked[:4])
+    assert saved["lowest_importance"] == ranked[:4]
     assert saved["policy"] == "baseline" and saved["epoch"] == 0
     assert 0 < saved["ne"] < 2 and saved["eval_rows"] > 0
     assert saved["train_examples_per_s"] > 0
@@ -64,8 +81,22 @@ def test_remove_policy_runs_and_records_what_it_removed(tiny, tmp_path):
         max_seq_len=16,
     )
     assert m["removed"] == list(removed)
+    assert "importance" not in m  # only a baseline measures it
     flops = {int(k): v for k, v in m["flops_per_sample"].items()}
     assert flops[1] < flops[0]
+
+
+def test_remove_policy_needs_to_know_what_to_remove(tiny, tmp_path, capsys):
+    events, segs = tiny
+    with pytest.raises(ValueError, match="--removed-from"):
+        run_train(events, segs, str(tmp_path), _cfg(policy="remove-passive"))
+    argv = ["train", events, segs, str(tmp_path / "r"), "--policy", "remove-active"]
+    assert dynamix([*argv, "--removed-from", str(tmp_path / "none")]) == 2
+    assert "train a baseline" in capsys.readouterr().err
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "metrics.json").write_text('{"policy": "boost-all"}')
+    assert dynamix([*argv, "--removed-from", str(tmp_path / "fake")]) == 2
+    assert "no permutation importance" in capsys.readouterr().err
 
 
 def _kill_a_train_worker_after_first_checkpoint(storage: str, stop: threading.Event):
