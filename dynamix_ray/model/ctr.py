@@ -8,6 +8,7 @@
         h_s ── TargetAttention(query = candidate) ───────────────────┤ (B, D) each
         h_s ── AttentionPool(learned query) ─► user_proj ─► user ────┤ (B, E)
         candidate ⊙ target.s ─► cross.s (B, D) each ─────────────────┤
+        mean_l <emb_a(history_l), emb_a(candidate)> / e ─► match.s.a ─┤ (B, 1) each
     head: SlicedLinear([candidate, target.s, cross.s..., user]) ─► GELU ─► Linear ─► logit
 
 The model holds weights for the union of attributes in ``ModelConfig``; each
@@ -35,6 +36,17 @@ __all__ = ["Batch", "DynamixCTR", "Features", "flops_per_sample"]
 Batch = Mapping[str, Any]
 #: A ``FeatureSet``, a mapping ``source -> attributes``, or ``None`` (all).
 Features = FeatureSet | Mapping[str, Any] | None
+
+
+def match_pairs(cfg: ModelConfig) -> list[tuple[str, str]]:
+    """(source, attribute) pairs whose history values can be compared with the
+    candidate's (same attribute, hence the same embedding table)."""
+    return [
+        (s, a)
+        for s, attrs in cfg.sources.items()
+        for a in attrs
+        if a != DWELL and a in cfg.candidate_attrs
+    ]
 
 
 class DynamixCTR(nn.Module):
@@ -74,6 +86,7 @@ class DynamixCTR(nn.Module):
         self.head_in = SlicedLinear(
             [("candidate", d)]
             + [(f"{k}.{s}", d) for s in self.encoders for k in ("target", "cross")]
+            + [(f"match.{s}.{a}", 1) for s, a in match_pairs(cfg)]
             + [("user", cfg.user_dim)],
             cfg.head_hidden,
             label="head",
@@ -90,11 +103,15 @@ class DynamixCTR(nn.Module):
         return fs.enabled_sources
 
     def encode(
-        self, batch: Batch, features: Features = None
+        self,
+        batch: Batch,
+        features: Features = None,
+        embedded: dict[str, dict[str, Tensor]] | None = None,
     ) -> dict[str, tuple[Tensor, Tensor]]:
         """Encoded histories of the enabled sources: ``{s: (h (B, L, D), mask)}``.
 
         Sources disabled by ``features`` are neither read nor encoded.
+        ``embedded``, when given, receives ``{s: {attr: (B, L, e)}}``.
         """
         fs = FeatureSet.of(features)
         hist = batch["hist"]
@@ -105,7 +122,10 @@ class DynamixCTR(nn.Module):
                     f"batch['hist'] lacks source {s!r} that the feature set enables; "
                     f"it has {sorted(hist)}"
                 )
-            out[s] = self.encoders[s](hist[s], fs.attrs(s), self.tables, batch["t_ms"])
+            sink = embedded.setdefault(s, {}) if embedded is not None else None
+            out[s] = self.encoders[s](
+                hist[s], fs.attrs(s), self.tables, batch["t_ms"], sink
+            )
         return out
 
     def _user(
@@ -133,16 +153,24 @@ class DynamixCTR(nn.Module):
         return F.normalize(u, dim=-1) if normalize else u
 
     def candidate(
-        self, cand: Mapping[str, Tensor], attrs: tuple[str, ...], batch_size: int
+        self,
+        cand: Mapping[str, Tensor],
+        attrs: tuple[str, ...],
+        batch_size: int,
+        embedded: dict[str, Tensor] | None = None,
     ) -> Tensor:
-        """The candidate ad, (B, D), from its used attributes (bias if none)."""
+        """The candidate ad, (B, D), from its used attributes (bias if none);
+        ``embedded`` receives each attribute's (B, e) embedding."""
         used = self.cand_proj.ordered(attrs)
         missing = [a for a in used if a not in cand]
         if missing:
             raise KeyError(f"batch['cand'] lacks {missing}; it has {sorted(cand)}")
         if not used:
             return self.cand_proj.bias[None].repeat(batch_size, 1)  # (B, D)
-        return self.cand_proj({a: self.tables[a](cand[a]) for a in used})  # (B, D)
+        emb = {a: self.tables[a](cand[a]) for a in used}  # (B, e) each
+        if embedded is not None:
+            embedded.update(emb)
+        return self.cand_proj(emb)  # (B, D)
 
     def forward(self, batch: Batch, features: Features = None) -> Tensor:
         """CTR logits.
@@ -157,10 +185,21 @@ class DynamixCTR(nn.Module):
             (B,) logits.
         """
         fs = FeatureSet.of(features)
-        encoded = self.encode(batch, fs)
+        embedded: dict[str, dict[str, Tensor]] = {}
+        encoded = self.encode(batch, fs, embedded)
         b = batch["t_ms"].shape[0]
-        cand = self.candidate(batch["cand"], fs.candidate, b)  # (B, D)
+        cand_emb: dict[str, Tensor] = {}
+        cand = self.candidate(batch["cand"], fs.candidate, b, cand_emb)  # (B, D)
         parts = {"candidate": cand, "user": self._user(encoded, b)}
+        e = self.cfg.emb_dim
+        for s, attrs in embedded.items():
+            m = encoded[s][1]  # (B, L)
+            count = m.sum(-1, keepdim=True).clamp(min=1).to(cand.dtype)  # (B, 1)
+            for a, h in attrs.items():
+                if a in cand_emb:  # mean similarity of the candidate's value to
+                    # the history's: ~1 per identical id at init (no padding)
+                    dots = (h @ cand_emb[a][:, :, None])[..., 0]  # (B, L)
+                    parts[f"match.{s}.{a}"] = dots.sum(-1, keepdim=True) / (e * count)
         for s, (h, m) in encoded.items():
             t = self.target[s](cand, h, m)  # (B, D)
             parts[f"target.{s}"] = t
@@ -203,10 +242,16 @@ def flops_per_sample(
         macs += 2 * length * d  # attention pooling: scores + weighted sum
         if part == "ctr":  # target attention: q, kv, scores, mix, out
             macs += d * d + length * 2 * d * d + 2 * length * d + d * d
+            n_match = sum(1 for a in used if a != DWELL and a in fs.candidate)
+            macs += n_match * length * e  # match: history x candidate dots
     if enabled:
         macs += len(enabled) * d * cfg.user_dim  # user_proj
     if part == "ctr":
         macs += len(fs.candidate) * e * d  # cand_proj
-        macs += (d + 2 * len(enabled) * d + cfg.user_dim) * cfg.head_hidden
+        n_match_all = sum(
+            1 for s in enabled for a in fs.attrs(s) if a != DWELL and a in fs.candidate
+        )
+        head_in = d + 2 * len(enabled) * d + n_match_all + cfg.user_dim
+        macs += head_in * cfg.head_hidden
         macs += cfg.head_hidden  # head_out
     return 2 * macs

@@ -125,11 +125,17 @@ class SourceEncoder(nn.Module):
         used: Sequence[str],
         tables: AttributeEmbeddings,
         t_ms: Tensor,
+        embedded: dict[str, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
+        """``embedded``, when given, receives the (B, L, e) attribute embeddings
+        (not dwell) so that the caller can reuse them without a second look-up."""
         mask = events["mask"].bool()  # (B, L)
         ts_ms = events["ts_ms"].long()
         ts_ms = torch.where(mask, ts_ms, torch.zeros_like(ts_ms))  # (B, L)
-        x = self.proj(self.embed(events, used, tables, mask))  # (B, L, D)
+        parts = self.embed(events, used, tables, mask)
+        if embedded is not None:
+            embedded.update({a: t for a, t in parts.items() if a != DWELL})
+        x = self.proj(parts)  # (B, L, D)
         x = x + self.cfee(ts_ms, t_ms.long(), mask)
         x = x.masked_fill(~mask[..., None], 0.0)
         buckets = relative_time_buckets(ts_ms, self.rel_time_buckets)  # (B, L, L)
