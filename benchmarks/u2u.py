@@ -40,7 +40,9 @@ def synthetic_embeddings(
     return pa.table(
         {
             "user_id": pa.array(np.arange(n, dtype=np.int64) * 7 + 1),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), dim),
+            "embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array(x.reshape(-1)), dim
+            ),
             "country": pa.array(rng.integers(0, countries, n).astype(np.int16)),
         }
     )

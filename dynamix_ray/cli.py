@@ -204,14 +204,36 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=t.batch_size)
     p.add_argument("--lr", type=float, default=t.lr)
     p.add_argument("--seed", type=int, default=t.seed)
-    p.add_argument("--num-workers", type=int, default=t.num_workers)
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=t.num_workers,
+        help="training workers (DDP when > 1)",
+    )
+    p.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        default=t.cpus_per_worker,
+        help="CPUs each worker reserves; leave some for Ray Data to feed them",
+    )
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument(
         "--mixed-precision",
         action="store_true",
         help="bf16 autocast on GPU (ignored on CPU)",
     )
-    p.add_argument("--max-failures", type=int, default=t.max_failures)
+    p.add_argument(
+        "--max-failures",
+        type=int,
+        default=t.max_failures,
+        help="worker failures tolerated; the run restarts from its last checkpoint",
+    )
+    p.add_argument(
+        "--checkpoint-steps",
+        type=int,
+        default=t.checkpoint_steps,
+        help="also checkpoint every N steps inside an epoch (0: epoch ends only)",
+    )
     p.add_argument("--max-seq-len", type=int, default=64)
 
 
@@ -442,9 +464,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         lr=args.lr,
         seed=args.seed,
         num_workers=args.num_workers,
+        cpus_per_worker=args.cpus_per_worker,
         use_gpu=args.use_gpu,
         mixed_precision=args.mixed_precision,
         max_failures=args.max_failures,
+        checkpoint_steps=args.checkpoint_steps,
         model=ModelConfig(max_seq_len=args.max_seq_len),
     )
     m = run_train(

@@ -155,7 +155,9 @@ def to_model_batch(cols: Columns, device: Any = "cpu") -> dict[str, Any]:
     import torch
 
     def t(x: np.ndarray, dtype: Any) -> Any:
-        return torch.as_tensor(np.ascontiguousarray(x)).to(device=device, dtype=dtype)
+        # Ray Data hands out read-only arrays; torch wants writable memory
+        x = np.require(x, requirements=["C", "W"])
+        return torch.as_tensor(x).to(device=device, dtype=dtype)
 
     batch: dict[str, Any] = {
         "cand": {

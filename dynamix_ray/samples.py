@@ -337,6 +337,21 @@ def _read_bucket(
     }
 
 
+def read_bucket_events(
+    fs: Any, files: dict[str, list[str]], bucket: int, num_buckets: int, bucketed: bool
+) -> dict[str, dict[str, np.ndarray]]:
+    """Valid rows of every source for the users of one bucket (a bucketed layout
+    reads only that bucket's files; a plain one reads all and filters)."""
+    from dynamix_ray.io import group_by_bucket
+
+    ev = {}
+    for src, paths in files.items():
+        if bucketed:
+            paths = group_by_bucket(paths).get(bucket, [])
+        ev[src] = _read_bucket(fs, paths, src, bucket, num_buckets)
+    return ev
+
+
 def _bucket_samples(
     batch: dict[str, np.ndarray],
     url: str,
@@ -347,16 +362,10 @@ def _bucket_samples(
     cfg: SampleConfig,
 ) -> dict[str, np.ndarray]:
     """Ray Data map: the samples of one user bucket (SPEC §6)."""
-    from dynamix_ray.io import group_by_bucket
-
     fs, _ = resolve(url)
     out = []
     for bucket in batch["bucket"].tolist():
-        ev = {}
-        for src, paths in files.items():
-            if bucketed:
-                paths = group_by_bucket(paths).get(bucket, [])
-            ev[src] = _read_bucket(fs, paths, src, bucket, num_buckets)
+        ev = read_bucket_events(fs, files, bucket, num_buckets, bucketed)
         if not ev.get("ad_impressions"):
             continue
         seg_keep = user_bucket(segments["user_id"], num_buckets) == bucket

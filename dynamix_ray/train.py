@@ -48,10 +48,15 @@ class TrainConfig:
     removed: ad-impression attributes the ``remove-*`` policies drop.
     epochs / batch_size / lr / seed: the optimisation.
     num_workers / use_gpu: ``ScalingConfig`` (DDP when num_workers > 1).
+    cpus_per_worker: CPUs each training worker reserves. Ray Data needs CPUs
+        left over to feed the workers: on a 2-CPU machine two workers take
+        0.5 each (the default 1 CPU each would leave Ray Data none).
     mixed_precision: autocast (bf16) on GPU; ignored on CPU.
     max_failures: ``FailureConfig``: worker failures tolerated (restart from
         the last checkpoint).
     warmup_steps: steps per epoch excluded from examples/s.
+    checkpoint_steps: also checkpoint every this many steps inside an epoch
+        (0: only at epoch ends); a resumed run skips the batches already done.
     eval_days: last days held out for evaluation.
     shuffle_buffer: rows of Ray Data's local shuffle buffer when reading
         training batches (samples come sorted by user and time; without it a
@@ -67,10 +72,12 @@ class TrainConfig:
     lr: float = 2e-3
     seed: int = 0
     num_workers: int = 1
+    cpus_per_worker: float = 1.0
     use_gpu: bool = False
     mixed_precision: bool = False
     max_failures: int = 0
     warmup_steps: int = 3
+    checkpoint_steps: int = 0
     eval_days: int = 1
     importance_rows: int = 20_000
     shuffle_buffer: int = 50_000
@@ -166,7 +173,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = get_device()
     model: Any = DynamixCTR(tcfg.model)
     opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
-    start_epoch = 0
+    start_epoch, skip_steps = 0, 0
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -176,12 +183,39 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         start_epoch = int(state["epoch"]) + 1
+        if state.get("resume_step"):  # saved in the middle of an epoch
+            start_epoch, skip_steps = (
+                int(state["resume_epoch"]),
+                int(state["resume_step"]),
+            )
     model = prepare_model(
         model, parallel_strategy_kwargs={"find_unused_parameters": True}
     )
     raw: Any = model.module if hasattr(model, "module") else model
     world = ray.train.get_context().get_world_size()
     use_amp = tcfg.mixed_precision and device.type == "cuda"
+
+    def report(
+        metrics: dict[str, Any], done_epoch: int, resume: tuple[int, int] | None
+    ) -> None:
+        """Report ``metrics`` with a checkpoint (rank 0 writes it): weights,
+        optimizer, the last completed epoch and, mid-epoch, where to resume."""
+        with tempfile.TemporaryDirectory() as d:
+            if ray.train.get_context().get_world_rank() != 0:
+                ray.train.report(metrics)
+                return
+            state = {
+                "model": raw.state_dict(),
+                "opt": opt.state_dict(),
+                "epoch": done_epoch,
+                "model_config": model_config_dict(tcfg.model),
+                "policy": tcfg.policy,
+                "removed": list(tcfg.removed),
+            }
+            if resume is not None:
+                state["resume_epoch"], state["resume_step"] = resume
+            torch.save(state, os.path.join(d, "state.pt"))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval")
@@ -194,11 +228,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             local_shuffle_buffer_size=tcfg.shuffle_buffer or None,
             local_shuffle_seed=tcfg.seed + epoch if tcfg.shuffle_buffer else None,
         )
+        skip = skip_steps if epoch == start_epoch else 0
         for step, batch in enumerate(batches):
             steps = step + 1
-            if step == tcfg.warmup_steps:
+            if step < skip:  # done before the checkpoint this run resumed from
+                continue
+            if step == skip + tcfg.warmup_steps:
                 steady_t0 = time.perf_counter()
             train_step(model, opt, batch, tcfg.policy, tcfg.removed, device, use_amp)
+            if tcfg.checkpoint_steps and steps % tcfg.checkpoint_steps == 0:
+                report(
+                    {"epoch": epoch, "step": steps, "partial": True},
+                    epoch - 1,
+                    (epoch, steps),
+                )
             if steady_t0 is not None:
                 steady_n += len(batch["label"])
         steady_s = time.perf_counter() - steady_t0 if steady_t0 else 0.0
@@ -229,9 +272,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             t = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
             dist.all_reduce(t)
             sums = dict(zip(keys, t.tolist(), strict=True))
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, (s, y))  # AUC over every eval row
+            s = np.concatenate([g[0] for g in gathered])
+            y = np.concatenate([g[1] for g in gathered])
         metrics = {
             "epoch": epoch,
             "resumed_at_epoch": start_epoch,
+            "resumed_at_step": skip_steps,
             "ne": _ne(sums, "all"),
             "ne_active": _ne(sums, "active"),
             "ne_passive": _ne(sums, "passive"),
@@ -244,24 +292,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 else None
             ),
         }
-        with tempfile.TemporaryDirectory() as d:
-            if ray.train.get_context().get_world_rank() == 0:
-                torch.save(
-                    {
-                        "model": raw.state_dict(),
-                        "opt": opt.state_dict(),
-                        "epoch": epoch,
-                        "model_config": model_config_dict(tcfg.model),
-                        "policy": tcfg.policy,
-                        "removed": list(tcfg.removed),
-                    },
-                    os.path.join(d, "state.pt"),
-                )
-                ray.train.report(
-                    metrics, checkpoint=ray.train.Checkpoint.from_directory(d)
-                )
-            else:
-                ray.train.report(metrics)
+        report(metrics, epoch, None)
 
 
 def _take_columns(ds: Any, n: int) -> dict[str, np.ndarray]:
@@ -489,7 +520,9 @@ def run_train(
         train_loop_per_worker,
         train_loop_config={"tcfg": tcfg},
         scaling_config=ScalingConfig(
-            num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu
+            num_workers=tcfg.num_workers,
+            use_gpu=tcfg.use_gpu,
+            resources_per_worker={"CPU": tcfg.cpus_per_worker},
         ),
         datasets={"train": train_ds, "eval": eval_ds},
         run_config=run_config,

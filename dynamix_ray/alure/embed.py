@@ -38,8 +38,8 @@ from dynamix_ray.samples import (
     HISTORY_SOURCES,
     HISTORY_SOURCES_ALL,
     SampleConfig,
-    _read_bucket,
     build_samples,
+    read_bucket_events,
 )
 
 __all__ = [
@@ -174,16 +174,10 @@ def _bucket_histories(
     max_seq_len: int,
 ) -> dict[str, np.ndarray]:
     """Ray Data map: the histories of one user bucket's users."""
-    from dynamix_ray.io import group_by_bucket
-
     fs, _ = resolve(url)
     out = []
     for bucket in batch["bucket"].tolist():
-        ev = {}
-        for src, paths in files.items():
-            if bucketed:
-                paths = group_by_bucket(paths).get(bucket, [])
-            ev[src] = _read_bucket(fs, paths, src, bucket, num_buckets)
+        ev = read_bucket_events(fs, files, bucket, num_buckets, bucketed)
         h = user_histories(ev, as_of_ms, max_seq_len, since_ms)
         if len(h["user_id"]):
             out.append(h)
