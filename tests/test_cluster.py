@@ -206,10 +206,16 @@ class LocalCluster:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def submit(
-        self, args: list[str], log: Path, *, submission_id: str
+        self,
+        args: list[str],
+        log: Path,
+        *,
+        submission_id: str,
+        script: str = "pipelines/segment.py",
+        flags: tuple[str, ...] = ("--no-progress",),
     ) -> subprocess.Popen:
-        """``ray job submit --working-dir . -- python pipelines/segment.py ARGS``
-        from the repository root; waits for the job (the CLI tails its logs)."""
+        """``ray job submit --working-dir . -- python SCRIPT ARGS FLAGS`` from
+        the repository root; waits for the job (the CLI tails its logs)."""
         cmd = [
             str(VENV_BIN / "ray"),
             "job",
@@ -220,9 +226,9 @@ class LocalCluster:
             f"--runtime-env-json={json.dumps({'excludes': JOB_EXCLUDES})}",
             "--",
             "python",
-            "pipelines/segment.py",
+            script,
             *args,
-            "--no-progress",
+            *flags,
         ]
         with open(log, "w") as fh:
             return subprocess.Popen(
@@ -351,6 +357,30 @@ def test_segment_job_on_two_node_cluster_equals_local_run(
             assert job_meta["counts"][key] == local_meta["counts"][key], key
         if layout == "bucketed":
             assert job_meta["mode"] == "bucketed"
+
+
+@pytest.mark.timeout(400)
+def test_train_job_on_two_node_cluster(cluster, small_events, ray_session, tmp_path):
+    """`ray job submit` of pipelines/train.py joins the cluster (RAY_ADDRESS is
+    set for the job), trains one epoch and writes metrics.json."""
+    events = small_events["plain"]
+    segs, out = tmp_path / "segs", tmp_path / "train"
+    run_segment(str(events), str(segs), progress=False)
+    log = tmp_path / "train_job.log"
+    sub_id = f"dxr-train-{secrets.token_hex(4)}"
+    args = [str(events), str(segs), str(out), "--epochs", "1", "--max-seq-len", "8"]
+    args += ["--batch-size", "256", "--cpus-per-worker", "0.5"]
+    proc = cluster.submit(
+        args, log, submission_id=sub_id, script="pipelines/train.py", flags=()
+    )
+    rc = _wait(proc, log, 300)
+    text = log.read_text()
+    assert rc == 0, text[-4000:]
+    assert cluster.job_status(sub_id) == "SUCCEEDED"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["policy"] == "baseline" and metrics["epoch"] == 0
+    assert 0 < metrics["ne"] < 2 and metrics["importance"]
+    assert os.path.exists(os.path.join(metrics["checkpoint"], "state.pt"))
 
 
 @pytest.fixture(scope="module")
