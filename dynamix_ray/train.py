@@ -25,8 +25,16 @@ from typing import Any
 
 import numpy as np
 
+from dynamix_ray.features import (
+    available_features,
+    flops_by_segment,
+    lowest_importance,
+    permutation_importance,
+    policy_features,
+    split_by_segment,
+    to_model_batch,
+)
 from dynamix_ray.model import DynamixCTR, ModelConfig
-from dynamix_ray.model.config import DWELL
 
 __all__ = [
     "TrainConfig",
@@ -37,6 +45,7 @@ __all__ = [
     "resolve_checkpoint",
     "removed_from_baseline",
     "run_train",
+    "score_by_segment",
     "train_loop_per_worker",
 ]
 
@@ -129,13 +138,6 @@ def train_step(
     import torch
     import torch.nn.functional as F
 
-    from dynamix_ray.features import (
-        available_features,
-        policy_features,
-        split_by_segment,
-        to_model_batch,
-    )
-
     dev = torch.device(device)
     available = available_features(batch)
     loss = torch.zeros((), device=dev)
@@ -154,18 +156,33 @@ def train_step(
     return float(mean.detach())
 
 
+def score_by_segment(
+    model: Any,
+    batch: dict[str, np.ndarray],
+    policy: str,
+    removed: tuple[str, ...],
+    device: Any = "cpu",
+) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """Logits of a batch, each segment with its policy's ``FeatureSet`` (no
+    gradients): ``[(segment, logits, labels)]``, one entry per segment present."""
+    import torch
+
+    available = available_features(batch)
+    out = []
+    with torch.no_grad():
+        for seg, part in split_by_segment(batch).items():
+            feats = policy_features(policy, seg, removed, available)
+            logits = model(to_model_batch(part, device), feats).float().cpu().numpy()
+            out.append((seg, logits, part["label"]))
+    return out
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker loop (one process per worker)."""
     import ray.train
     import torch
     from ray.train.torch import get_device, prepare_model
 
-    from dynamix_ray.features import (
-        available_features,
-        policy_features,
-        split_by_segment,
-        to_model_batch,
-    )
     from dynamix_ray.model import auc
 
     tcfg: TrainConfig = config["tcfg"]
@@ -248,18 +265,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         model.eval()
         scores, labels, segs = [], [], []
-        with torch.no_grad():
-            for batch in eval_shard.iter_batches(
-                batch_size=4 * tcfg.batch_size, batch_format="numpy"
+        for batch in eval_shard.iter_batches(
+            batch_size=4 * tcfg.batch_size, batch_format="numpy"
+        ):
+            for seg, logits, lab in score_by_segment(
+                raw, batch, tcfg.policy, tcfg.removed, device
             ):
-                available = available_features(batch)
-                for seg, part in split_by_segment(batch).items():
-                    feats = policy_features(tcfg.policy, seg, tcfg.removed, available)
-                    scores.append(
-                        raw(to_model_batch(part, device), feats).float().cpu().numpy()
-                    )
-                    labels.append(part["label"])
-                    segs.append(np.full(len(part["label"]), seg, np.int8))
+                scores.append(logits)
+                labels.append(lab)
+                segs.append(np.full(len(lab), seg, np.int8))
         s = np.concatenate(scores) if scores else np.zeros(0)
         y = np.concatenate(labels) if labels else np.zeros(0)
         g = np.concatenate(segs) if segs else np.zeros(0, np.int8)
@@ -382,42 +396,25 @@ def baseline_importance(
     Returns:
         ``{model attribute name: NE increase}`` (``dwell_ms`` for dwell).
     """
-    import torch
-
-    from dynamix_ray.features import (
-        available_features,
-        permutation_importance,
-        policy_features,
-        split_by_segment,
-        to_model_batch,
-    )
     from dynamix_ray.model import normalized_entropy
 
     model, _, _ = load_checkpoint(checkpoint_dir, cfg)
-    available = available_features(cols)
 
     def score(c: dict[str, np.ndarray]) -> float:
-        logits, labels = [], []
-        with torch.no_grad():
-            for i in range(0, len(c["label"]), batch_size):
-                chunk = {k: v[i : i + batch_size] for k, v in c.items()}
-                for seg, part in split_by_segment(chunk).items():
-                    fs = policy_features("baseline", seg, (), available)
-                    logits.append(model(to_model_batch(part), fs).numpy())
-                    labels.append(part["label"])
-        return normalized_entropy(np.concatenate(logits), np.concatenate(labels))
+        parts = [
+            part
+            for i in range(0, len(c["label"]), batch_size)
+            for part in score_by_segment(
+                model, {k: v[i : i + batch_size] for k, v in c.items()}, "baseline", ()
+            )
+        ]
+        return normalized_entropy(
+            np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+        )
 
-    names = [
-        f"ad_impressions.{'dwell' if a == DWELL else a}"
-        for a in available.attrs("ad_impressions")
-    ]
-    raw = permutation_importance(score, cols, names, rng_seed=rng_seed)
-    return {_model_attr(n): v for n, v in raw.items()}
-
-
-def _model_attr(column: str) -> str:
-    attr = column.split(".", 1)[1]
-    return DWELL if attr == "dwell" else attr
+    # bare model names address the ad-impression history (dwell_ms included)
+    names = available_features(cols).attrs("ad_impressions")
+    return permutation_importance(score, cols, names, rng_seed=rng_seed)
 
 
 def removed_from_baseline(baseline_out: str, k: int = 4) -> tuple[str, ...]:
@@ -431,7 +428,6 @@ def removed_from_baseline(baseline_out: str, k: int = 4) -> tuple[str, ...]:
         ValueError: the run recorded no importance (not a baseline run, or
             ``importance_rows`` was 0).
     """
-    from dynamix_ray.features import lowest_importance
 
     path = os.path.join(baseline_out, "metrics.json")
     if not os.path.exists(path):
@@ -476,7 +472,6 @@ def run_train(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from dynamix_ray.features import available_features, flops_by_segment
     from dynamix_ray.runtime import ensure_ray
     from dynamix_ray.samples import SampleConfig, eval_boundary_ms, sample_dataset
 
@@ -544,8 +539,6 @@ def run_train(
         **(extra_meta or {}),
     }
     if tcfg.policy == "baseline" and tcfg.importance_rows > 0 and result.checkpoint:
-        from dynamix_ray.features import lowest_importance
-
         cols = _take_columns(eval_ds, tcfg.importance_rows)
         with result.checkpoint.as_directory() as d:
             importance = baseline_importance(d, tcfg.model, cols, tcfg.seed)
