@@ -194,12 +194,11 @@ class UserTower:
 
         from dynamix_ray.train import load_checkpoint
 
-        self.model, _, meta = load_checkpoint(checkpoint)
+        self.model, _, _ = load_checkpoint(checkpoint)
         self.device = torch.device(
             "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         )
         self.model.to(self.device)
-        self.features: Any = None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch

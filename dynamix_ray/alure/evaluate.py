@@ -33,21 +33,15 @@ def read_events_frame(
 ) -> pd.DataFrame:
     """Valid rows of one source (``ts`` as ``ts_ms``) as a pandas frame
     (``columns``: those of them it has; ``None``: all)."""
-    import pyarrow.parquet as pq
-
     from dynamix_ray.io import discover, resolve
-    from dynamix_ray.schema import SOURCES, validate
+    from dynamix_ray.samples import read_bucket_events
 
     ds = discover(events_url, [source], required=[source])
     fs, _ = resolve(ds.url)
-    parts = []
-    for p in ds.files[source]:
-        with fs.open(p, "rb") as fh:
-            table = pq.read_table(fh)
-        v = validate(table, SOURCES[source], p).valid
-        keep = v.column_names if columns is None else columns
-        parts.append(v.select([c for c in keep if c in v.column_names]))
-    return pa.concat_tables(parts).to_pandas()
+    # one bucket holding every user: the samples' reader, unfiltered
+    rows = read_bucket_events(fs, {source: ds.files[source]}, 0, 1, False)[source]
+    frame = pd.DataFrame(rows)
+    return frame if columns is None else frame[[c for c in columns if c in frame]]
 
 
 def evaluate_retrieval(

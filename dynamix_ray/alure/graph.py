@@ -212,6 +212,7 @@ def build_u2u(
         The ``_meta.json`` contents: parameters and measured recall per group,
         users, edges, timings.
     """
+    import faiss
     import ray
 
     from dynamix_ray.runtime import cluster_cpus, ensure_ray
@@ -244,8 +245,6 @@ def build_u2u(
         recall = neighbor_recall(approx, exact)
         recalls.append(recall)
         weights.append(len(sample))
-        import faiss
-
         indexes[int(g)] = faiss.serialize_index(index)
         nprobes[int(g)] = probe
         groups_meta[str(int(g))] = {
