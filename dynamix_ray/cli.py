@@ -345,6 +345,60 @@ def _add_u2u(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _add_histories(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "histories",
+        help="snapshot every user's event histories (the rankers' feature store)",
+        description="Write each user's last --max-seq-len events per source "
+        "strictly before --as-of to OUT/histories/*.parquet and OUT/_meta.json "
+        "(Ray Data task per user bucket). `dynamix serve` ranks from it.",
+    )
+    p.add_argument("events", help="dataset root (SPEC §1)")
+    p.add_argument("out", help="output folder")
+    p.add_argument(
+        "--as-of",
+        type=parse_instant_ms,
+        default=None,
+        help="epoch ms or ISO date (UTC); default: the end of the data",
+    )
+    p.add_argument("--max-seq-len", type=int, default=64)
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="the Ray Serve app: router + ActiveRanker + PassiveRanker",
+        description="Deploy the ranking app (SPEC §5) on the Ray cluster in "
+        "RAY_ADDRESS, else on a local Ray, and block until Ctrl-C (--detach: "
+        "leave it running and exit). Either --config (a Serve config file such "
+        "as serve_configs/dynamix.yaml; its first application's args) or the "
+        "flags below.",
+    )
+    p.add_argument("--config", help="Serve config YAML (import_path + args)")
+    p.add_argument("--segments", help="a `dynamix segment` OUT (polled for updates)")
+    p.add_argument("--histories", help="a `dynamix histories` OUT")
+    p.add_argument("--active-checkpoint", help="checkpoint or `dynamix train` OUT")
+    p.add_argument(
+        "--passive-checkpoint", help="default: the active ranker's checkpoint"
+    )
+    p.add_argument("--active-policy", default=None, help="default: the checkpoint's")
+    p.add_argument("--passive-policy", default=None, help="default: the checkpoint's")
+    p.add_argument("--u2u", default=None, help="a `dynamix u2u` OUT for /candidates")
+    p.add_argument("--events", default=None, help="events of the u2u graph")
+    p.add_argument("--replicas", type=int, default=1, help="replicas per ranker")
+    p.add_argument(
+        "--autoscale",
+        metavar="MAX",
+        type=int,
+        default=None,
+        help="autoscale each ranker between 1 and MAX replicas",
+    )
+    p.add_argument("--host", default=None, help="HTTP host (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
+    p.add_argument("--detach", action="store_true", help="deploy and exit")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dynamix",
@@ -358,6 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_embed(sub)
     _add_u2u(sub)
+    _add_histories(sub)
+    _add_serve(sub)
     _add_demo(sub)
     return parser
 
@@ -565,12 +621,119 @@ def cmd_u2u(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_histories(args: argparse.Namespace) -> int:
+    from dynamix_ray.histories import run_histories
+
+    m = run_histories(
+        args.events,
+        args.out,
+        args.as_of,
+        args.max_seq_len,
+        progress=not args.no_progress,
+    )
+    print(
+        f"dynamix histories: {m['users']:,} users, last {m['max_seq_len']} events "
+        f"per source before {m['as_of_ms']}, {m['wall_s']:.1f} s\n"
+        f"  snapshot {args.out.rstrip('/')}/histories/"
+    )
+    return 0
+
+
+def serve_app_config(args: argparse.Namespace) -> tuple[dict, dict]:
+    """``(app args, http options)`` of ``dynamix serve``'s flags or --config."""
+    http: dict = {}
+    if args.config:
+        import yaml
+
+        with open(args.config) as fh:
+            doc = yaml.safe_load(fh)
+        apps = doc.get("applications") or []
+        if not apps or "args" not in apps[0]:
+            raise ValueError(f"{args.config}: no applications[0].args")
+        app_args, http = dict(apps[0]["args"]), dict(doc.get("http_options") or {})
+    else:
+        missing = [
+            f"--{k.replace('_', '-')}"
+            for k in ("segments", "histories", "active_checkpoint")
+            if not getattr(args, k)
+        ]
+        if missing:
+            raise ValueError(f"pass --config or {', '.join(missing)}")
+        scaling = (
+            {
+                "autoscaling_config": {
+                    "min_replicas": 1,
+                    "max_replicas": args.autoscale,
+                    "target_ongoing_requests": 4,
+                }
+            }
+            if args.autoscale
+            else {"num_replicas": args.replicas}
+        )
+        app_args = {
+            "segments": args.segments,
+            "histories": args.histories,
+            "active": {
+                "checkpoint": args.active_checkpoint,
+                "policy": args.active_policy,
+                **scaling,
+            },
+            "passive": {
+                "checkpoint": args.passive_checkpoint or args.active_checkpoint,
+                "policy": args.passive_policy,
+                **scaling,
+            },
+        }
+        if args.u2u:
+            if not args.events:
+                raise ValueError("--u2u needs --events (the graph's events)")
+            app_args["candidates"] = {"u2u": args.u2u, "events": args.events}
+    if args.host:
+        http["host"] = args.host
+    if args.port:
+        http["port"] = args.port
+    http.setdefault("host", "127.0.0.1")
+    http.setdefault("port", 8000)
+    return app_args, http
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import time
+
+    from ray import serve
+
+    from dynamix_ray.runtime import ensure_ray
+    from dynamix_ray.serve.app import build_app
+
+    app_args, http = serve_app_config(args)
+    app = build_app(app_args)  # validates before anything starts
+    ensure_ray()
+    serve.start(http_options={"host": http["host"], "port": http["port"]})
+    serve.run(app, name="dynamix", route_prefix="/")
+    url = f"http://{http['host']}:{http['port']}"
+    print(
+        f"dynamix serve: app 'dynamix' at {url} (POST /rank, POST /candidates, "
+        f"GET /healthz, docs {url}/docs)"
+    )
+    if args.detach:
+        return 0
+    print("Ctrl-C stops it.", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.delete("dynamix")
+    return 0
+
+
 _COMMANDS = {
     "generate": cmd_generate,
     "segment": cmd_segment,
     "train": cmd_train,
     "embed": cmd_embed,
     "u2u": cmd_u2u,
+    "histories": cmd_histories,
+    "serve": cmd_serve,
     "demo": cmd_demo,
 }
 

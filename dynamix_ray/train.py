@@ -45,6 +45,7 @@ __all__ = [
     "resolve_checkpoint",
     "removed_from_baseline",
     "run_train",
+    "save_checkpoint",
     "score_by_segment",
     "train_loop_per_worker",
 ]
@@ -221,17 +222,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if ray.train.get_context().get_world_rank() != 0:
                 ray.train.report(metrics)
                 return
-            state = {
-                "model": raw.state_dict(),
-                "opt": opt.state_dict(),
-                "epoch": done_epoch,
-                "model_config": model_config_dict(tcfg.model),
-                "policy": tcfg.policy,
-                "removed": list(tcfg.removed),
-            }
+            extra: dict[str, Any] = {"opt": opt.state_dict()}
             if resume is not None:
-                state["resume_epoch"], state["resume_step"] = resume
-            torch.save(state, os.path.join(d, "state.pt"))
+                extra["resume_epoch"], extra["resume_step"] = resume
+            save_checkpoint(
+                d, raw, tcfg.model, tcfg.policy, tcfg.removed, done_epoch, **extra
+            )
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     train_shard = ray.train.get_dataset_shard("train")
@@ -335,6 +331,32 @@ def _model_config(d: dict[str, Any]) -> ModelConfig:
             **{k: tuple(d[k]) for k in tuples},
         }
     )
+
+
+def save_checkpoint(
+    folder: str,
+    model: Any,
+    cfg: ModelConfig,
+    policy: str = "baseline",
+    removed: tuple[str, ...] = (),
+    epoch: int = 0,
+    **extra: Any,
+) -> str:
+    """Write ``folder/state.pt`` in the format :func:`load_checkpoint` reads
+    (weights-only loadable: tensors and plain containers)."""
+    import torch
+
+    os.makedirs(folder, exist_ok=True)
+    state = {
+        "model": model.state_dict(),
+        "epoch": epoch,
+        "model_config": model_config_dict(cfg),
+        "policy": policy,
+        "removed": list(removed),
+        **extra,
+    }
+    torch.save(state, os.path.join(folder, "state.pt"))
+    return folder
 
 
 def resolve_checkpoint(path: str) -> str:

@@ -20,13 +20,7 @@ from dynamix_ray.alure.candidates import (
     recall_at_k,
     u2u_candidates,
 )
-from dynamix_ray.alure.embed import (
-    EmbedConfig,
-    _mode_by_user,
-    read_embeddings,
-    run_embed,
-    user_histories,
-)
+from dynamix_ray.alure.embed import EmbedConfig, read_embeddings, run_embed
 from dynamix_ray.alure.graph import (
     U2UConfig,
     build_u2u,
@@ -38,6 +32,7 @@ from dynamix_ray.alure.graph import (
 )
 from dynamix_ray.cli import main as dynamix
 from dynamix_ray.config import GenerateConfig
+from dynamix_ray.histories import _mode_by_user, user_histories
 from dynamix_ray.model import ModelConfig
 from dynamix_ray.segments.pipeline import run_segment
 from dynamix_ray.synth import generate

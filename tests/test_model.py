@@ -204,6 +204,35 @@ def test_user_tower_ignores_the_candidate():
         assert not torch.allclose(model(other), model(batch))
 
 
+@settings(max_examples=20, deadline=None)
+@given(
+    n_cands=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+    seed=st.integers(0, 2**16),
+    features=st.sampled_from([None, FeatureSet(page_views=(), organic_impressions=())]),
+)
+def test_shared_user_rows_equal_repeated_histories(n_cands, seed, features):
+    """Serving encodes each history once (``user_index``); the logits equal the
+    plain pass over the history repeated for every candidate."""
+    model = tiny_model()
+    users = make_batch(full_lengths(b=len(n_cands)), seed=seed)
+    index = torch.repeat_interleave(torch.arange(len(n_cands)), torch.tensor(n_cands))
+    g = torch.Generator().manual_seed(seed + 1)
+    cand = {
+        a: torch.randint(0, 10**12, (len(index),), generator=g)
+        for a in CANDIDATE_ATTRIBUTES
+    }
+
+    def rows(x):
+        return {k: rows(v) for k, v in x.items()} if isinstance(x, dict) else x[index]
+
+    repeated = {"cand": cand, "hist": rows(users["hist"]), "t_ms": users["t_ms"][index]}
+    with torch.no_grad():
+        shared = model({**users, "cand": cand}, features, user_index=index)
+        plain = model(repeated, features)
+    assert shared.shape == (len(index),)
+    torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-6)
+
+
 def test_works_under_autocast():
     model = tiny_model()
     batch = make_batch(full_lengths())

@@ -26,21 +26,15 @@ import hashlib
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from dynamix_ray.histories import data_end_ms, history_dataset, user_histories
 from dynamix_ray.io import atomic_output, resolve, write_json, write_parquet
-from dynamix_ray.samples import (
-    HISTORY_SOURCES,
-    HISTORY_SOURCES_ALL,
-    SampleConfig,
-    build_samples,
-    read_bucket_events,
-)
 
 __all__ = [
     "EmbedConfig",
@@ -84,108 +78,6 @@ def model_version(checkpoint_dir: str) -> str:
     return h.hexdigest()[:16]
 
 
-def user_histories(
-    events: dict[str, dict[str, np.ndarray]],
-    as_of_ms: int,
-    max_seq_len: int,
-    since_ms: int | None = None,
-) -> dict[str, np.ndarray]:
-    """One row per user: the last ``max_seq_len`` events of each source strictly
-    before ``as_of_ms`` (the sample builder's columns, without a candidate).
-
-    Args:
-        events: per source, valid rows of complete users (``user_id``,
-            ``ts_ms``, attributes, optional ``country``).
-        as_of_ms: the embedding instant.
-        since_ms: keep only users with an event in ``[since_ms, as_of_ms)``
-            (``None``: every user with an event before ``as_of_ms``).
-    Returns:
-        ``user_id``, ``t_ms`` (= as_of), ``segment`` (0), per source
-        ``<src>.<attr>`` / ``.dwell`` / ``.ts_ms`` / ``.mask`` (N, L), and
-        ``country`` when the ad impressions have one. Users sorted by id.
-    """
-    ids, before = [], []
-    for ev in events.values():
-        if not ev:
-            continue
-        ts = np.asarray(ev["ts_ms"], dtype=np.int64)
-        uid = np.asarray(ev["user_id"], dtype=np.int64)
-        lo = -(2**62) if since_ms is None else since_ms
-        ids.append(uid[(ts >= lo) & (ts < as_of_ms)])
-        before.append(uid[ts < as_of_ms])
-    users = np.unique(np.concatenate(ids)) if ids else np.zeros(0, np.int64)
-    if len(users) == 0:
-        return {"user_id": users}
-    cfg = SampleConfig(max_seq_len=max_seq_len)
-    t = as_of_ms + cfg.buffer_s * 1000  # history strictly before t - buffer
-    pseudo = {
-        "user_id": users,
-        "ts_ms": np.full(len(users), t, np.int64),
-        "ad_id": np.zeros(len(users), np.int64),
-    }
-    no_rows = {k: np.zeros(0, np.int64) for k in ("user_id", "ts_ms", "ad_id")}
-    no_segments: dict[str, np.ndarray] = {
-        "user_id": np.zeros(0, np.int64),
-        "window_end_ms": np.zeros(0, np.int64),
-        "segment": np.zeros(0, np.int8),
-    }
-    history = {s: events[s] for s in HISTORY_SOURCES if events.get(s)}
-    out = build_samples(pseudo, no_rows, history, no_segments, cfg)
-    out["t_ms"] = np.full(len(users), as_of_ms, np.int64)
-    for k in [k for k in out if k.startswith("cand.") or k == "label"]:
-        del out[k]
-    imp = events.get("ad_impressions") or {}
-    if "country" in imp:
-        out["country"] = _mode_by_user(
-            out["user_id"], np.asarray(imp["user_id"]), np.asarray(imp["country"])
-        )
-    return out
-
-
-def _mode_by_user(users: np.ndarray, uid: np.ndarray, value: np.ndarray) -> np.ndarray:
-    """Most frequent ``value`` of each user (smallest on ties; -1 if none)."""
-    out = np.full(len(users), -1, np.int16)
-    if len(uid) == 0 or len(users) == 0:
-        return out
-    order = np.lexsort((value, uid))
-    uid, value = uid[order], value[order]
-    pair_start = np.flatnonzero(
-        np.r_[True, (uid[1:] != uid[:-1]) | (value[1:] != value[:-1])]
-    )
-    counts = np.diff(np.r_[pair_start, len(uid)])
-    pu, pv = uid[pair_start], value[pair_start]
-    best = np.lexsort((pv, -counts, pu))  # per user: highest count, then value
-    pu, pv = pu[best], pv[best]
-    first = np.r_[True, pu[1:] != pu[:-1]]
-    pos = np.searchsorted(users, pu[first])
-    ok = (pos < len(users)) & (users[np.minimum(pos, len(users) - 1)] == pu[first])
-    out[pos[ok]] = pv[first][ok]
-    return out
-
-
-def _bucket_histories(
-    batch: dict[str, np.ndarray],
-    url: str,
-    files: dict[str, list[str]],
-    num_buckets: int,
-    bucketed: bool,
-    as_of_ms: int,
-    since_ms: int | None,
-    max_seq_len: int,
-) -> dict[str, np.ndarray]:
-    """Ray Data map: the histories of one user bucket's users."""
-    fs, _ = resolve(url)
-    out = []
-    for bucket in batch["bucket"].tolist():
-        ev = read_bucket_events(fs, files, bucket, num_buckets, bucketed)
-        h = user_histories(ev, as_of_ms, max_seq_len, since_ms)
-        if len(h["user_id"]):
-            out.append(h)
-    if not out:
-        return {}
-    return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
-
-
 class UserTower:
     """Ray Data actor: loads the checkpoint once, embeds batches of histories."""
 
@@ -214,25 +106,6 @@ class UserTower:
         if "country" in batch:
             out["country"] = batch["country"]
         return out
-
-
-def _data_end_ms(ds: Any) -> int:
-    """One ms after the last event of any source (from Parquet statistics when
-    the files are int64 ms, else by reading the column)."""
-    fs, _ = resolve(ds.url)
-    last = None
-    for paths in ds.files.values():
-        for p in paths:
-            with fs.open(p, "rb") as fh:
-                col = pq.read_table(fh, columns=["ts"]).column("ts")
-            if pa.types.is_timestamp(col.type):
-                col = pc.cast(pc.cast(col, pa.timestamp("ms", "UTC")), pa.int64())
-            m = pc.max(col).as_py()
-            if m is not None and (last is None or m > last):
-                last = int(m)
-    if last is None:
-        raise ValueError(f"{ds.url}: no events")
-    return last + 1
 
 
 def read_embeddings(url: str) -> pa.Table:
@@ -278,8 +151,7 @@ def run_embed(
     """
     import ray
 
-    from dynamix_ray.io import discover
-    from dynamix_ray.runtime import cluster_cpus, ensure_ray
+    from dynamix_ray.runtime import ensure_ray
     from dynamix_ray.train import load_checkpoint, resolve_checkpoint
 
     cfg = cfg or EmbedConfig()
@@ -290,8 +162,7 @@ def run_embed(
     seq = cfg.max_seq_len or mcfg.max_seq_len
     ensure_ray()
     ray.data.DataContext.get_current().enable_progress_bars = progress
-    ds = discover(events_url, list(HISTORY_SOURCES_ALL), required=["ad_impressions"])
-    as_of = cfg.as_of_ms if cfg.as_of_ms is not None else _data_end_ms(ds)
+    as_of = cfg.as_of_ms if cfg.as_of_ms is not None else data_end_ms(events_url)
     fs, root = resolve(out_url)
     prev_meta, prev = _previous(fs, root) if cfg.incremental else (None, None)
     since = None
@@ -305,17 +176,7 @@ def run_embed(
     else:
         prev = None  # first run, or a new model: everyone
 
-    bucketed = ds.num_buckets is not None
-    n = ds.num_buckets if bucketed else cluster_cpus()
-    assert n is not None
-    histories = ray.data.from_items(
-        [{"bucket": b} for b in range(n)], override_num_blocks=n
-    ).map_batches(
-        cast(Any, _bucket_histories),
-        fn_args=(ds.url, ds.files, n, bucketed, as_of, since, seq),
-        batch_size=1,
-        batch_format="numpy",
-    )
+    histories = history_dataset(events_url, as_of, seq, since)
     embedded = histories.map_batches(
         UserTower,
         fn_constructor_args=(ckpt, cfg.use_gpu),

@@ -172,7 +172,12 @@ class DynamixCTR(nn.Module):
             embedded.update(emb)
         return self.cand_proj(emb)  # (B, D)
 
-    def forward(self, batch: Batch, features: Features = None) -> Tensor:
+    def forward(
+        self,
+        batch: Batch,
+        features: Features = None,
+        user_index: Tensor | None = None,
+    ) -> Tensor:
         """CTR logits.
 
         Args:
@@ -181,16 +186,32 @@ class DynamixCTR(nn.Module):
                 "mask": (B, L) bool}}, "t_ms": (B,) int64}`` (``"label"`` is
                 ignored). Events are newest last; a row may have no events.
             features: which attributes of which source to use (default: all).
+            user_index: serving's shared user part: ``batch["hist"]`` and
+                ``batch["t_ms"]`` then hold U user rows, ``batch["cand"]`` B
+                candidate rows, and ``user_index`` (B,) int64 names each
+                candidate's user row. Each history is encoded once per user,
+                not once per candidate; the logits equal those of the same
+                history repeated per candidate.
         Returns:
             (B,) logits.
         """
         fs = FeatureSet.of(features)
         embedded: dict[str, dict[str, Tensor]] = {}
         encoded = self.encode(batch, fs, embedded)
-        b = batch["t_ms"].shape[0]
+        user = self._user(encoded, batch["t_ms"].shape[0])  # (U, E)
+        if user_index is not None:  # user rows -> candidate rows
+            encoded = {
+                s: (h[user_index], m[user_index]) for s, (h, m) in encoded.items()
+            }
+            embedded = {
+                s: {a: x[user_index] for a, x in attrs.items()}
+                for s, attrs in embedded.items()
+            }
+            user = user[user_index]
+        b = user.shape[0]
         cand_emb: dict[str, Tensor] = {}
         cand = self.candidate(batch["cand"], fs.candidate, b, cand_emb)  # (B, D)
-        parts = {"candidate": cand, "user": self._user(encoded, b)}
+        parts = {"candidate": cand, "user": user}
         e = self.cfg.emb_dim
         for s, attrs in embedded.items():
             m = encoded[s][1]  # (B, L)

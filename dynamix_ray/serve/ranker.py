@@ -1,0 +1,215 @@
+"""Rankers: one checkpoint, one feature policy, one segment.
+
+:class:`Ranker` is the plain core (no Ray): it holds a model, the feature set
+its policy gives its segment, and the users' histories
+(:class:`~dynamix_ray.histories.HistoryStore`), and scores a batch of requests
+in one forward pass. Each request's history is encoded once and shared by its
+candidates (``DynamixCTR.forward(..., user_index=...)``), so a request costs one
+history encoding plus, per candidate, the target attention and the head.
+
+:class:`RankerDeployment` is its Ray Serve wrapper: ``@serve.batch`` gathers
+concurrent requests, the forward pass runs off the event loop, and it counts
+what reached the model (``stats``) and exports batch sizes through
+``ray.util.metrics``. The app deploys it twice, as ``ActiveRanker`` and
+``PassiveRanker``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any, cast
+
+import numpy as np
+from ray import serve
+
+from dynamix_ray.features import available_features, policy_features, to_model_batch
+from dynamix_ray.histories import HistoryStore
+from dynamix_ray.model.config import CANDIDATE_ATTRIBUTES
+
+__all__ = ["CANDIDATE_ATTRIBUTES", "Ranker", "RankerDeployment"]
+
+SEGMENT_NAMES = {0: "passive", 1: "active"}
+
+
+class Ranker:
+    """Scores candidates for users of one segment.
+
+    Args:
+        checkpoint: a checkpoint folder or a ``dynamix train`` OUT.
+        histories: the users' histories.
+        segment: 1 active, 0 passive: which side of the policy applies.
+        policy, removed: default to the checkpoint's.
+        device: torch device.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str,
+        histories: HistoryStore,
+        segment: int,
+        policy: str | None = None,
+        removed: Sequence[str] | None = None,
+        device: str = "cpu",
+    ) -> None:
+        from dynamix_ray.alure.embed import model_version
+        from dynamix_ray.train import load_checkpoint, resolve_checkpoint
+
+        ckpt = resolve_checkpoint(checkpoint)
+        self.model, self.model_cfg, meta = load_checkpoint(ckpt)
+        self.device = device
+        self.model.to(device)
+        self.histories = histories
+        self.segment = segment
+        self.policy = policy or meta.get("policy") or "baseline"
+        self.removed = tuple(
+            removed if removed is not None else meta.get("removed") or ()
+        )
+        if self.policy.startswith("remove-") and not self.removed:
+            raise ValueError(
+                f"policy {self.policy} needs the removed attributes; the checkpoint "
+                f"{ckpt} records none, so pass `removed`"
+            )
+        seq = min(histories.max_seq_len, self.model_cfg.max_seq_len)
+        self._cols = {
+            k: v[:, -seq:] if v.ndim == 2 else v for k, v in histories.columns.items()
+        }
+        names = {
+            **self._cols,
+            **{f"cand.{a}": np.zeros(1) for a in CANDIDATE_ATTRIBUTES},
+        }
+        self.features = policy_features(
+            self.policy, segment, self.removed, available_features(names)
+        )
+        self.model_version = model_version(ckpt)
+        self.seq_len = seq
+
+    def score(
+        self,
+        user_ids: Sequence[int],
+        ts_ms: Sequence[int],
+        candidates: Sequence[np.ndarray],
+    ) -> list[np.ndarray]:
+        """Click/conversion probabilities, one (C_i,) array per request.
+
+        Args:
+            user_ids, ts_ms: (R,) the requests' users and instants.
+            candidates: R arrays (C_i, len(CANDIDATE_ATTRIBUTES)) int64, columns
+                in ``CANDIDATE_ATTRIBUTES`` order.
+        """
+        import torch
+
+        counts = np.array([len(c) for c in candidates], np.int64)
+        rows = self.histories.rows(np.asarray(user_ids, np.int64))
+        cols = {k: rows[k] for k in self._cols if k in rows}
+        if self.seq_len < self.histories.max_seq_len:
+            cols = {
+                k: v[:, -self.seq_len :] if v.ndim == 2 else v for k, v in cols.items()
+            }
+        cols["t_ms"] = np.asarray(ts_ms, np.int64)
+        cand = np.concatenate(candidates).astype(np.int64, copy=False)
+        for j, a in enumerate(CANDIDATE_ATTRIBUTES):
+            cols[f"cand.{a}"] = cand[:, j]
+        batch = to_model_batch(cols, self.device)
+        index = torch.as_tensor(
+            np.repeat(np.arange(len(counts)), counts), device=self.device
+        )
+        with torch.inference_mode():
+            logits = self.model(batch, self.features, user_index=index)
+        probs = torch.sigmoid(logits.float()).cpu().numpy()
+        return np.split(probs, np.cumsum(counts)[:-1])
+
+
+class RankerDeployment:
+    """Ray Serve replica around :class:`Ranker` (deployed as ``ActiveRanker``
+    and ``PassiveRanker`` by :func:`dynamix_ray.serve.app.build_app`)."""
+
+    def __init__(self, spec: dict[str, Any], histories: str, segment: int) -> None:
+        import torch
+        from ray.util import metrics
+
+        from dynamix_ray.histories import read_histories
+
+        torch.set_num_threads(int(spec.get("torch_threads", 1)))
+        use_gpu = bool(spec.get("use_gpu")) and torch.cuda.is_available()
+        self.name = f"{SEGMENT_NAMES[segment].capitalize()}Ranker"
+        self.ranker = Ranker(
+            spec["checkpoint"],
+            read_histories(histories),
+            segment,
+            spec.get("policy"),
+            spec.get("removed"),
+            "cuda" if use_gpu else "cpu",
+        )
+        batched = cast(Any, self).rank
+        batched.set_max_batch_size(int(spec.get("max_batch_size", 8)))
+        batched.set_batch_wait_timeout_s(float(spec.get("batch_wait_timeout_s", 0.005)))
+        self._lock = threading.Lock()
+        self.requests = self.rows = self.batches = 0
+        tags = {"deployment": self.name}
+        self._batch_requests = metrics.Histogram(
+            "dynamix_ranker_batch_requests",
+            "Requests per model forward pass.",
+            boundaries=[1, 2, 4, 8, 16, 32, 64],
+            tag_keys=("deployment",),
+        )
+        self._batch_rows = metrics.Histogram(
+            "dynamix_ranker_batch_rows",
+            "Candidate rows per model forward pass.",
+            boundaries=[10, 50, 100, 200, 500, 1000, 2000, 5000, 10000],
+            tag_keys=("deployment",),
+        )
+        self._forward_ms = metrics.Histogram(
+            "dynamix_ranker_forward_ms",
+            "Wall time of one model forward pass (ms).",
+            boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000],
+            tag_keys=("deployment",),
+        )
+        for m in (self._batch_requests, self._batch_rows, self._forward_ms):
+            m.set_default_tags(tags)
+
+    def _score(
+        self, user_ids: list[int], ts_ms: list[int], candidates: list[np.ndarray]
+    ) -> list[np.ndarray]:
+        t0 = time.perf_counter()
+        out = self.ranker.score(user_ids, ts_ms, candidates)
+        ms = 1000 * (time.perf_counter() - t0)
+        n_rows = int(sum(len(c) for c in candidates))
+        with self._lock:
+            self.requests += len(user_ids)
+            self.rows += n_rows
+            self.batches += 1
+        self._batch_requests.observe(len(user_ids))
+        self._batch_rows.observe(n_rows)
+        self._forward_ms.observe(ms)
+        return out
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)  # type: ignore[arg-type]
+    async def rank(  # type: ignore[misc]
+        self, user_ids: list[int], ts_ms: list[int], candidates: list[np.ndarray]
+    ) -> list[dict[str, Any]]:
+        """One request: ``(user_id, ts_ms, (C, A) int64)`` -> ``{"scores",
+        "model_version", "policy"}``; Serve gathers concurrent calls."""
+        scores = await asyncio.to_thread(self._score, user_ids, ts_ms, candidates)
+        return [
+            {
+                "scores": s.tolist(),
+                "model_version": self.ranker.model_version,
+                "policy": self.ranker.policy,
+            }
+            for s in scores
+        ]
+
+    def stats(self) -> dict[str, Any]:
+        """What reached the model: requests, candidate rows, forward passes."""
+        with self._lock:
+            return {
+                "deployment": self.name,
+                "requests": self.requests,
+                "rows": self.rows,
+                "batches": self.batches,
+                "policy": self.ranker.policy,
+                "model_version": self.ranker.model_version,
+            }
