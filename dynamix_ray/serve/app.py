@@ -127,6 +127,9 @@ class AppConfig(BaseModel):
         reload_interval_s: how often the router checks for a new segment table.
         retries: re-sends of a request whose ranker replica died (ranking is
             idempotent).
+        grpc_handles: router -> ranker calls over Serve's direct gRPC transport
+            (``handle.options(_by_reference=False)``, Ray 2.55+) instead of
+            Ray actor calls (``False``); benchmarks/serve_load.py measures both.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -147,6 +150,7 @@ class AppConfig(BaseModel):
     max_body_bytes: int = Field(1 << 20, ge=1024)
     reload_interval_s: float = Field(10.0, gt=0)
     retries: int = Field(2, ge=0)
+    grpc_handles: bool = True
 
     def absolute(self) -> "AppConfig":
         """Relative local paths made absolute (replicas run in other folders)."""
@@ -268,10 +272,17 @@ class Router:
         from ray.util import metrics
 
         self.cfg = AppConfig.model_validate(config)
+        if self.cfg.grpc_handles:
+            active, passive = (
+                h.options(_by_reference=False) for h in (active, passive)
+            )
+            if retriever is not None:
+                retriever = retriever.options(_by_reference=False)
         self.rankers = {1: active, 0: passive}
         self.retriever = retriever
         self.segments: SegmentStore = read_segment_store(self.cfg.segments)
         self.reloads = self.reload_errors = 0
+        self.inflight = {"active": 0, "passive": 0}  # this router's calls now
         self.last_reload_error: str | None = None
         api.state.max_body_bytes = self.cfg.max_body_bytes
         api.state.router = self
@@ -327,7 +338,7 @@ class Router:
         raise AssertionError("unreachable")
 
     @api.post("/rank", response_model=RankResponse)
-    async def rank(self, req: RankRequest, request: Request) -> Any:
+    async def rank(self, req: RankRequest) -> Any:
         """Scores for each candidate, by the user's segment's ranker."""
         t0 = time.perf_counter()
         if len(req.candidates) > self.cfg.max_candidates:
@@ -345,17 +356,25 @@ class Router:
             [[getattr(c, a) for a in CANDIDATE_ATTRIBUTES] for c in req.candidates],
             np.int64,
         )
-        out = await self._call(self.rankers[seg], "rank", req.user_id, ts, cands)
         name = SEGMENT_NAMES[seg]
+        self.inflight[name] += 1
+        try:
+            out = await self._call(self.rankers[seg], "rank", req.user_id, ts, cands)
+        finally:
+            self.inflight[name] -= 1
         self.count("/rank", name, 200)
         self._latency.observe(
             1000 * (time.perf_counter() - t0), tags={"route": "/rank", "segment": name}
         )
-        return RankResponse(
-            user_id=req.user_id,
-            segment=name,  # type: ignore[arg-type]
-            scores=out["scores"],
-            model_version=out["model_version"],
+        # a Response skips FastAPI's re-validation of the response model (the
+        # fields are built here from typed values; /openapi.json still shows it)
+        return JSONResponse(
+            {
+                "user_id": req.user_id,
+                "segment": name,
+                "scores": out["scores"],
+                "model_version": out["model_version"],
+            }
         )
 
     @api.post("/candidates", response_model=CandidatesResponse)
@@ -384,6 +403,7 @@ class Router:
             "segment_reloads": self.reloads,
             "segment_reload_errors": self.reload_errors,
             "last_reload_error": self.last_reload_error,
+            "inflight": dict(self.inflight),
         }
 
 

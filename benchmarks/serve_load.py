@@ -1,0 +1,951 @@
+"""Load benchmark of the Serve app on 127.0.0.1: throughput, latency, router
+overhead, feature-policy QPS, autoscaling, faults. Prints what it measured and
+writes one JSON file (path printed); it asserts nothing.
+
+Data: the training benchmark's generated dataset, segments and checkpoints
+under ``bench_out/train`` (``benchmarks/train.py`` makes them; missing
+checkpoints are replaced by untrained models with the same config and policy,
+which is the same compute). Every request carries ``--candidates`` ads drawn
+from the catalog; users are drawn so that 2/3 of requests go to active users
+(the segment at the data's end, as the router looks it up).
+
+Sections (each bounded in time and count; all traffic on loopback):
+
+1. **load**: closed-loop clients at several concurrency levels, /rank vs a
+   no-op Serve deployment on the same proxy (Serve's own ceiling here).
+2. **handles**: replica-level throughput of each ranker through its
+   DeploymentHandle (no HTTP, no router).
+3. **router_overhead**: p50 of the router's handle call (router -> ranker) vs
+   the ranker's handle call alone, and the p50 of request validation.
+4. **policies**: /rank QPS of each feature policy (both rankers on that
+   policy's checkpoint), rounds interleaved, median paired ratio vs baseline,
+   beside the ratio per-request FLOPs predict.
+5. **autoscaling**: open-loop load whose active share goes 1/3 -> 2/3; the
+   replica count of each ranker over time (JSON + PNG).
+6. **faults**: open-loop load with 2 active replicas; one is killed, later a
+   new segment table is published; failures and throughput per second.
+"""
+
+# No `from __future__ import annotations`: DirectRanker is a FastAPI ingress
+# defined here, whose route annotations must be real types.
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from dynamix_ray.config import GenerateConfig, SegmentConfig  # noqa: E402
+from dynamix_ray.features import POLICIES, available_features, policy_features  # noqa: E402
+from dynamix_ray.model import DynamixCTR, ModelConfig, flops_per_sample  # noqa: E402
+from dynamix_ray.model.config import CANDIDATE_ATTRIBUTES  # noqa: E402
+
+APP = "dynamix"
+FALLBACK_REMOVED = ("media_type", "position", "surface", "dwell_ms")
+
+
+# ---------------------------------------------------------------- set-up
+
+
+def setup(args: argparse.Namespace) -> dict[str, Any]:
+    """Data, segments (and an alternative table to publish), histories and one
+    checkpoint per policy."""
+    from segment import cached_dataset
+
+    from dynamix_ray.histories import run_histories
+    from dynamix_ray.segments.pipeline import run_segment
+    from dynamix_ray.train import load_checkpoint, resolve_checkpoint, save_checkpoint
+
+    train_root = Path(args.train_out)
+    data = train_root / f"events_{args.users}u_{args.days}d"
+    events, _ = cached_dataset(
+        data, GenerateConfig(users=args.users, days=args.days, seed=1)
+    )
+    segments = str(data / "segments")
+    if not (Path(segments) / "segments" / "_meta.json").exists():
+        run_segment(events, segments, SegmentConfig(), progress=False)
+    root = Path(args.out)
+    alt = root / "segments_alt"
+    if not (alt / "segments" / "_meta.json").exists():
+        run_segment(events, str(alt), SegmentConfig(epsilon=0.05), progress=False)
+    live = root / "segments_live"  # the app's table; the fault test replaces it
+    shutil.rmtree(live, ignore_errors=True)
+    shutil.copytree(Path(segments) / "segments", live / "segments")
+
+    checkpoints: dict[str, str] = {}
+    trained: dict[str, bool] = {}
+    removed = FALLBACK_REMOVED
+    base_metrics = train_root / "runs" / "baseline" / "metrics.json"
+    if base_metrics.exists():
+        removed = tuple(json.loads(base_metrics.read_text())["lowest_importance"])
+    mcfg = ModelConfig(max_seq_len=args.max_seq_len)
+    for policy in POLICIES:
+        try:
+            ckpt = resolve_checkpoint(str(train_root / "runs" / policy))
+            _, cfg, _ = load_checkpoint(ckpt)
+            if cfg.max_seq_len != args.max_seq_len:
+                raise FileNotFoundError("another sequence length")
+            checkpoints[policy], trained[policy] = ckpt, True
+        except FileNotFoundError:
+            path = root / "checkpoints" / policy
+            rm = removed if policy.startswith("remove-") else ()
+            save_checkpoint(str(path), DynamixCTR(mcfg).eval(), mcfg, policy, rm)
+            checkpoints[policy], trained[policy] = str(path), False
+    hist = root / "histories"
+    meta_file = hist / "_meta.json"
+    if (
+        not meta_file.exists()
+        or json.loads(meta_file.read_text())["max_seq_len"] != args.max_seq_len
+    ):
+        run_histories(events, str(hist), None, args.max_seq_len, progress=False)
+    return {
+        "events": events,
+        "segments": str(live),
+        "segments_alt": str(alt),
+        "histories": str(hist),
+        "checkpoints": checkpoints,
+        "trained": trained,
+        "removed": list(removed),
+    }
+
+
+def app_config(
+    env: dict[str, Any], policy: str, args: argparse.Namespace, **over: Any
+) -> dict:
+    ranker = {
+        "checkpoint": env["checkpoints"][policy],
+        "num_replicas": 1,
+        "ray_actor_options": {"num_cpus": args.ranker_cpus},
+        "max_ongoing_requests": 64,
+        "max_batch_size": args.max_batch_size,
+        "batch_wait_timeout_s": args.batch_wait_s,
+    }
+    cfg = {
+        "segments": env["segments"],
+        "histories": env["histories"],
+        "active": {**ranker, **over.get("active", {})},
+        "passive": {**ranker, **over.get("passive", {})},
+        "router": {"ray_actor_options": {"num_cpus": 0.2}, "max_ongoing_requests": 512},
+        "max_candidates": max(1000, args.candidates),
+        "reload_interval_s": 1.0,
+    }
+    return cfg
+
+
+def deploy(cfg: dict) -> None:
+    from ray import serve
+
+    from dynamix_ray.serve.app import build_app
+
+    serve.run(build_app(cfg), name=APP, route_prefix="/")
+
+
+def deploy_noop() -> None:
+    from ray import serve
+    from starlette.requests import Request
+
+    @serve.deployment(
+        name="NoOp", ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=512
+    )
+    class NoOp:
+        async def __call__(self, request: Request) -> dict[str, bool]:
+            await request.body()
+            return {"ok": True}
+
+    serve.run(NoOp.bind(), name="noop", route_prefix="/noop")
+
+
+class Traffic:
+    """Request bodies for active and passive users at the data's end."""
+
+    def __init__(self, env: dict[str, Any], n_candidates: int, seed: int = 0) -> None:
+        from dynamix_ray.alure.evaluate import read_events_frame
+        from dynamix_ray.histories import read_histories
+        from dynamix_ray.serve.store import read_segment_store
+
+        hist = read_histories(env["histories"])
+        store = read_segment_store(env["segments"])
+        self.ts = hist.as_of_ms
+        seg = store.lookup(hist.user_id, np.full(len(hist), self.ts))
+        self.users = {1: hist.user_id[seg == 1], 0: hist.user_id[seg == 0]}
+        ads = read_events_frame(
+            env["events"], "ad_impressions", list(CANDIDATE_ATTRIBUTES)
+        )
+        self.catalog = ads.drop_duplicates("ad_id")[
+            list(CANDIDATE_ATTRIBUTES)
+        ].to_numpy()
+        self.rng = np.random.default_rng(seed)
+        self.n = n_candidates
+        self.bodies = {s: [self._body(s) for _ in range(64)] for s in (0, 1)}
+
+    def cands(self) -> np.ndarray:
+        idx = self.rng.choice(len(self.catalog), self.n, replace=False)
+        return self.catalog[idx].astype(np.int64)
+
+    def _body(self, segment: int) -> tuple[int, np.ndarray, bytes]:
+        user = int(self.rng.choice(self.users[segment]))
+        c = self.cands()
+        body = {
+            "user_id": user,
+            "ts": self.ts,
+            "candidates": [
+                dict(zip(CANDIDATE_ATTRIBUTES, map(int, r), strict=True)) for r in c
+            ],
+        }
+        return user, c, json.dumps(body).encode()
+
+    def pick(self, active_share: float) -> tuple[int, bytes]:
+        s = 1 if self.rng.random() < active_share else 0
+        _, _, b = self.bodies[s][int(self.rng.integers(len(self.bodies[s])))]
+        return s, b
+
+
+# ---------------------------------------------------------------- load
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    return float(np.percentile(xs, q)) if xs else None
+
+
+def summarize(lat_ms: list[float], errors: int, wall_s: float) -> dict[str, Any]:
+    return {
+        "requests": len(lat_ms) + errors,
+        "ok": len(lat_ms),
+        "errors": errors,
+        "qps": len(lat_ms) / wall_s if wall_s else 0.0,
+        "p50_ms": pct(lat_ms, 50),
+        "p95_ms": pct(lat_ms, 95),
+        "p99_ms": pct(lat_ms, 99),
+    }
+
+
+async def closed_loop(
+    url: str, bodies: Any, concurrency: int, duration_s: float, max_requests: int
+) -> dict[str, Any]:
+    """``concurrency`` clients, each sending its next request when the last is
+    answered, for ``duration_s`` (at most ``max_requests`` in all)."""
+    import aiohttp
+
+    lat: list[float] = []
+    errors = 0
+    sent = 0
+    end = time.perf_counter() + duration_s
+    conn = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(
+        connector=conn, timeout=aiohttp.ClientTimeout(total=60)
+    ) as s:
+
+        async def client() -> None:
+            nonlocal errors, sent
+            while time.perf_counter() < end and sent < max_requests:
+                sent += 1
+                body = bodies()
+                t0 = time.perf_counter()
+                try:
+                    async with s.post(
+                        url, data=body, headers={"content-type": "application/json"}
+                    ) as r:
+                        await r.read()
+                        ok = r.status == 200
+                except aiohttp.ClientError:
+                    ok = False
+                if ok:
+                    lat.append(1000 * (time.perf_counter() - t0))
+                else:
+                    errors += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return summarize(lat, errors, wall)
+
+
+async def open_loop(
+    url: str,
+    traffic: Traffic,
+    rate: float,
+    duration_s: float,
+    share_at: Any,
+    events: dict[float, Any] | None = None,
+    max_outstanding: int = 256,
+) -> list[dict[str, Any]]:
+    """Requests at a fixed rate (``share_at(t)``: active share at second t);
+    ``events``: {second: callable} run once in a thread at that time. Returns
+    one record per request: start second, latency, status, segment."""
+    import aiohttp
+
+    records: list[dict[str, Any]] = []
+    pending = dict(events or {})
+    sem = asyncio.Semaphore(max_outstanding)
+    conn = aiohttp.TCPConnector(limit=max_outstanding)
+    async with aiohttp.ClientSession(
+        connector=conn, timeout=aiohttp.ClientTimeout(total=60)
+    ) as s:
+
+        async def one(t_rel: float, seg: int, body: bytes) -> None:
+            async with sem:
+                t0 = time.perf_counter()
+                try:
+                    async with s.post(
+                        url, data=body, headers={"content-type": "application/json"}
+                    ) as r:
+                        await r.read()
+                        status = r.status
+                except aiohttp.ClientError as e:
+                    status = f"client error: {type(e).__name__}"
+                records.append(
+                    {
+                        "t": t_rel,
+                        "ms": 1000 * (time.perf_counter() - t0),
+                        "status": status,
+                        "segment": seg,
+                    }
+                )
+
+        tasks = []
+        start = time.perf_counter()
+        i = 0
+        while True:
+            t_rel = i / rate
+            if t_rel >= duration_s:
+                break
+            for at in [a for a in pending if a <= t_rel]:
+                tasks.append(asyncio.ensure_future(asyncio.to_thread(pending.pop(at))))
+            delay = start + t_rel - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            seg, body = traffic.pick(share_at(t_rel))
+            tasks.append(asyncio.ensure_future(one(t_rel, seg, body)))
+            i += 1
+        await asyncio.gather(*tasks)
+    return records
+
+
+# ---------------------------------------------------------------- sections
+
+
+def section_load(args, env, traffic, base: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"levels": args.levels, "rank": {}, "noop": {}}
+    for c in args.levels:
+        for name, url, bodies in (
+            ("rank", f"{base}/rank", lambda: traffic.pick(2 / 3)[1]),
+            ("noop", f"{base}/noop", lambda: b'{"user_id": 1}'),
+        ):
+            r = asyncio.run(
+                closed_loop(url, bodies, c, args.duration, args.max_requests)
+            )
+            out[name][str(c)] = r
+            print(
+                f"  {name:5s} concurrency {c:3d}: {r['qps']:7.1f} QPS  p50 "
+                f"{r['p50_ms'] or 0:7.1f}  p95 {r['p95_ms'] or 0:7.1f}  p99 "
+                f"{r['p99_ms'] or 0:7.1f} ms  errors {r['errors']}",
+                flush=True,
+            )
+    return out
+
+
+def handle_rate(
+    handle: Any, calls: list[tuple], concurrency: int, duration_s: float
+) -> dict:
+    """Requests/s through a handle with ``concurrency`` outstanding calls."""
+    done, lat = 0, []
+    inflight: list[tuple[float, Any]] = []
+    t_end = time.perf_counter() + duration_s
+    i = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() < t_end or inflight:
+        while len(inflight) < concurrency and time.perf_counter() < t_end:
+            inflight.append(
+                (time.perf_counter(), handle.rank.remote(*calls[i % len(calls)]))
+            )
+            i += 1
+        ts, resp = inflight.pop(0)
+        resp.result(timeout_s=60)
+        lat.append(1000 * (time.perf_counter() - ts))
+        done += 1
+    wall = time.perf_counter() - t0
+    return {"requests": done, "rps": done / wall, "p50_ms": pct(lat, 50)}
+
+
+def section_handles(args, traffic) -> dict[str, Any]:
+    from ray import serve
+
+    out = {}
+    for seg, name in ((1, "ActiveRanker"), (0, "PassiveRanker")):
+        h = serve.get_deployment_handle(name, app_name=APP)
+        calls = [(u, traffic.ts, c) for u, c, _ in traffic.bodies[seg]]
+        out[name] = handle_rate(h, calls, 16, args.duration)
+        print(
+            f"  {name} through its handle (16 outstanding): "
+            f"{out[name]['rps']:.1f} requests/s, p50 {out[name]['p50_ms']:.1f} ms",
+            flush=True,
+        )
+    return out
+
+
+def router_overhead(args, traffic) -> dict[str, Any]:
+    """Sequential, interleaved: the ranker's handle alone vs the router's handle
+    (router -> ranker), plus the in-process validation of the request body."""
+    from ray import serve
+
+    from dynamix_ray.serve.api import RankRequest
+
+    router = serve.get_deployment_handle("Router", app_name=APP)
+    ranker = serve.get_deployment_handle("ActiveRanker", app_name=APP)
+    items = traffic.bodies[1]
+    reqs = [RankRequest.model_validate_json(b) for _, _, b in items]
+    direct, routed, validate = [], [], []
+    for i in range(args.overhead_requests):
+        u, c, b = items[i % len(items)]
+        t0 = time.perf_counter()
+        ranker.rank.remote(u, traffic.ts, c).result(timeout_s=60)
+        direct.append(1000 * (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        router.rank.remote(reqs[i % len(reqs)]).result(timeout_s=60)
+        routed.append(1000 * (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        RankRequest.model_validate_json(b)
+        validate.append(1000 * (time.perf_counter() - t0))
+    return {
+        "requests": args.overhead_requests,
+        "ranker_direct_p50_ms": pct(direct, 50),
+        "router_to_ranker_p50_ms": pct(routed, 50),
+        "overhead_p50_ms": pct(routed, 50) - pct(direct, 50),  # type: ignore[operator]
+        "validation_p50_ms": pct(validate, 50),
+        "candidates": args.candidates,
+    }
+
+
+def deploy_direct(env: dict[str, Any], args: argparse.Namespace) -> None:
+    """The same ranking without the router: an ingress that validates the same
+    request and runs the same Ranker in its own process (app "direct")."""
+    from fastapi import FastAPI
+    from ray import serve
+
+    from dynamix_ray.serve.api import RankRequest
+
+    api = FastAPI()
+
+    @serve.deployment(
+        name="DirectRanker",
+        ray_actor_options={"num_cpus": args.ranker_cpus},
+        max_ongoing_requests=64,
+    )
+    @serve.ingress(api)
+    class DirectRanker:
+        def __init__(self, checkpoint: str, histories: str) -> None:
+            import torch
+
+            from dynamix_ray.histories import read_histories
+            from dynamix_ray.serve.ranker import Ranker
+
+            torch.set_num_threads(1)
+            self.ranker = Ranker(checkpoint, read_histories(histories), 1)
+
+        @api.post("/rank")
+        async def rank(self, req: RankRequest) -> dict:
+            cands = np.array(
+                [[getattr(c, a) for a in CANDIDATE_ATTRIBUTES] for c in req.candidates],
+                np.int64,
+            )
+            ts = req.ts or int(time.time() * 1000)
+            (scores,) = await asyncio.to_thread(
+                self.ranker.score, [req.user_id], [ts], [cands]
+            )
+            return {"user_id": req.user_id, "scores": scores.tolist()}
+
+    serve.run(
+        DirectRanker.bind(env["checkpoints"]["baseline"], env["histories"]),
+        name="direct",
+        route_prefix="/direct",
+    )
+
+
+def http_pair(base: str, traffic: Traffic, n: int) -> dict[str, Any]:
+    """Sequential, interleaved HTTP requests: /rank (proxy -> router -> ranker)
+    vs /direct/rank (proxy -> ranker code), the same active-user bodies."""
+    import requests
+
+    s = requests.Session()
+    routed, direct = [], []
+    headers = {"content-type": "application/json"}
+    for i in range(n):
+        _, _, b = traffic.bodies[1][i % len(traffic.bodies[1])]
+        for url, sink in ((f"{base}/rank", routed), (f"{base}/direct/rank", direct)):
+            t0 = time.perf_counter()
+            r = s.post(url, data=b, headers=headers, timeout=60)
+            sink.append(1000 * (time.perf_counter() - t0))
+            r.raise_for_status()
+    return {
+        "requests": n,
+        "router_p50_ms": pct(routed, 50),
+        "direct_p50_ms": pct(direct, 50),
+        "overhead_p50_ms": pct(routed, 50) - pct(direct, 50),  # type: ignore[operator]
+    }
+
+
+def section_router_overhead(args, env, traffic, base: str) -> dict[str, Any]:
+    deploy_direct(env, args)
+    out: dict[str, Any] = {"candidates": args.candidates}
+    for transport, grpc in (("actor_calls", False), ("grpc", True)):
+        deploy({**app_config(env, "baseline", args), "grpc_handles": grpc})
+        http_pair(base, traffic, 20)  # warm-up
+        h = http_pair(base, traffic, args.overhead_requests)
+        m = router_overhead(args, traffic)
+        out[transport] = {"http": h, "handles": m}
+        print(
+            f"  {transport:11s}: HTTP p50 via router {h['router_p50_ms']:.2f} ms vs "
+            f"direct {h['direct_p50_ms']:.2f} ms: router adds "
+            f"{h['overhead_p50_ms']:.2f} ms | handles: router -> ranker "
+            f"{m['router_to_ranker_p50_ms']:.2f} ms vs ranker "
+            f"{m['ranker_direct_p50_ms']:.2f} ms (validation "
+            f"{m['validation_p50_ms']:.2f} ms)",
+            flush=True,
+        )
+    from ray import serve
+
+    serve.delete("direct")
+    deploy(app_config(env, "baseline", args))
+    return out
+
+
+def request_flops(cfg: ModelConfig, fs: Any, n_candidates: int) -> int:
+    """One request: the history encoded once, then each candidate's part."""
+    user = flops_per_sample(cfg, fs, part="user_tower")
+    return user + n_candidates * (flops_per_sample(cfg, fs) - user)
+
+
+def section_policies(args, env, traffic, base: str) -> dict[str, Any]:
+    from dynamix_ray.train import load_checkpoint
+
+    qps: dict[str, list[float]] = {p: [] for p in POLICIES}
+    for r in range(args.rounds):
+        order = list(POLICIES[r % len(POLICIES) :]) + list(
+            POLICIES[: r % len(POLICIES)]
+        )
+        for policy in order:
+            deploy(app_config(env, policy, args))
+            asyncio.run(
+                closed_loop(f"{base}/rank", lambda: traffic.pick(2 / 3)[1], 4, 2, 50)
+            )
+            m = asyncio.run(
+                closed_loop(
+                    f"{base}/rank",
+                    lambda: traffic.pick(2 / 3)[1],
+                    args.policy_concurrency,
+                    args.duration,
+                    args.max_requests,
+                )
+            )
+            qps[policy].append(m["qps"])
+            print(f"  round {r + 1} {policy:16s} {m['qps']:7.1f} QPS", flush=True)
+    _, mcfg, _ = load_checkpoint(env["checkpoints"]["baseline"])
+    names = {f"cand.{a}": 0 for a in CANDIDATE_ATTRIBUTES}
+    from dynamix_ray.histories import read_histories
+
+    names.update(read_histories(env["histories"]).columns)
+    avail = available_features(names)
+    removed = tuple(env["removed"])
+    share = 2 / 3
+
+    def work(policy: str) -> float:
+        f = {
+            s: request_flops(
+                mcfg, policy_features(policy, s, removed, avail), args.candidates
+            )
+            for s in (0, 1)
+        }
+        return share * f[1] + (1 - share) * f[0]
+
+    out: dict[str, Any] = {"qps": qps, "active_share": share, "removed": list(removed)}
+    for policy in POLICIES:
+        ratio = statistics.median(
+            p / b for p, b in zip(qps[policy], qps["baseline"], strict=True)
+        )
+        predicted = work("baseline") / work(policy)
+        out[policy] = {
+            "median_qps": statistics.median(qps[policy]),
+            "qps_change": ratio - 1,
+            "flop_predicted_change": predicted - 1,
+            "mflop_per_request": {
+                name: request_flops(
+                    mcfg, policy_features(policy, seg, removed, avail), args.candidates
+                )
+                / 1e6
+                for seg, name in ((0, "passive"), (1, "active"))
+            },
+        }
+        print(
+            f"  {policy:16s} median {out[policy]['median_qps']:7.1f} QPS  change "
+            f"{100 * (ratio - 1):+6.2f}%  FLOP-predicted {100 * (predicted - 1):+6.2f}%",
+            flush=True,
+        )
+    return out
+
+
+def replica_counts() -> dict[str, int]:
+    from ray import serve
+
+    app = serve.status().applications.get(APP)
+    out = {}
+    for name in ("ActiveRanker", "PassiveRanker"):
+        d = app.deployments.get(name) if app else None
+        states = d.replica_states if d else {}
+        out[name] = int(sum(n for s, n in states.items() if str(s).endswith("RUNNING")))
+    return out
+
+
+def section_autoscaling(args, env, traffic, base: str, rate: float) -> dict[str, Any]:
+    import threading
+
+    auto = {
+        "autoscaling_config": {
+            "min_replicas": 1,
+            "max_replicas": args.max_replicas,
+            "target_ongoing_requests": args.target_ongoing,
+            "upscale_delay_s": args.upscale_delay_s,
+            "downscale_delay_s": args.downscale_delay_s,
+            "metrics_interval_s": 0.5,
+            "look_back_period_s": args.look_back_s,
+        },
+        "ray_actor_options": {"num_cpus": args.autoscale_cpus},
+    }
+    cfg = app_config(env, "baseline", args, active=auto, passive=auto)
+    deploy(cfg)
+    timeline: list[dict[str, Any]] = []
+    stop = threading.Event()
+    t0 = time.perf_counter()
+
+    def sample() -> None:
+        import requests
+
+        s = requests.Session()
+        while not stop.is_set():
+            row = {"t": time.perf_counter() - t0, **replica_counts()}
+            try:  # the router's in-flight calls per ranker, right now
+                h = s.get(f"{base}/healthz", timeout=5).json()
+                row["inflight"] = h["inflight"]
+            except Exception:  # noqa: BLE001 - a missed sample, not a failure
+                pass
+            timeline.append(row)
+            stop.wait(0.5)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    half = args.phase_s
+    recs = asyncio.run(
+        open_loop(
+            f"{base}/rank",
+            traffic,
+            rate,
+            2 * half,
+            lambda t: 1 / 3 if t < half else 2 / 3,
+        )
+    )
+    stop.set()
+    th.join()
+    ok = [r for r in recs if r["status"] == 200]
+    phases = {}
+    for name, lo, hi in (("share_1/3", 0, half), ("share_2/3", half, 2 * half)):
+        rows = [x for x in timeline if lo + 0.5 * half <= x["t"] < hi]
+        phases[name] = {
+            "ActiveRanker_max": max((x["ActiveRanker"] for x in rows), default=None),
+            "PassiveRanker_max": max((x["PassiveRanker"] for x in rows), default=None),
+            "ActiveRanker_end": rows[-1]["ActiveRanker"] if rows else None,
+            "PassiveRanker_end": rows[-1]["PassiveRanker"] if rows else None,
+        }
+    out = {
+        "config": auto,
+        "rate_qps": rate,
+        "phase_s": half,
+        "requests": len(recs),
+        "errors": len(recs) - len(ok),
+        "timeline": timeline,
+        "phases": phases,
+    }
+    print(
+        f"  open loop {rate:.1f} QPS, {len(recs)} requests, {out['errors']} errors; "
+        f"replicas (active, passive) in the second half of each phase: "
+        + ", ".join(
+            f"{k}: max ({v['ActiveRanker_max']}, {v['PassiveRanker_max']})"
+            for k, v in phases.items()
+        ),
+        flush=True,
+    )
+    return out
+
+
+def publish(src_root: str, dst_root: str) -> None:
+    """Replace ``dst_root/segments`` by ``src_root/segments`` the way
+    ``dynamix segment`` commits (io.atomic_output)."""
+    from dynamix_ray.io import atomic_output, resolve
+
+    fs, root = resolve(dst_root)
+    with atomic_output(fs, root, ["segments"]) as tmp:
+        for f in Path(src_root, "segments").iterdir():
+            shutil.copy(f, f"{tmp}/segments/{f.name}")
+
+
+def section_faults(args, env, traffic, base: str, rate: float) -> dict[str, Any]:
+    import ray
+
+    deploy(app_config(env, "baseline", args, active={"num_replicas": 2}))
+    time.sleep(2)
+    from dynamix_ray.serve.store import segments_version
+
+    before = segments_version(env["segments"])
+    killed: dict[str, Any] = {}
+
+    def kill() -> None:
+        names = [
+            a["name"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == "serve" and "ActiveRanker" in a["name"]
+        ]
+        killed["replica"] = names[0] if names else None
+        if names:
+            ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+
+    def swap() -> None:
+        publish(env["segments_alt"], env["segments"])
+
+    total = args.fault_s
+    recs = asyncio.run(
+        open_loop(
+            f"{base}/rank",
+            traffic,
+            rate,
+            total,
+            lambda t: 2 / 3,
+            events={args.kill_at: kill, args.publish_at: swap},
+        )
+    )
+    after = segments_version(env["segments"])
+    per_s: dict[int, list[int]] = {}
+    for r in recs:
+        b = per_s.setdefault(int(r["t"]), [0, 0])
+        b[0 if r["status"] == 200 else 1] += 1
+    secs = sorted(per_s)
+    ok = [per_s[s][0] for s in secs]
+    pre = statistics.median(ok[1 : args.kill_at]) if args.kill_at > 2 else max(ok)
+    back = next(
+        (
+            s
+            for s in secs
+            if s > args.kill_at and per_s[s][0] >= 0.9 * pre and per_s[s][1] == 0
+        ),
+        None,
+    )
+    failed = [r for r in recs if r["status"] != 200]
+    out = {
+        "rate_qps": rate,
+        "seconds": total,
+        "requests": len(recs),
+        "failed": len(failed),
+        "failed_share": len(failed) / max(len(recs), 1),
+        "failed_statuses": sorted({str(r["status"]) for r in failed}),
+        "killed": killed.get("replica"),
+        "kill_at_s": args.kill_at,
+        "throughput_back_after_s": None if back is None else back - args.kill_at,
+        "publish_at_s": args.publish_at,
+        "segments_version": {"before": before, "after": after},
+        "failed_near_publish": sum(
+            1 for r in failed if args.publish_at - 1 <= r["t"] <= args.publish_at + 5
+        ),
+        "ok_per_second": ok,
+        "failed_per_second": [per_s[s][1] for s in secs],
+    }
+    print(
+        f"  {len(recs)} requests at {rate:.1f} QPS; killed {out['killed']} at "
+        f"{args.kill_at} s: {len(failed)} failed ({100 * out['failed_share']:.2f}%), "
+        f"throughput back after {out['throughput_back_after_s']} s; segments "
+        f"published at {args.publish_at} s ({before} -> {after}), "
+        f"{out['failed_near_publish']} failures around it",
+        flush=True,
+    )
+    return out
+
+
+def plot_autoscaling(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tl = res["timeline"]
+    t = [x["t"] for x in tl]
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.step(t, [x["ActiveRanker"] for x in tl], where="post", label="ActiveRanker")
+    ax.step(t, [x["PassiveRanker"] for x in tl], where="post", label="PassiveRanker")
+    ax.axvline(res["phase_s"], color="grey", ls="--", lw=1)
+    ax.text(res["phase_s"] / 2, 0.2, "active share 1/3", ha="center")
+    ax.text(1.5 * res["phase_s"], 0.2, "active share 2/3", ha="center")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("running replicas")
+    ax.set_ylim(0, max(max(x["ActiveRanker"], x["PassiveRanker"]) for x in tl) + 1)
+    ax.legend(loc="upper left")
+    ax.set_title(f"Autoscaling under {res['rate_qps']:.0f} QPS open-loop load")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--train-out", default="bench_out/train", help="benchmarks/train.py --out"
+    )
+    p.add_argument("--out", default="bench_out/serve")
+    p.add_argument("--users", type=int, default=2000)
+    p.add_argument("--days", type=int, default=7)
+    p.add_argument("--max-seq-len", type=int, default=32)
+    p.add_argument("--candidates", type=int, default=100, help="ads per request")
+    p.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16, 32])
+    p.add_argument(
+        "--duration", type=float, default=12.0, help="seconds per measurement"
+    )
+    p.add_argument("--max-requests", type=int, default=20000)
+    p.add_argument("--rounds", type=int, default=3, help="policy rounds")
+    p.add_argument("--policy-concurrency", type=int, default=16)
+    p.add_argument("--overhead-requests", type=int, default=200)
+    p.add_argument("--ranker-cpus", type=float, default=0.5)
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument(
+        "--batch-wait-s",
+        type=float,
+        default=0.0,
+        help="@serve.batch wait (0: take what is queued; a forward pass is long "
+        "enough for requests to queue)",
+    )
+    p.add_argument(
+        "--throughput-optimized",
+        action="store_true",
+        help="RAY_SERVE_THROUGHPUT_OPTIMIZED=1 for the whole local cluster (user "
+        "code and router on the replica's main loop, gRPC between deployments, "
+        "direct ingress)",
+    )
+    p.add_argument("--max-replicas", type=int, default=2)
+    p.add_argument("--target-ongoing", type=float, default=0.4)
+    p.add_argument("--downscale-delay-s", type=float, default=15.0)
+    p.add_argument("--upscale-delay-s", type=float, default=5.0)
+    p.add_argument("--look-back-s", type=float, default=5.0)
+    p.add_argument(
+        "--autoscale-rate",
+        type=float,
+        default=40.0,
+        help="open-loop QPS of the autoscaling section: low enough that the two "
+        "rankers do not slow each other down on 2 cores (then in-flight calls "
+        "follow each ranker's own traffic)",
+    )
+    p.add_argument("--autoscale-cpus", type=float, default=0.25)
+    p.add_argument("--phase-s", type=float, default=60.0)
+    p.add_argument("--fault-s", type=int, default=50)
+    p.add_argument("--kill-at", type=int, default=10)
+    p.add_argument("--publish-at", type=int, default=30)
+    p.add_argument(
+        "--load-fraction",
+        type=float,
+        default=0.6,
+        help="open-loop rate as a share of the measured capacity",
+    )
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument(
+        "--sections",
+        nargs="+",
+        default=[
+            "load",
+            "handles",
+            "router_overhead",
+            "policies",
+            "autoscaling",
+            "faults",
+        ],
+    )
+    args = p.parse_args()
+
+    import ray
+    from ray import serve
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.pop("RAY_ADDRESS", None)
+    if args.throughput_optimized:
+        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    t_start = time.perf_counter()
+    env = setup(args)
+    print(f"data {env['events']}; checkpoints trained: {env['trained']}", flush=True)
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    base = f"http://127.0.0.1:{args.port}"
+    deploy(app_config(env, "baseline", args))
+    deploy_noop()
+    traffic = Traffic(env, args.candidates)
+    print(
+        f"users at the data's end: {len(traffic.users[1])} active, "
+        f"{len(traffic.users[0])} passive; {args.candidates} candidates per request",
+        flush=True,
+    )
+    res: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "ray": ray.__version__},
+        "throughput_optimized": args.throughput_optimized,
+        "setup": {
+            "candidates": args.candidates,
+            "max_seq_len": args.max_seq_len,
+            "active_share": 2 / 3,
+            "ranker_cpus": args.ranker_cpus,
+            "max_batch_size": args.max_batch_size,
+            "trained_checkpoints": env["trained"],
+            "users": args.users,
+            "days": args.days,
+        },
+    }
+    asyncio.run(
+        closed_loop(f"{base}/rank", lambda: traffic.pick(2 / 3)[1], 4, 3, 100)
+    )  # warm
+    if "load" in args.sections:
+        print("1. load (closed loop, 2/3 active)", flush=True)
+        res["load"] = section_load(args, env, traffic, base)
+    if "handles" in args.sections:
+        print("2. replica throughput through handles", flush=True)
+        res["handles"] = section_handles(args, traffic)
+    if "router_overhead" in args.sections:
+        print("3. router overhead", flush=True)
+        res["router_overhead"] = section_router_overhead(args, env, traffic, base)
+    capacity = max(
+        (v["qps"] for v in res.get("load", {}).get("rank", {}).values()), default=40.0
+    )
+    rate = args.load_fraction * capacity
+    if "policies" in args.sections:
+        print(
+            "4. feature policies (both rankers on each policy's checkpoint)", flush=True
+        )
+        res["policies"] = section_policies(args, env, traffic, base)
+    if "autoscaling" in args.sections:
+        print("5. autoscaling: active share 1/3 -> 2/3", flush=True)
+        res["autoscaling"] = section_autoscaling(
+            args, env, traffic, base, args.autoscale_rate
+        )
+        plot_autoscaling(res["autoscaling"], out_dir / "autoscaling.png")
+        print(f"  plot {out_dir / 'autoscaling.png'}", flush=True)
+    if "faults" in args.sections:
+        print("6. faults: kill an active replica, publish new segments", flush=True)
+        res["faults"] = section_faults(args, env, traffic, base, rate)
+    serve.shutdown()
+    res["wall_s"] = time.perf_counter() - t_start
+    path = out_dir / "serve_bench.json"
+    path.write_text(json.dumps(res, indent=2, default=str))
+    print(f"wrote {path} ({res['wall_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
