@@ -835,7 +835,7 @@ def main() -> None:
         "direct ingress)",
     )
     p.add_argument("--max-replicas", type=int, default=2)
-    p.add_argument("--target-ongoing", type=float, default=0.4)
+    p.add_argument("--target-ongoing", type=float, default=0.5)
     p.add_argument("--downscale-delay-s", type=float, default=15.0)
     p.add_argument("--upscale-delay-s", type=float, default=5.0)
     p.add_argument("--look-back-s", type=float, default=5.0)
@@ -943,6 +943,9 @@ def main() -> None:
     serve.shutdown()
     res["wall_s"] = time.perf_counter() - t_start
     path = out_dir / "serve_bench.json"
+    if path.exists():  # a run of some sections updates those, keeps the rest
+        res = {**json.loads(path.read_text()), **res}
+    res["sections_run_last"] = args.sections
     path.write_text(json.dumps(res, indent=2, default=str))
     print(f"wrote {path} ({res['wall_s']:.0f} s)")
 

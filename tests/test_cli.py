@@ -13,7 +13,16 @@ import pytest
 from dynamix_ray.cli import build_parser, main, segment_config
 from dynamix_ray.config import SegmentConfig
 
-COMMANDS = ["generate", "segment", "train", "demo"]
+COMMANDS = [
+    "generate",
+    "segment",
+    "train",
+    "embed",
+    "u2u",
+    "histories",
+    "serve",
+    "demo",
+]
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])
@@ -103,3 +112,50 @@ def test_generate_then_segment_through_the_cli(ray_session, capsys):
     meta = json.loads(printed[printed.index("{") :])
     assert meta["counts"]["users"] > 100
     assert meta["params"]["window"] == "6h"
+
+
+def test_serve_config_file_and_flags_give_a_valid_app_config():
+    """serve_configs/dynamix.yaml is the app's typed config; the flags build
+    the same shape; a missing flag is an error naming it."""
+    from dynamix_ray.cli import serve_app_config
+    from dynamix_ray.serve.app import AppConfig
+
+    args = build_parser().parse_args(
+        ["serve", "--config", "serve_configs/dynamix.yaml"]
+    )
+    app_args, http = serve_app_config(args)
+    cfg = AppConfig.model_validate(app_args)
+    assert cfg.active.autoscaling_config and cfg.passive.autoscaling_config
+    assert http == {"host": "127.0.0.1", "port": 8000}
+    flags = ["serve", "--segments", "s", "--histories", "h", "--active-checkpoint", "a"]
+    app_args, _ = serve_app_config(
+        build_parser().parse_args([*flags, "--autoscale", "3"])
+    )
+    cfg = AppConfig.model_validate(app_args)
+    assert cfg.passive.checkpoint == "a"
+    assert cfg.active.autoscaling_config["max_replicas"] == 3
+    with pytest.raises(ValueError, match="--histories"):
+        serve_app_config(build_parser().parse_args(["serve", "--segments", "s"]))
+
+
+def test_demo_runs_end_to_end_on_tiny_sizes(ray_session, tmp_path, capsys):
+    """`make demo`'s path: generate, segment, train, snapshot, serve real
+    requests, stop; every output where the final line says."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--users", "150", "--days", "3"]
+    assert main([*argv, "--max-seq-len", "8", "--port", str(port)]) == 0
+    text = capsys.readouterr().out
+    assert "precision" in text and "NE" in text
+    assert text.count("POST /rank user") == 5 and "HTTP 422" in text
+    assert "candidates[0].media_type" in text
+    for part in (
+        "segments_run/segments/_meta.json",
+        "train/metrics.json",
+        "histories/_meta.json",
+    ):
+        assert (out / part).exists(), part

@@ -93,7 +93,7 @@ class RankerSpec(DeploymentOptions):
     policy: str | None = None
     removed: list[str] | None = None
     max_batch_size: int = Field(8, ge=1)
-    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    batch_wait_timeout_s: float = Field(0.0, ge=0)
     torch_threads: int = Field(1, ge=1)
     use_gpu: bool = False
 

@@ -145,7 +145,7 @@ class RankerDeployment:
         )
         batched = cast(Any, self).rank
         batched.set_max_batch_size(int(spec.get("max_batch_size", 8)))
-        batched.set_batch_wait_timeout_s(float(spec.get("batch_wait_timeout_s", 0.005)))
+        batched.set_batch_wait_timeout_s(float(spec.get("batch_wait_timeout_s", 0.0)))
         self._lock = threading.Lock()
         self.requests = self.rows = self.batches = 0
         tags = {"deployment": self.name}
