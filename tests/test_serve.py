@@ -261,6 +261,31 @@ def test_healthz_and_openapi(app):
     assert app.http.get(f"{app.url}/docs", timeout=30).status_code == 200
 
 
+def test_metrics_reach_rays_prometheus_endpoint(app):
+    """Requests per segment and status, latency and batch sizes, as exported
+    by Ray's metrics agent (what Prometheus scrapes)."""
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    _rank(app, {"user_id": 10**15, "candidates": [CAND]})
+    _rank(app, {"user_id": "x", "candidates": [CAND]})
+    want = [
+        ("ray_dynamix_requests_total", 'segment="passive"', 'code="200"'),
+        ("ray_dynamix_requests_total", 'code="422"'),
+        ("ray_dynamix_request_latency_ms_bucket", 'route="/rank"'),
+        ("ray_dynamix_ranker_batch_requests_bucket", 'deployment="PassiveRanker"'),
+        ("ray_dynamix_ranker_batch_rows_bucket",),
+        ("ray_dynamix_ranker_forward_ms_bucket",),
+    ]
+
+    def exported() -> list[tuple[str, ...]]:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        lines = [x for x in text.splitlines() if not x.startswith("#")]
+        return [w for w in want if not any(all(p in x for p in w) for x in lines)]
+
+    assert _wait(lambda: not exported(), 60), exported()
+
+
 def test_candidates_equal_the_batch_computation(app):
     edges = read_u2u(str(app.root / "u2u")).to_pandas()
     user = int(edges["user_id"].iloc[0])
