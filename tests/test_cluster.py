@@ -383,6 +383,67 @@ def test_train_job_on_two_node_cluster(cluster, small_events, ray_session, tmp_p
     assert os.path.exists(os.path.join(metrics["checkpoint"], "state.pt"))
 
 
+def test_serve_deploy_to_the_two_node_cluster(
+    cluster, small_events, ray_session, tmp_path
+):
+    """`serve deploy` of a config shaped like serve_configs/dynamix.yaml to the
+    `ray start` cluster; the app answers /healthz and /rank over HTTP."""
+    import requests
+
+    from dynamix_ray.histories import run_histories
+    from dynamix_ray.model import DynamixCTR, ModelConfig
+    from dynamix_ray.model.config import CANDIDATE_ATTRIBUTES
+    from dynamix_ray.train import save_checkpoint
+
+    events = str(small_events["plain"])
+    run_segment(events, str(tmp_path / "segs"), progress=False)
+    run_histories(events, str(tmp_path / "hist"), None, 8, progress=False)
+    tiny = ModelConfig(emb_dim=4, d_model=8, user_dim=8, head_hidden=16, max_seq_len=8)
+    save_checkpoint(str(tmp_path / "ckpt"), DynamixCTR(tiny).eval(), tiny)
+    (port,) = _free_ports(1)
+    config = yaml.safe_load((REPO / "serve_configs" / "dynamix.yaml").read_text())
+    config["proxy_location"] = "HeadOnly"  # both nodes share this machine's ports
+    config["http_options"]["port"] = port
+    args = config["applications"][0]["args"]
+    args["segments"], args["histories"] = str(tmp_path / "segs"), str(tmp_path / "hist")
+    for r in ("active", "passive"):
+        args[r]["checkpoint"] = str(tmp_path / "ckpt")
+        args[r]["ray_actor_options"] = {"num_cpus": 0.1}
+    args["router"]["ray_actor_options"] = {"num_cpus": 0.1}
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    serve_cli = [str(VENV_BIN / "serve")]
+    r = subprocess.run(
+        [*serve_cli, "deploy", str(path), f"--address={cluster.dashboard}"],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline, ok = time.monotonic() + 180, False
+        while time.monotonic() < deadline and not ok:
+            with contextlib.suppress(requests.RequestException):
+                ok = requests.get(f"{url}/healthz", timeout=5).status_code == 200
+            time.sleep(1)
+        assert ok, "the deployed app never answered /healthz"
+        cand = {a: i + 1 for i, a in enumerate(CANDIDATE_ATTRIBUTES)}
+        resp = requests.post(
+            f"{url}/rank", json={"user_id": 1, "candidates": [cand, cand]}, timeout=60
+        )
+        assert resp.status_code == 200, resp.text
+        assert len(resp.json()["scores"]) == 2
+    finally:
+        subprocess.run(
+            [*serve_cli, "shutdown", "-y", f"--address={cluster.dashboard}"],
+            env=cluster.env,
+            capture_output=True,
+            timeout=120,
+        )
+
+
 @pytest.fixture(scope="module")
 def larger_events(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cluster_events_large") / "plain"
