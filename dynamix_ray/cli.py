@@ -201,6 +201,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "permutation importance a --policy baseline run recorded in "
         "BASELINE_OUT/metrics.json",
     )
+    p.add_argument(
+        "--alure-embeddings",
+        metavar="DAILY_OUT",
+        default=None,
+        help="add each sample's ALURE user embedding (a `dynamix embed --daily` "
+        "OUT; as of the last midnight before the sample) to the CTR head",
+    )
     p.add_argument("--epochs", type=int, default=t.epochs)
     p.add_argument("--batch-size", type=int, default=t.batch_size)
     p.add_argument("--lr", type=float, default=t.lr)
@@ -310,6 +317,12 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--use-gpu", action="store_true", help="one GPU per actor")
     p.add_argument(
         "--full", action="store_true", help="re-embed everyone (not incremental)"
+    )
+    p.add_argument(
+        "--daily",
+        action="store_true",
+        help="embed everyone as of each UTC midnight of the data into "
+        "OUT/day=YYYY-MM-DD/ (the input of `dynamix train --alure-embeddings`)",
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -639,6 +652,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         max_failures=args.max_failures,
         checkpoint_steps=args.checkpoint_steps,
         model=ModelConfig(max_seq_len=args.max_seq_len),
+        alure=args.alure_embeddings,
     )
     m = run_train(
         args.events, args.segments, args.out, tcfg, args.max_seq_len, extra_meta=extra
@@ -669,6 +683,20 @@ def cmd_embed(args: argparse.Namespace) -> int:
         use_gpu=args.use_gpu,
         incremental=not args.full,
     )
+    if args.daily:
+        from dynamix_ray.alure.feature import run_daily_embed
+
+        if args.as_of is not None:
+            raise ValueError("--daily embeds as of every midnight; drop --as-of")
+        d = run_daily_embed(
+            args.events, args.checkpoint, args.out, cfg, progress=not args.no_progress
+        )
+        print(
+            f"dynamix embed --daily: {len(d['days_ms'])} days "
+            f"({d['folders'][0]} .. {d['folders'][-1]}), {d['wall_s']:.1f} s\n"
+            f"  {args.out.rstrip('/')}/_daily.json"
+        )
+        return 0
     m = run_embed(
         args.events, args.checkpoint, args.out, cfg, progress=not args.no_progress
     )

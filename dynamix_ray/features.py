@@ -149,7 +149,8 @@ def to_model_batch(cols: Columns, device: Any = "cpu") -> dict[str, Any]:
     Returns:
         ``{"cand": {attr: (N,) int64}, "hist": {src: {"attrs": {attr: (N, L)
         int64}, "dwell": (N, L) float32, "ts_ms": (N, L) int64, "mask": (N, L)
-        bool}}, "t_ms": (N,) int64, "label": (N,) float32}``, holding only the
+        bool}}, "t_ms": (N,) int64, "label": (N,) float32, "alure": (N, E)
+        float32 when given}``, holding only the
         sources (those with a mask and ts_ms) and attributes present in ``cols``.
     """
     import torch
@@ -170,6 +171,8 @@ def to_model_batch(cols: Columns, device: Any = "cpu") -> dict[str, Any]:
     }
     if "label" in cols:
         batch["label"] = t(cols["label"], torch.float32)
+    if "alure" in cols:  # an external user embedding (N, E), see alure.feature
+        batch["alure"] = t(cols["alure"], torch.float32)
     for src, attrs in SOURCE_ATTRIBUTES.items():
         if f"{src}.mask" not in cols or f"{src}.ts_ms" not in cols:
             continue

@@ -20,8 +20,8 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, cast
 
 import numpy as np
 
@@ -71,6 +71,9 @@ class TrainConfig:
     shuffle_buffer: rows of Ray Data's local shuffle buffer when reading
         training batches (samples come sorted by user and time; without it a
         batch holds a handful of users). 0: no shuffle.
+    alure: a ``dynamix embed --daily`` OUT: feed each sample's ALURE user
+        embedding (as of the last midnight before it) to the head
+        (``ModelConfig.ext_dim`` is set from it); ``None``: no such feature.
     importance_rows: evaluation rows on which a ``baseline`` run measures the
         permutation importance of the ad-impression attributes (0: skip).
     """
@@ -89,6 +92,7 @@ class TrainConfig:
     warmup_steps: int = 3
     checkpoint_steps: int = 0
     eval_days: int = 1
+    alure: str | None = None
     importance_rows: int = 20_000
     shuffle_buffer: int = 50_000
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -508,7 +512,18 @@ def run_train(
     t0 = time.perf_counter()
     samples = sample_dataset(
         events_url, segments_url, SampleConfig(max_seq_len=max_seq_len)
-    ).materialize()
+    )
+    if tcfg.alure:
+        from dynamix_ray.alure.feature import attach_batch, read_daily
+
+        daily = read_daily(tcfg.alure)
+        tcfg = replace(tcfg, model=replace(tcfg.model, ext_dim=daily.dim))
+        samples = samples.map_batches(
+            cast(Any, attach_batch),
+            fn_args=(daily.user_id, daily.days_ms, daily.emb),
+            batch_format="numpy",
+        )
+    samples = samples.materialize()
     t_ms = np.concatenate(
         [
             b["t_ms"]

@@ -344,3 +344,63 @@ def test_u2u_writes_to_memory_filesystem(ray_session):
     edges = read_u2u("memory://u2u_test")
     assert meta["edges"] == edges.num_rows == 500 * 4
     assert meta["recall_at_k2"] >= 0.9
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    n_users=st.integers(0, 5),
+    n_days=st.integers(1, 4),
+    queries=st.lists(
+        st.tuples(st.integers(-1, 7), st.integers(-2, 5 * 24)), max_size=20
+    ),
+)
+def test_daily_embeddings_are_those_of_the_last_midnight_before_the_sample(
+    n_users, n_days, queries
+):
+    """A sample at t gets the embedding made at the last midnight <= t (built
+    from events before it: nothing at or after t), zeros before the first
+    midnight or for users never embedded."""
+    from dynamix_ray.alure.feature import attach_daily
+
+    users = np.arange(n_users, dtype=np.int64) * 2  # odd ids: never embedded
+    days = np.arange(1, n_days + 1, dtype=np.int64) * DAY
+    emb = np.random.default_rng(0).normal(size=(n_days, n_users, 3)).astype(np.float32)
+    uid = np.array([q[0] for q in queries], np.int64)
+    t = np.array([q[1] for q in queries], np.int64) * 3_600_000
+    got = attach_daily(users, days, emb, uid, t)
+    for i, (u, ts) in enumerate(zip(uid, t, strict=True)):
+        past = [d for d in range(n_days) if days[d] <= ts]
+        if u in users and past:
+            np.testing.assert_array_equal(got[i], emb[past[-1], list(users).index(u)])
+        else:
+            assert not got[i].any()
+
+
+def test_training_with_the_daily_alure_embedding(trained, tmp_path):
+    """`dynamix embed --daily`, then a baseline trained with the embedding as a
+    head input: the checkpoint's model takes it (ext_dim = E)."""
+    from dynamix_ray.alure.feature import read_daily
+    from dynamix_ray.train import load_checkpoint
+
+    events, run, root, _ = trained
+    daily = str(tmp_path / "daily")
+    assert dynamix(["embed", events, run, daily, "--daily", "--no-progress"]) == 0
+    d = read_daily(daily)
+    assert len(d.days_ms) >= 2 and d.dim == 16
+    assert (np.abs(d.emb[-1]).sum(axis=1) > 0).mean() > 0.9  # most users embedded
+    out = str(tmp_path / "with_alure")
+    model = ModelConfig(
+        emb_dim=8, d_model=16, user_dim=16, head_hidden=32, max_seq_len=8
+    )
+    m = run_train(
+        events,
+        str(root / "segs"),
+        out,
+        TrainConfig(
+            epochs=1, batch_size=256, model=model, importance_rows=0, alure=daily
+        ),
+        max_seq_len=8,
+    )
+    assert 0 < m["ne"] < 2
+    _, cfg, _ = load_checkpoint(out)
+    assert cfg.ext_dim == 16

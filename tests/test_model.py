@@ -517,3 +517,28 @@ def test_a_short_training_run_learns_the_toy_task():
     assert losses[-1] < 0.3 * losses[0]
     assert normalized_entropy(logits, test["label"]) < 0.5  # held-out users
     assert auc(logits, test["label"]) > 0.95
+
+
+def test_external_user_embedding_is_a_head_input_with_counted_flops():
+    """ModelConfig.ext_dim: the batch's "alure" (B, E) enters the head; it
+    changes the logits, is required, and its FLOPs are counted."""
+    cfg = dataclasses.replace(TINY, ext_dim=5)
+    torch.manual_seed(0)
+    model = DynamixCTR(cfg).eval()
+    batch = make_batch(full_lengths())
+    b = batch["t_ms"].shape[0]
+    with torch.no_grad():
+        zero = model({**batch, "alure": torch.zeros(b, 5)})
+        ones = model({**batch, "alure": torch.ones(b, 5)})
+        assert zero.shape == (b,) and not torch.allclose(zero, ones)
+        with pytest.raises(KeyError, match="alure"):
+            model(batch)
+        with FlopCounterMode(display=False) as counter:
+            model({**batch, "alure": torch.ones(b, 5)})
+    seq = {s: 6 for s in SOURCE_ATTRIBUTES}
+    assert flops_per_sample(cfg, None, seq) - flops_per_sample(TINY, None, seq) == (
+        2 * 5 * cfg.head_hidden
+    )
+    assert flops_per_sample(cfg, None, seq) == pytest.approx(
+        counter.get_total_flops() / b, rel=0.10
+    )

@@ -72,6 +72,9 @@ class ModelConfig:
         n_harmonics: hour-of-day harmonics (CFEE cyclic; day-of-week has one).
         rel_time_buckets: log2 buckets of ``|ts_i - ts_j|`` seconds for the
             relative-time attention bias.
+        ext_dim: width of an external user embedding (ALURE's, computed
+            asynchronously by another model) fed to the head as the batch's
+            ``"alure"`` (B, ext_dim); 0: none.
     """
 
     sources: Mapping[str, tuple[str, ...]] = field(
@@ -94,6 +97,7 @@ class ModelConfig:
     n_decay: int = 8
     n_harmonics: int = 2
     rel_time_buckets: int = 32
+    ext_dim: int = 0
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:

@@ -87,7 +87,8 @@ class DynamixCTR(nn.Module):
             [("candidate", d)]
             + [(f"{k}.{s}", d) for s in self.encoders for k in ("target", "cross")]
             + [(f"match.{s}.{a}", 1) for s, a in match_pairs(cfg)]
-            + [("user", cfg.user_dim)],
+            + [("user", cfg.user_dim)]
+            + ([("alure", cfg.ext_dim)] if cfg.ext_dim else []),
             cfg.head_hidden,
             label="head",
         )
@@ -212,6 +213,14 @@ class DynamixCTR(nn.Module):
         cand_emb: dict[str, Tensor] = {}
         cand = self.candidate(batch["cand"], fs.candidate, b, cand_emb)  # (B, D)
         parts = {"candidate": cand, "user": user}
+        if self.cfg.ext_dim:
+            if "alure" not in batch:
+                raise KeyError(
+                    f"the model takes an external user embedding (ext_dim="
+                    f"{self.cfg.ext_dim}) but the batch has no 'alure'"
+                )
+            ext = batch["alure"].to(cand.dtype)  # (U, ext_dim)
+            parts["alure"] = ext[user_index] if user_index is not None else ext
         e = self.cfg.emb_dim
         for s, attrs in embedded.items():
             m = encoded[s][1]  # (B, L)
@@ -272,7 +281,7 @@ def flops_per_sample(
         n_match_all = sum(
             1 for s in enabled for a in fs.attrs(s) if a != DWELL and a in fs.candidate
         )
-        head_in = d + 2 * len(enabled) * d + n_match_all + cfg.user_dim
+        head_in = d + 2 * len(enabled) * d + n_match_all + cfg.user_dim + cfg.ext_dim
         macs += head_in * cfg.head_hidden
         macs += cfg.head_hidden  # head_out
     return 2 * macs

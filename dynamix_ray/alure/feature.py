@@ -1,0 +1,141 @@
+"""ALURE's embedding as a CTR feature (ALURE §3.3; issue 7 part 4).
+
+The embedding is asynchronous: a daily job (``dynamix embed --daily``) embeds
+every user as of each UTC midnight with a trained model's user tower. A sample
+at time ``t`` gets the embedding of the last midnight at or before ``t``: built
+only from events before that midnight, so nothing at or after ``t`` leaks in,
+and up to a day stale, as a daily job's output is in production. Users without
+an embedding that day get zeros.
+
+::
+
+    events + checkpoint ─ run_embed per midnight ─► OUT/day=YYYY-MM-DD/embeddings/
+    samples ─ map_batches(attach) ─► "alure" (N, E) ─► head input of a model with
+                                                       ModelConfig.ext_dim = E
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dynamix_ray.io import read_json, resolve, write_json
+
+__all__ = ["DailyEmbeddings", "attach_daily", "read_daily", "run_daily_embed"]
+
+DAY_MS = 86_400_000
+
+
+def _day_name(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("day=%Y-%m-%d")
+
+
+def run_daily_embed(
+    events_url: str,
+    checkpoint: str,
+    out_url: str,
+    cfg: Any = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Embed every user as of each UTC midnight after the data's first day and
+    up to its end, into ``OUT/day=YYYY-MM-DD/``; ``OUT/_daily.json`` lists them."""
+    from dataclasses import replace
+
+    from dynamix_ray.alure.embed import EmbedConfig, run_embed
+    from dynamix_ray.alure.evaluate import read_events_frame
+    from dynamix_ray.histories import data_end_ms
+
+    t0 = time.perf_counter()
+    cfg = cfg or EmbedConfig()
+    first = int(
+        read_events_frame(events_url, "ad_impressions", ["ts_ms"])["ts_ms"].min()
+    )
+    end = data_end_ms(events_url)
+    days = list(range((first // DAY_MS + 1) * DAY_MS, end + 1, DAY_MS))
+    if not days:
+        raise ValueError(f"{events_url}: the data spans no midnight")
+    fs, root = resolve(out_url)
+    for d in days:
+        run_embed(
+            events_url,
+            checkpoint,
+            f"{out_url.rstrip('/')}/{_day_name(d)}",
+            replace(cfg, as_of_ms=d, incremental=False),
+            progress=progress,
+        )
+    meta = {
+        "days_ms": days,
+        "folders": [_day_name(d) for d in days],
+        "checkpoint": checkpoint,
+        "wall_s": round(time.perf_counter() - t0, 3),
+    }
+    write_json(fs, f"{root}/_daily.json", meta)
+    return meta
+
+
+@dataclass(frozen=True)
+class DailyEmbeddings:
+    """``emb[d, u]``: user ``user_id[u]`` as of midnight ``days_ms[d]``."""
+
+    user_id: np.ndarray  # (U,) sorted
+    days_ms: np.ndarray  # (D,) sorted
+    emb: np.ndarray  # (D, U, E) float32, zeros where a user had no embedding
+
+    @property
+    def dim(self) -> int:
+        return int(self.emb.shape[2])
+
+    def lookup(self, user_id: np.ndarray, t_ms: np.ndarray) -> np.ndarray:
+        """(N, E): each sample's embedding as of the last midnight <= t."""
+        return attach_daily(self.user_id, self.days_ms, self.emb, user_id, t_ms)
+
+
+def attach_daily(
+    users: np.ndarray,
+    days_ms: np.ndarray,
+    emb: np.ndarray,
+    user_id: np.ndarray,
+    t_ms: np.ndarray,
+) -> np.ndarray:
+    """See :meth:`DailyEmbeddings.lookup` (plain arrays, for Ray tasks)."""
+    q = np.asarray(user_id, np.int64)
+    day = np.searchsorted(days_ms, np.asarray(t_ms, np.int64), "right") - 1
+    pos = np.searchsorted(users, q)
+    hit = (pos < len(users)) & (day >= 0)
+    hit[hit] = users[pos[hit]] == q[hit]
+    out = np.zeros((len(q), emb.shape[2]), np.float32)
+    out[hit] = emb[day[hit], pos[hit]]
+    return out
+
+
+def read_daily(url: str) -> DailyEmbeddings:
+    """The :class:`DailyEmbeddings` of a ``dynamix embed --daily`` OUT."""
+    from dynamix_ray.alure.embed import read_embeddings
+
+    fs, root = resolve(url)
+    if not fs.exists(f"{root}/_daily.json"):
+        raise FileNotFoundError(f"{url}: no _daily.json (run `dynamix embed --daily`)")
+    meta = read_json(fs, f"{root}/_daily.json")
+    tables = [read_embeddings(f"{url.rstrip('/')}/{f}") for f in meta["folders"]]
+    users = np.unique(np.concatenate([t.column("user_id").to_numpy() for t in tables]))
+    dim = tables[0].column("embedding").type.list_size
+    emb = np.zeros((len(tables), len(users), dim), np.float32)
+    for d, t in enumerate(tables):
+        x = t.column("embedding").combine_chunks().values.to_numpy().reshape(-1, dim)
+        emb[d, np.searchsorted(users, t.column("user_id").to_numpy())] = x
+    return DailyEmbeddings(users, np.asarray(meta["days_ms"], np.int64), emb)
+
+
+def attach_batch(
+    batch: dict[str, np.ndarray],
+    users: np.ndarray,
+    days_ms: np.ndarray,
+    emb: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """Ray Data map: add the ``alure`` column to a batch of samples."""
+    batch["alure"] = attach_daily(users, days_ms, emb, batch["user_id"], batch["t_ms"])
+    return batch
