@@ -1,4 +1,4 @@
-"""ALURE's embedding as a CTR feature (ALURE §3.3; issue 7 part 4).
+"""ALURE's embedding as a CTR feature (ALURE §2.4 and §5.1; issue 7 part 4).
 
 The embedding is asynchronous: a daily job (``dynamix embed --daily``) embeds
 every user as of each UTC midnight with a trained model's user tower. A sample

@@ -216,7 +216,7 @@ class BodyLimit:
         while True:
             msg = await receive()
             if msg["type"] != "http.request":
-                await self.app(scope, _replay([msg]), send)  # disconnected
+                await self.app(scope, _replay([msg], receive), send)  # disconnected
                 return
             chunks.append(msg.get("body", b""))
             seen += len(chunks[-1])
@@ -226,7 +226,7 @@ class BodyLimit:
             if not msg.get("more_body", False):
                 break
         body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-        await self.app(scope, _replay([body]), send)
+        await self.app(scope, _replay([body], receive), send)
 
     @staticmethod
     async def _reject(scope: Any, send: Any, limit: int) -> None:
@@ -244,12 +244,13 @@ async def _drain() -> Any:
     return {"type": "http.disconnect"}
 
 
-def _replay(messages: list[Any]) -> Any:
-    """An ASGI ``receive`` that returns ``messages``, then disconnects."""
+def _replay(messages: list[Any], then: Any) -> Any:
+    """An ASGI ``receive`` that returns ``messages``, then what ``then`` (the
+    connection's own ``receive``: a real disconnect) returns."""
     pending = list(messages)
 
     async def receive() -> Any:
-        return pending.pop(0) if pending else {"type": "http.disconnect"}
+        return pending.pop(0) if pending else await then()
 
     return receive
 
