@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -33,9 +34,14 @@ def main() -> None:
     p.add_argument("--users", type=int, default=2000)
     p.add_argument("--days", type=int, default=7)
     p.add_argument("--max-seq-len", type=int, default=32)
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4])
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="read the metrics of (arm, seed) runs already under --out",
+    )
     args = p.parse_args()
 
     import ray
@@ -72,13 +78,12 @@ def main() -> None:
                 alure=alure,
             )
             t1 = time.perf_counter()
-            m = run_train(
-                events,
-                segments,
-                str(out / "runs" / f"{arm}-s{seed}"),
-                tcfg,
-                args.max_seq_len,
-            )
+            run_dir = out / "runs" / f"{arm}-s{seed}"
+            if args.reuse and (run_dir / "metrics.json").exists():
+                m = json.loads((run_dir / "metrics.json").read_text())
+            else:
+                shutil.rmtree(run_dir, ignore_errors=True)  # fresh, not resumed
+                m = run_train(events, segments, str(run_dir), tcfg, args.max_seq_len)
             keep = ("ne", "ne_active", "ne_passive", "auc", "train_examples_per_s")
             runs[arm].append({"seed": seed, **{k: m[k] for k in keep}})
             print(

@@ -27,7 +27,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dynamix_ray.io import atomic_output, resolve, write_json, write_parquet
+from dynamix_ray.io import (
+    atomic_output,
+    read_parquet_folder,
+    resolve,
+    write_json,
+    write_parquet,
+)
 from dynamix_ray.samples import (
     HISTORY_SOURCES,
     HISTORY_SOURCES_ALL,
@@ -324,14 +330,9 @@ def read_histories(url: str) -> HistoryStore:
     if not fs.exists(f"{root}/_meta.json"):
         raise FileNotFoundError(f"{url}: no _meta.json (run `dynamix histories`)")
     meta = read_json(fs, f"{root}/_meta.json")
-    files = sorted(p for p in fs.find(f"{root}/histories") if p.endswith(".parquet"))
-    if not files:
-        raise FileNotFoundError(f"{url}: histories/ holds no Parquet files")
-    tables = []
-    for p in files:
-        with fs.open(p, "rb") as fh:
-            tables.append(pq.read_table(fh))
-    table = pa.concat_tables(tables)
+    table = read_parquet_folder(
+        fs, f"{root}/histories", f"{url}: histories/ holds no Parquet files"
+    )
     cols: dict[str, np.ndarray] = {}
     for name in table.column_names:
         col = table.column(name).combine_chunks()

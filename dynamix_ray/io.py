@@ -193,6 +193,24 @@ def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
         return json.load(fh)
 
 
+def read_parquet_folder(
+    fs: fsspec.AbstractFileSystem, folder: str, missing: str
+) -> pa.Table:
+    """Every ``*.parquet`` below ``folder`` (sorted by path), concatenated.
+
+    Raises:
+        FileNotFoundError: ``missing`` when the folder holds no Parquet file.
+    """
+    files = sorted(p for p in fs.find(folder) if p.endswith(".parquet"))
+    if not files:
+        raise FileNotFoundError(missing)
+    tables = []
+    for p in files:
+        with fs.open(p, "rb") as fh:
+            tables.append(pq.read_table(fh))
+    return pa.concat_tables(tables)
+
+
 def write_parquet(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> None:
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     with fs.open(path, "wb") as fh:

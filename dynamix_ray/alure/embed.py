@@ -31,10 +31,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from dynamix_ray.histories import data_end_ms, history_dataset, user_histories
-from dynamix_ray.io import atomic_output, resolve, write_json, write_parquet
+from dynamix_ray.io import (
+    atomic_output,
+    read_parquet_folder,
+    resolve,
+    write_json,
+    write_parquet,
+)
 
 __all__ = [
     "EmbedConfig",
@@ -114,14 +119,7 @@ def read_embeddings(url: str) -> pa.Table:
     path = f"{root}/embeddings"
     if not fs.exists(path):
         raise FileNotFoundError(f"{url}: no embeddings/ (run `dynamix embed`)")
-    files = sorted(f for f in fs.find(path) if f.endswith(".parquet"))
-    tables = []
-    for f in files:
-        with fs.open(f, "rb") as fh:
-            tables.append(pq.read_table(fh))
-    if not tables:
-        raise FileNotFoundError(f"{url}: embeddings/ holds no Parquet files")
-    return pa.concat_tables(tables)
+    return read_parquet_folder(fs, path, f"{url}: embeddings/ holds no Parquet files")
 
 
 def _previous(fs: Any, root: str) -> tuple[dict[str, Any] | None, pa.Table | None]:

@@ -30,7 +30,13 @@ from typing import Any, cast
 import numpy as np
 import pyarrow as pa
 
-from dynamix_ray.io import atomic_output, resolve, write_json, write_parquet
+from dynamix_ray.io import (
+    atomic_output,
+    read_parquet_folder,
+    resolve,
+    write_json,
+    write_parquet,
+)
 
 __all__ = [
     "U2UConfig",
@@ -186,17 +192,11 @@ def _search_batch(
 
 def read_u2u(url: str) -> pa.Table:
     """The edges of a ``dynamix u2u`` output folder."""
-    import pyarrow.parquet as pq
-
     fs, root = resolve(url)
-    files = sorted(f for f in fs.find(f"{root}/u2u") if f.endswith(".parquet"))
-    if not files:
-        raise FileNotFoundError(f"{url}: no u2u/*.parquet (run `dynamix u2u`)")
-    tables = []
-    for f in files:
-        with fs.open(f, "rb") as fh:
-            tables.append(pq.read_table(fh))
-    return pa.concat_tables(tables).cast(U2U_SCHEMA)
+    missing = f"{url}: no u2u/*.parquet (run `dynamix u2u`)"
+    if not fs.exists(f"{root}/u2u"):
+        raise FileNotFoundError(missing)
+    return read_parquet_folder(fs, f"{root}/u2u", missing).cast(U2U_SCHEMA)
 
 
 def build_u2u(
