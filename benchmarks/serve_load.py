@@ -100,7 +100,7 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
             save_checkpoint(str(path), DynamixCTR(mcfg).eval(), mcfg, policy, rm)
             checkpoints[policy], trained[policy] = str(path), False
     hist = root / "histories"
-    meta_file = hist / "_meta.json"
+    meta_file = hist / "histories" / "_meta.json"
     if (
         not meta_file.exists()
         or json.loads(meta_file.read_text())["max_seq_len"] != args.max_seq_len

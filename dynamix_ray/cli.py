@@ -417,7 +417,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--host", default=None, help="HTTP host (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
-    p.add_argument("--detach", action="store_true", help="deploy and exit")
+    p.add_argument(
+        "--detach",
+        action="store_true",
+        help="deploy to the cluster in RAY_ADDRESS and exit",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -847,6 +851,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dynamix_ray.serve.app import build_app
 
     app_args, http = serve_app_config(args)
+    if args.detach and not os.environ.get("RAY_ADDRESS"):
+        raise ValueError(
+            "--detach leaves the app on a running cluster: set RAY_ADDRESS (a "
+            "local Ray started by this command ends with it)"
+        )
     app = build_app(app_args)  # validates before anything starts
     ensure_ray()
     serve.start(http_options={"host": http["host"], "port": http["port"]})

@@ -6,8 +6,8 @@ rankers read.
 * :func:`history_dataset`: the same over a whole dataset, one Ray Data task
   per user bucket (used by ``dynamix embed`` and ``dynamix histories``).
 * :func:`run_histories` (``dynamix histories EVENTS OUT``): a snapshot of every
-  user's histories in ``OUT/histories/*.parquet`` plus ``OUT/_meta.json``: the
-  serving feature store.
+  user's histories in ``OUT/histories/*.parquet`` plus ``OUT/histories/_meta.json``
+  (committed together): the serving feature store.
 * :class:`HistoryStore`: that snapshot in memory as (N, L) numpy arrays, with a
   vectorised look-up by user id (unknown users get empty histories).
 
@@ -72,7 +72,7 @@ def user_histories(
         ``<src>.<attr>`` / ``.dwell`` / ``.ts_ms`` / ``.mask`` (N, L), and
         ``country`` when the ad impressions have one. Users sorted by id.
     """
-    ids, before = [], []
+    ids = []
     for ev in events.values():
         if not ev:
             continue
@@ -80,7 +80,6 @@ def user_histories(
         uid = np.asarray(ev["user_id"], dtype=np.int64)
         lo = -(2**62) if since_ms is None else since_ms
         ids.append(uid[(ts >= lo) & (ts < as_of_ms)])
-        before.append(uid[ts < as_of_ms])
     users = np.unique(np.concatenate(ids)) if ids else np.zeros(0, np.int64)
     if len(users) == 0:
         return {"user_id": users}
@@ -103,9 +102,12 @@ def user_histories(
     for k in [k for k in out if k.startswith("cand.") or k == "label"]:
         del out[k]
     imp = events.get("ad_impressions") or {}
-    if "country" in imp:
+    if "country" in imp:  # from the impressions before as_of only
+        seen = np.asarray(imp["ts_ms"]) < as_of_ms
         out["country"] = _mode_by_user(
-            out["user_id"], np.asarray(imp["user_id"]), np.asarray(imp["country"])
+            out["user_id"],
+            np.asarray(imp["user_id"])[seen],
+            np.asarray(imp["country"])[seen],
         )
     return out
 
@@ -236,7 +238,7 @@ def run_histories(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Write every user's histories as of ``as_of_ms`` (default: the end of the
-    data) to ``OUT/histories/`` atomically; returns ``OUT/_meta.json``."""
+    data) to ``OUT/histories/`` atomically; returns ``OUT/histories/_meta.json``."""
     import ray
 
     t0 = time.perf_counter()
@@ -257,16 +259,16 @@ def run_histories(
         raise ValueError(f"{events_url}: no user has an event before {as_of}")
     table = pa.concat_tables(parts).sort_by("user_id")
     fs, root = resolve(out_url)
-    with atomic_output(fs, root, ["histories"]) as tmp:
-        write_parquet(fs, f"{tmp}/histories/part-0.parquet", table)
     meta = {
         "as_of_ms": as_of,
         "max_seq_len": max_seq_len,
         "users": table.num_rows,
         "events": events_url,
-        "wall_s": round(time.perf_counter() - t0, 3),
     }
-    write_json(fs, f"{root}/_meta.json", meta)
+    with atomic_output(fs, root, ["histories"]) as tmp:  # data and meta together
+        write_parquet(fs, f"{tmp}/histories/part-0.parquet", table)
+        meta["wall_s"] = round(time.perf_counter() - t0, 3)
+        write_json(fs, f"{tmp}/histories/_meta.json", meta)
     return meta
 
 
@@ -327,9 +329,11 @@ def read_histories(url: str) -> HistoryStore:
     from dynamix_ray.io import read_json
 
     fs, root = resolve(url)
-    if not fs.exists(f"{root}/_meta.json"):
-        raise FileNotFoundError(f"{url}: no _meta.json (run `dynamix histories`)")
-    meta = read_json(fs, f"{root}/_meta.json")
+    if not fs.exists(f"{root}/histories/_meta.json"):
+        raise FileNotFoundError(
+            f"{url}: no histories/_meta.json (run `dynamix histories`)"
+        )
+    meta = read_json(fs, f"{root}/histories/_meta.json")
     table = read_parquet_folder(
         fs, f"{root}/histories", f"{url}: histories/ holds no Parquet files"
     )

@@ -520,7 +520,12 @@ def run_train(
         tcfg = replace(tcfg, model=replace(tcfg.model, ext_dim=daily.dim))
         samples = samples.map_batches(
             cast(Any, attach_batch),
-            fn_args=(daily.user_id, daily.days_ms, daily.emb),
+            fn_args=(
+                daily.user_id,
+                daily.days_ms,
+                daily.emb,
+                int(SampleConfig().buffer_s * 1000),
+            ),
             batch_format="numpy",
         )
     samples = samples.materialize()

@@ -156,6 +156,6 @@ def test_demo_runs_end_to_end_on_tiny_sizes(ray_session, tmp_path, capsys):
     for part in (
         "segments_run/segments/_meta.json",
         "train/metrics.json",
-        "histories/_meta.json",
+        "histories/histories/_meta.json",
     ):
         assert (out / part).exists(), part

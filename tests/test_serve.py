@@ -140,8 +140,8 @@ def _bad_requests():
         ({k: v for k, v in ok.items() if k != "user_id"}, "user_id"),
         ({**ok, "user_id": "5"}, "user_id"),
         ({**ok, "user_id": True}, "user_id"),
-        ({**ok, "user_id": -1}, "user_id"),
-        ({**ok, "user_id": 2**64}, "user_id"),
+        ({**ok, "user_id": 2**63}, "user_id"),
+        ({**ok, "user_id": -(2**63) - 1}, "user_id"),
         ({**ok, "ts": 5}, "ts"),
         ({**ok, "ts": "yesterday"}, "ts"),
         ({**ok, "candidates": []}, "candidates"),
@@ -185,7 +185,9 @@ def test_bad_requests_get_4xx_naming_the_field_and_never_reach_a_model(app):
     r = app.http.post(f"{app.url}/rank", data=chunks, timeout=30)
     assert r.status_code == 413, r.text
     r = app.http.get(f"{app.url}/rank", timeout=30)
-    assert r.status_code == 405
+    assert r.status_code == 405 and "GET /rank" in r.json()["error"]
+    r = app.http.get(f"{app.url}/nowhere", timeout=30)
+    assert r.status_code == 404 and r.json()["error"]
     assert _stats() == before
 
 

@@ -142,6 +142,8 @@ def test_ranker_scores_equal_the_model_on_repeated_rows(tmp_path, policy, segmen
     }
     cols = {k: v[idx] for k, v in cols.items()}
     cols["t_ms"] = np.array(ts)[idx]
+    for k in [k for k in cols if k.endswith(".mask")]:  # SPEC §6: before t - 60 s
+        cols[k] = cols[k] & (cols[k[:-4] + "ts_ms"] < cols["t_ms"][:, None] - 60_000)
     flat = np.concatenate(cands)
     for j, a in enumerate(CANDIDATE_ATTRIBUTES):
         cols[f"cand.{a}"] = flat[:, j]
@@ -176,3 +178,28 @@ def test_error_messages_name_the_field(loc, name):
     assert field_name(loc) == name
     body = error_body([{"loc": loc, "msg": "bad", "type": "x"}])
     assert body["error"] == f"{name}: bad"
+
+
+def test_a_request_before_the_snapshot_sees_no_later_events(tmp_path):
+    """A request's history is cut at its own ts - buffer, as in training, even
+    when the snapshot was taken later."""
+    torch.manual_seed(0)
+    model = DynamixCTR(TINY_MODEL).eval()
+    ckpt = save_checkpoint(str(tmp_path / "c"), model, TINY_MODEL)
+    store = _random_histories(3, seq=8, seed=3)
+    ranker = Ranker(ckpt, store, 0)
+    cand = [np.arange(len(CANDIDATE_ATTRIBUTES))[None]]
+    ts = store.columns["ad_impressions.ts_ms"][0]
+    mask = store.columns["ad_impressions.mask"][0]
+    t_mid = int(np.median(ts[mask])) + 60_000  # half the events are too late
+    cut = {k: v.copy() for k, v in store.columns.items()}
+    for k in [k for k in cut if k.endswith(".mask")]:
+        cut[k][0] &= cut[k[:-4] + "ts_ms"][0] < t_mid - 60_000
+    earlier = HistoryStore.from_columns(
+        {"user_id": store.user_id, **{k: v[:-1] for k, v in cut.items()}},
+        store.as_of_ms,
+        store.max_seq_len,
+    )
+    got = ranker.score([0], [t_mid], cand)[0]
+    want = Ranker(ckpt, earlier, 0).score([0], [t_mid], cand)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-6)

@@ -2,10 +2,11 @@
 
 The embedding is asynchronous: a daily job (``dynamix embed --daily``) embeds
 every user as of each UTC midnight with a trained model's user tower. A sample
-at time ``t`` gets the embedding of the last midnight at or before ``t``: built
-only from events before that midnight, so nothing at or after ``t`` leaks in,
-and up to a day stale, as a daily job's output is in production. Users without
-an embedding that day get zeros.
+at time ``t`` gets the embedding of the last midnight at or before
+``t - buffer_s``: built only from events before that midnight, so nothing the
+sample's own history may not see (SPEC §6: events before ``t - buffer_s``)
+leaks in, and up to a day stale, as a daily job's output is in production.
+Users without an embedding that day get zeros.
 
 ::
 
@@ -89,9 +90,13 @@ class DailyEmbeddings:
     def dim(self) -> int:
         return int(self.emb.shape[2])
 
-    def lookup(self, user_id: np.ndarray, t_ms: np.ndarray) -> np.ndarray:
-        """(N, E): each sample's embedding as of the last midnight <= t."""
-        return attach_daily(self.user_id, self.days_ms, self.emb, user_id, t_ms)
+    def lookup(
+        self, user_id: np.ndarray, t_ms: np.ndarray, buffer_ms: int = 60_000
+    ) -> np.ndarray:
+        """(N, E): each sample's embedding as of the last midnight <= t - buffer."""
+        return attach_daily(
+            self.user_id, self.days_ms, self.emb, user_id, np.asarray(t_ms) - buffer_ms
+        )
 
 
 def attach_daily(
@@ -101,7 +106,8 @@ def attach_daily(
     user_id: np.ndarray,
     t_ms: np.ndarray,
 ) -> np.ndarray:
-    """See :meth:`DailyEmbeddings.lookup` (plain arrays, for Ray tasks)."""
+    """(N, E): the embedding as of the last midnight <= ``t_ms`` (pass
+    ``t - buffer``; :meth:`DailyEmbeddings.lookup`), zeros where none."""
     q = np.asarray(user_id, np.int64)
     day = np.searchsorted(days_ms, np.asarray(t_ms, np.int64), "right") - 1
     pos = np.searchsorted(users, q)
@@ -135,7 +141,10 @@ def attach_batch(
     users: np.ndarray,
     days_ms: np.ndarray,
     emb: np.ndarray,
+    buffer_ms: int,
 ) -> dict[str, np.ndarray]:
-    """Ray Data map: add the ``alure`` column to a batch of samples."""
-    batch["alure"] = attach_daily(users, days_ms, emb, batch["user_id"], batch["t_ms"])
+    """Ray Data map: add the ``alure`` column to a batch of samples (as of the
+    last midnight before the samples' history bound ``t - buffer``)."""
+    bound = np.asarray(batch["t_ms"], np.int64) - buffer_ms
+    batch["alure"] = attach_daily(users, days_ms, emb, batch["user_id"], bound)
     return batch

@@ -3,7 +3,7 @@
 Strict validation, so bad input never reaches a model:
 
 * every candidate attribute of SPEC §1 is required, must be a JSON integer
-  (not a string, float or bool) in the range of its column type (ids >= 0;
+  (not a string, float or bool) in the range of its column type (ids int64,
   ``category_id`` int32, ``media_type`` / ``surface`` int8, ``position``
   int16): a value outside its type is an unknown value;
 * unknown fields (top level or candidate) are errors, not ignored;
@@ -42,7 +42,7 @@ _MAX = {
     pa.int64(): 2**63 - 1,
 }
 
-UserId = Annotated[int, Field(ge=0, le=2**63 - 1, description="int64 user id")]
+UserId = Annotated[int, Field(ge=-(2**63), le=2**63 - 1, description="int64 user id")]
 Instant = Annotated[
     int,
     Field(
@@ -57,7 +57,7 @@ Candidate: type[BaseModel] = cast(Any, create_model)(
     "Candidate",
     __config__=_STRICT,
     **{
-        name: (Annotated[int, Field(ge=0, le=_MAX[dtype])], ...)
+        name: (Annotated[int, Field(ge=-_MAX[dtype] - 1, le=_MAX[dtype])], ...)
         for name, dtype in SOURCES["ad_impressions"].attributes.items()
     },
 )

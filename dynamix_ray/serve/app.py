@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dynamix_ray.features import POLICIES
 from dynamix_ray.serve.api import (
@@ -181,10 +182,25 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
     return JSONResponse(status_code=422, content=error_body(exc.errors()))
 
 
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """404 / 405 / 400 (e.g. a body that is not UTF-8): the same body shape."""
+    _count(request, exc.status_code)
+    return JSONResponse(
+        status_code=exc.status_code,
+        content={"error": f"{request.method} {request.url.path}: {exc.detail}"},
+        headers=getattr(exc, "headers", None),
+    )
+
+
+_ROUTES = ("/rank", "/candidates", "/healthz")
+
+
 def _count(request: Request, code: int, segment: str = "none") -> None:
     router = getattr(request.app.state, "router", None)
     if router is not None:
-        router.count(request.url.path, segment, code)
+        path = request.url.path
+        router.count(path if path in _ROUTES else "other", segment, code)
 
 
 class BodyLimit:
@@ -201,27 +217,26 @@ class BodyLimit:
         state = scope["app"].state
         limit = getattr(state, "max_body_bytes", 1 << 20)
         length = dict(scope.get("headers") or []).get(b"content-length")
-        too_big = False
         if length is not None:
-            try:
-                too_big = int(length) > limit
-            except ValueError:
-                too_big = True
-        if too_big:
-            await self._reject(scope, send, limit)
-            return
+            if not length.strip().isdigit():
+                await self._reject(
+                    scope, send, 400, "body: Content-Length is not a number"
+                )
+                return
+            if int(length) > limit:
+                await self._reject(scope, send, 413, _too_large(limit))
+                return
         # buffer the body (it is at most `limit` bytes), then replay it: an
         # error raised inside FastAPI's body reading would become a 400
         chunks, seen = [], 0
         while True:
             msg = await receive()
             if msg["type"] != "http.request":
-                await self.app(scope, _replay([msg], receive), send)  # disconnected
-                return
+                return  # the client left before its body was complete
             chunks.append(msg.get("body", b""))
             seen += len(chunks[-1])
             if seen > limit:
-                await self._reject(scope, send, limit)
+                await self._reject(scope, send, 413, _too_large(limit))
                 return
             if not msg.get("more_body", False):
                 break
@@ -229,15 +244,17 @@ class BodyLimit:
         await self.app(scope, _replay([body], receive), send)
 
     @staticmethod
-    async def _reject(scope: Any, send: Any, limit: int) -> None:
+    async def _reject(scope: Any, send: Any, code: int, message: str) -> None:
         router = getattr(scope["app"].state, "router", None)
         if router is not None:
-            router.count(scope.get("path", ""), "none", 413)
-        body = JSONResponse(
-            status_code=413,
-            content={"error": f"body: larger than the limit of {limit} bytes"},
-        )
+            path = scope.get("path", "")
+            router.count(path if path in _ROUTES else "other", "none", code)
+        body = JSONResponse(status_code=code, content={"error": message})
         await body(scope, _drain, send)
+
+
+def _too_large(limit: int) -> str:
+    return f"body: larger than the limit of {limit} bytes"
 
 
 async def _drain() -> Any:
@@ -338,6 +355,18 @@ class Router:
                 await asyncio.sleep(0.05 * 2**attempt)
         raise AssertionError("unreachable")
 
+    def _unavailable(self, route: str, segment: str, err: Exception) -> JSONResponse:
+        """503 (counted, logged) when a ranker or the retriever failed after the
+        retries: the request was valid."""
+        self.count(route, segment, 503)
+        log.warning("%s: %s failed: %s", route, segment, err)
+        return JSONResponse(
+            status_code=503,
+            content={
+                "error": f"{route}: {segment} model unavailable ({type(err).__name__})"
+            },
+        )
+
     @api.post("/rank", response_model=RankResponse)
     async def rank(self, req: RankRequest) -> Any:
         """Scores for each candidate, by the user's segment's ranker."""
@@ -361,6 +390,8 @@ class Router:
         self.inflight[name] += 1
         try:
             out = await self._call(self.rankers[seg], "rank", req.user_id, ts, cands)
+        except Exception as e:  # noqa: BLE001 - our failure, not the client's
+            return self._unavailable("/rank", name, e)
         finally:
             self.inflight[name] -= 1
         self.count("/rank", name, 200)
@@ -392,7 +423,10 @@ class Router:
                 },
             )
         ts = req.ts if req.ts is not None else int(time.time() * 1000)
-        out = await self._call(self.retriever, "candidates", req.user_id, req.k, ts)
+        try:
+            out = await self._call(self.retriever, "candidates", req.user_id, req.k, ts)
+        except Exception as e:  # noqa: BLE001 - our failure, not the client's
+            return self._unavailable("/candidates", "none", e)
         self.count("/candidates", "none", 200)
         return CandidatesResponse(user_id=req.user_id, **out)
 

@@ -28,6 +28,7 @@ from ray import serve
 from dynamix_ray.features import available_features, policy_features, to_model_batch
 from dynamix_ray.histories import HistoryStore
 from dynamix_ray.model.config import CANDIDATE_ATTRIBUTES
+from dynamix_ray.samples import SampleConfig
 
 __all__ = ["CANDIDATE_ATTRIBUTES", "Ranker", "RankerDeployment"]
 
@@ -85,6 +86,7 @@ class Ranker:
         )
         self.model_version = model_version(ckpt)
         self.seq_len = seq
+        self.buffer_ms = int(SampleConfig().buffer_s * 1000)
 
     def score(
         self,
@@ -109,6 +111,11 @@ class Ranker:
                 k: v[:, -self.seq_len :] if v.ndim == 2 else v for k, v in cols.items()
             }
         cols["t_ms"] = np.asarray(ts_ms, np.int64)
+        # as in training (SPEC §6): only events before t - buffer, also when a
+        # request's ts is earlier than the snapshot's as_of
+        bound = cols["t_ms"][:, None] - self.buffer_ms
+        for k in [k for k in cols if k.endswith(".mask")]:
+            cols[k] = cols[k] & (cols[k[: -len("mask")] + "ts_ms"] < bound)
         cand = np.concatenate(candidates).astype(np.int64, copy=False)
         for j, a in enumerate(CANDIDATE_ATTRIBUTES):
             cols[f"cand.{a}"] = cand[:, j]

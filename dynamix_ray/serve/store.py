@@ -53,6 +53,7 @@ class SegmentStore:
     segment: np.ndarray  # (S,) int8
     version: str = ""
     source_rows: int = 0
+    users_with_changes: int = 0
 
     @classmethod
     def from_rows(
@@ -66,7 +67,8 @@ class SegmentStore:
         if len(bad):
             raise ValueError(f"segment values {bad.tolist()}; expected 0 or 1")
         u, e, s = compact_changes(user_id, window_end_ms, segment)
-        return cls(u, e, s, version, len(np.asarray(user_id)))
+        n_users = int((np.diff(u) != 0).sum() + 1) if len(u) else 0  # u is sorted
+        return cls(u, e, s, version, len(np.asarray(user_id)), n_users)
 
     def lookup(self, user_ids: np.ndarray, ts_ms: np.ndarray) -> np.ndarray:
         """(N,) int8 segments of users at instants (0 passive, 1 active)."""
@@ -94,7 +96,7 @@ class SegmentStore:
             "version": self.version,
             "rows": int(self.source_rows),
             "change_rows": len(self.user_id),
-            "users_with_changes": len(np.unique(self.user_id)),
+            "users_with_changes": self.users_with_changes,
             "bytes": int(self.nbytes),
         }
 
@@ -106,7 +108,7 @@ def segments_version(url: str) -> str | None:
     try:
         with fs.open(f"{root}/segments/_meta.json", "rb") as fh:
             return hashlib.sha1(fh.read()).hexdigest()[:16]
-    except (FileNotFoundError, OSError):
+    except FileNotFoundError:  # other errors reach the caller (and its counters)
         return None
 
 
