@@ -391,8 +391,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "serve",
         help="the Ray Serve app: router + ActiveRanker + PassiveRanker",
         description="Deploy the ranking app (SPEC §5) on the Ray cluster in "
-        "RAY_ADDRESS, else on a local Ray, and block until Ctrl-C (--detach: "
-        "leave it running and exit). Either --config (a Serve config file such "
+        "RAY_ADDRESS, else on a local Ray, and block until Ctrl-C (--detach, "
+        "with RAY_ADDRESS: leave it running and exit). Either --config (a Serve config file such "
         "as serve_configs/dynamix.yaml; its first application's args) or the "
         "flags below.",
     )
