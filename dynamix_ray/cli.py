@@ -371,7 +371,8 @@ def _add_histories(sub: argparse._SubParsersAction) -> None:
         "histories",
         help="snapshot every user's event histories (the rankers' feature store)",
         description="Write each user's last --max-seq-len events per source "
-        "strictly before --as-of to OUT/histories/*.parquet and OUT/_meta.json "
+        "strictly before --as-of to OUT/histories/*.parquet and "
+        "OUT/histories/_meta.json "
         "(Ray Data task per user bucket). `dynamix serve` ranks from it.",
     )
     p.add_argument("events", help="dataset root (SPEC §1)")

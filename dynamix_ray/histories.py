@@ -306,22 +306,29 @@ class HistoryStore:
     def __len__(self) -> int:
         return len(self.user_id)
 
+    def _index(self, user_ids: np.ndarray) -> np.ndarray:
+        """Each user's row; ``len(self)`` (the empty row) for unknown users."""
+        q = np.asarray(user_ids, np.int64)
+        n = len(self.user_id)
+        if n == 0:
+            return np.zeros(len(q), np.int64)
+        pos = np.minimum(np.searchsorted(self.user_id, q), n - 1)
+        return np.where(self.user_id[pos] == q, pos, n)
+
     def rows(self, user_ids: np.ndarray) -> dict[str, np.ndarray]:
         """Each user's history row (the empty one for unknown users)."""
-        q = np.asarray(user_ids, np.int64)
-        pos = np.searchsorted(self.user_id, q)
-        hit = (pos < len(self.user_id)) & (
-            self.user_id[np.minimum(pos, max(len(self.user_id) - 1, 0))] == q
-            if len(self.user_id)
-            else np.zeros(len(q), bool)
-        )
-        idx = np.where(hit, pos, len(self.user_id))
+        idx = self._index(user_ids)
         return {k: v[idx] for k, v in self.columns.items()}
 
     def known(self, user_ids: np.ndarray) -> np.ndarray:
-        q = np.asarray(user_ids, np.int64)
-        pos = np.minimum(np.searchsorted(self.user_id, q), len(self.user_id) - 1)
-        return self.user_id[pos] == q if len(self.user_id) else np.zeros(len(q), bool)
+        return self._index(user_ids) < len(self.user_id)
+
+    def last(self, seq: int) -> HistoryStore:
+        """The newest ``seq`` events per source (views, no copy)."""
+        if seq >= self.max_seq_len:
+            return self
+        cols = {k: v[:, -seq:] if v.ndim == 2 else v for k, v in self.columns.items()}
+        return HistoryStore(self.user_id, cols, self.as_of_ms, seq)
 
 
 def read_histories(url: str) -> HistoryStore:

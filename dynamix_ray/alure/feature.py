@@ -90,14 +90,6 @@ class DailyEmbeddings:
     def dim(self) -> int:
         return int(self.emb.shape[2])
 
-    def lookup(
-        self, user_id: np.ndarray, t_ms: np.ndarray, buffer_ms: int = 60_000
-    ) -> np.ndarray:
-        """(N, E): each sample's embedding as of the last midnight <= t - buffer."""
-        return attach_daily(
-            self.user_id, self.days_ms, self.emb, user_id, np.asarray(t_ms) - buffer_ms
-        )
-
 
 def attach_daily(
     users: np.ndarray,
@@ -106,8 +98,9 @@ def attach_daily(
     user_id: np.ndarray,
     t_ms: np.ndarray,
 ) -> np.ndarray:
-    """(N, E): the embedding as of the last midnight <= ``t_ms`` (pass
-    ``t - buffer``; :meth:`DailyEmbeddings.lookup`), zeros where none."""
+    """(N, E): the embedding as of the last midnight <= ``t_ms`` (pass the
+    history's bound ``t - buffer``, as :func:`attach_batch` does), zeros where
+    none."""
     q = np.asarray(user_id, np.int64)
     day = np.searchsorted(days_ms, np.asarray(t_ms, np.int64), "right") - 1
     pos = np.searchsorted(users, q)

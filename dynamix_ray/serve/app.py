@@ -199,8 +199,7 @@ _ROUTES = ("/rank", "/candidates", "/healthz")
 def _count(request: Request, code: int, segment: str = "none") -> None:
     router = getattr(request.app.state, "router", None)
     if router is not None:
-        path = request.url.path
-        router.count(path if path in _ROUTES else "other", segment, code)
+        router.count(request.url.path, segment, code)
 
 
 class BodyLimit:
@@ -247,8 +246,7 @@ class BodyLimit:
     async def _reject(scope: Any, send: Any, code: int, message: str) -> None:
         router = getattr(scope["app"].state, "router", None)
         if router is not None:
-            path = scope.get("path", "")
-            router.count(path if path in _ROUTES else "other", "none", code)
+            router.count(scope.get("path", ""), "none", code)
         body = JSONResponse(status_code=code, content={"error": message})
         await body(scope, _drain, send)
 
@@ -322,6 +320,9 @@ class Router:
         self._poller.start()
 
     def count(self, route: str, segment: str, code: int) -> None:
+        """One request in ``dynamix_requests_total``; paths other than the
+        app's routes share the label ``other`` (no series per stray path)."""
+        route = route if route in _ROUTES else "other"
         self._requests.inc(tags={"route": route, "segment": segment, "code": str(code)})
 
     def _poll_segments(self) -> None:

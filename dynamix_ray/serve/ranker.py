@@ -62,7 +62,6 @@ class Ranker:
         self.model, self.model_cfg, meta = load_checkpoint(ckpt)
         self.device = device
         self.model.to(device)
-        self.histories = histories
         self.segment = segment
         self.policy = policy or meta.get("policy") or "baseline"
         self.removed = tuple(
@@ -73,19 +72,15 @@ class Ranker:
                 f"policy {self.policy} needs the removed attributes; the checkpoint "
                 f"{ckpt} records none, so pass `removed`"
             )
-        seq = min(histories.max_seq_len, self.model_cfg.max_seq_len)
-        self._cols = {
-            k: v[:, -seq:] if v.ndim == 2 else v for k, v in histories.columns.items()
-        }
+        self.histories = histories.last(self.model_cfg.max_seq_len)
         names = {
-            **self._cols,
+            **self.histories.columns,
             **{f"cand.{a}": np.zeros(1) for a in CANDIDATE_ATTRIBUTES},
         }
         self.features = policy_features(
             self.policy, segment, self.removed, available_features(names)
         )
         self.model_version = model_version(ckpt)
-        self.seq_len = seq
         self.buffer_ms = int(SampleConfig().buffer_s * 1000)
 
     def score(
@@ -104,12 +99,7 @@ class Ranker:
         import torch
 
         counts = np.array([len(c) for c in candidates], np.int64)
-        rows = self.histories.rows(np.asarray(user_ids, np.int64))
-        cols = {k: rows[k] for k in self._cols if k in rows}
-        if self.seq_len < self.histories.max_seq_len:
-            cols = {
-                k: v[:, -self.seq_len :] if v.ndim == 2 else v for k, v in cols.items()
-            }
+        cols = self.histories.rows(np.asarray(user_ids, np.int64))
         cols["t_ms"] = np.asarray(ts_ms, np.int64)
         # as in training (SPEC §6): only events before t - buffer, also when a
         # request's ts is earlier than the snapshot's as_of
