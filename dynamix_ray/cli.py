@@ -267,6 +267,75 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _add_experiment(sub: argparse._SubParsersAction) -> None:
+    from dynamix_ray.experiments import ARMS, ExperimentConfig
+
+    e = ExperimentConfig()
+    p = sub.add_parser(
+        "experiment",
+        help="the paper's Table 2 (removal) / Table 3 (boosting) arms, with a report",
+        description="Train every arm of an experiment with each seed on the same "
+        "samples (Ray Train), evaluate on the last day, measure training "
+        "examples/s and inference QPS (the Serve rankers' code, arms "
+        "interleaved), sweep epsilon for the widest NE separation, and write "
+        "OUT/results.json and OUT/report/index.html. Arms: "
+        + "; ".join(f"{k}: {', '.join(v)}" for k, v in ARMS.items())
+        + ". Re-running with the same OUT resumes each run.",
+    )
+    p.add_argument("kind", choices=sorted(ARMS), help="which table's arms")
+    p.add_argument("events", help="dataset root (SPEC §1)")
+    p.add_argument("segments", help="output root of `dynamix segment`")
+    p.add_argument("out", help="output folder (runs/, results.json, report/)")
+    p.add_argument(
+        "--seeds",
+        default=",".join(map(str, e.seeds)),
+        help="comma-separated training seeds (default %(default)s)",
+    )
+    p.add_argument("--epochs", type=int, default=e.epochs)
+    p.add_argument("--batch-size", type=int, default=e.batch_size)
+    p.add_argument("--lr", type=float, default=e.lr)
+    p.add_argument("--max-seq-len", type=int, default=e.max_seq_len)
+    p.add_argument("--num-workers", type=int, default=e.num_workers)
+    p.add_argument("--cpus-per-worker", type=float, default=e.cpus_per_worker)
+    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument(
+        "--removed",
+        default="",
+        help="comma-separated attributes the remove-* arms drop (default: the 4 "
+        "lowest permutation importances of the first seed's baseline)",
+    )
+    p.add_argument(
+        "--candidates",
+        type=int,
+        default=e.candidates,
+        help="ads per inference request (default %(default)s)",
+    )
+    p.add_argument("--qps-requests", type=int, default=e.qps_requests)
+    p.add_argument("--qps-rounds", type=int, default=e.qps_rounds)
+    p.add_argument("--step-batches", type=int, default=e.step_batches)
+    p.add_argument("--step-rounds", type=int, default=e.step_rounds)
+    p.add_argument(
+        "--serving-timeline",
+        default=None,
+        help="JSON with an autoscaling replica timeline for the report "
+        "(benchmarks/serve_load.py's serve_bench.json, or the demo's)",
+    )
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="(re)draw an experiment's report from its results.json",
+        description="Write OUT/report/index.html and its PNGs from "
+        "OUT/results.json of a `dynamix experiment` run (the events and segment "
+        "table it names must still exist).",
+    )
+    p.add_argument("out", help="the experiment's OUT")
+    p.add_argument(
+        "--serving-timeline", default=None, help="as in `dynamix experiment`"
+    )
+
+
 def parse_instant_ms(text: str) -> int:
     """Epoch ms (an integer) or an ISO date/datetime (UTC unless it says)."""
     import datetime as dt
@@ -436,6 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_segment(sub)
     _add_train(sub)
+    _add_experiment(sub)
+    _add_report(sub)
     _add_embed(sub)
     _add_u2u(sub)
     _add_histories(sub)
@@ -677,6 +748,101 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str, name: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(
+            f"{name} {text!r}: expected comma-separated integers"
+        ) from None
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from dynamix_ray.experiments import ExperimentConfig, run_experiment
+
+    removed = tuple(a for a in args.removed.split(",") if a) or None
+    cfg = ExperimentConfig(
+        kind=args.kind,
+        seeds=_int_list(args.seeds, "--seeds"),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        max_seq_len=args.max_seq_len,
+        num_workers=args.num_workers,
+        cpus_per_worker=args.cpus_per_worker,
+        use_gpu=args.use_gpu,
+        removed=removed,
+        candidates=args.candidates,
+        qps_requests=args.qps_requests,
+        qps_rounds=args.qps_rounds,
+        step_batches=args.step_batches,
+        step_rounds=args.step_rounds,
+    )
+    r = run_experiment(
+        args.events,
+        args.segments,
+        args.out,
+        cfg,
+        serving_timeline=args.serving_timeline,
+    )
+    print(experiment_summary(r))
+    return 0
+
+
+def experiment_summary(r: dict) -> str:
+    """The experiment's tables as text."""
+    lines = [f"dynamix experiment {r['kind']}: seeds {r['seeds']}"]
+    head = (
+        f"  {'arm':16s} {'NE':>16s} {'NE gain %':>14s} {'train ex/s %':>14s} "
+        f"{'step %':>7s} {'FLOP %':>7s} {'infer QPS %':>14s} {'FLOP %':>7s}"
+    )
+
+    def ms(x: dict, d: int, pct: bool = False) -> str:
+        if x.get("mean") is None:
+            return "-"
+        sign = "+" if pct else ""
+        sd = f"±{x['std']:.{d}f}" if x.get("std") is not None else ""
+        return f"{x['mean']:{sign}.{d}f}{sd}"
+
+    for table, arms in r["tables"].items():
+        lines += [f" {table}:", head]
+        for arm in arms:
+            a = r["arms"][arm]
+            lines.append(
+                f"  {arm:16s} {ms(a['ne'], 4):>16s} {ms(a['ne_gain_pct'], 2, True):>14s} "
+                f"{ms(a['train_qps_change_pct'], 1, True):>14s} "
+                f"{a['step_qps_change_pct']['median']:+7.1f} "
+                f"{a['flop_train_change_pct']:+7.1f} "
+                f"{ms(a['inference_qps_change_pct'], 1, True):>14s} "
+                f"{a['flop_inference_change_pct']:+7.1f}"
+            )
+    e = r["epsilon"]
+    lines.append(
+        f" epsilon: calibrated {e['calibrated']['epsilon']:.4f} (active share of "
+        f"windows {e['calibrated']['active_share_windows']:.3f}); max NE "
+        "separation "
+        + (
+            f"{e['separation']['epsilon']:.4f} (share "
+            f"{e['separation']['active_share_windows']:.3f})"
+            if e["separation"]["epsilon"] is not None
+            else "none"
+        )
+    )
+    lines.append(f" report: {r.get('report')}")
+    return "\n".join(lines)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from dynamix_ray.report import write_report
+
+    if not os.path.exists(os.path.join(args.out, "results.json")):
+        raise FileNotFoundError(
+            f"{args.out}/results.json does not exist: run `dynamix experiment` first"
+        )
+    print(f"dynamix report: {write_report(args.out, None, args.serving_timeline)}")
+    return 0
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
     from dynamix_ray.alure.embed import EmbedConfig, run_embed
 
@@ -881,6 +1047,8 @@ _COMMANDS = {
     "generate": cmd_generate,
     "segment": cmd_segment,
     "train": cmd_train,
+    "experiment": cmd_experiment,
+    "report": cmd_report,
     "embed": cmd_embed,
     "u2u": cmd_u2u,
     "histories": cmd_histories,

@@ -119,6 +119,7 @@ def segment_at(
     seg_code: np.ndarray,
     seg_window_end_ms: np.ndarray,
     seg_value: np.ndarray,
+    fill: float = 0,
 ) -> np.ndarray:
     """Segment of the last window of the user that ended at or before ``t``.
 
@@ -126,10 +127,13 @@ def segment_at(
         code, t_ms: (N,) queries.
         seg_code, seg_window_end_ms, seg_value: (S,) segment rows, any order;
             ``seg_code`` -1 for users not among the queries' users.
+            ``seg_value`` may be any per-window column (e.g. ``corr``).
+        fill: the value where the user has no ended window.
     Returns:
-        (N,) int8, 0 (passive) where the user has no ended window.
+        (N,) of ``seg_value``'s dtype; ``fill`` (0: passive) where the user has
+        no ended window.
     """
-    out = np.zeros(len(code), dtype=np.int8)
+    out = np.full(len(code), fill, dtype=np.asarray(seg_value).dtype)
     keep = seg_code >= 0
     if len(code) == 0 or not keep.any():
         return out

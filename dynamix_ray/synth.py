@@ -47,6 +47,7 @@ __all__ = [
     "NO_SIGNAL_ATTRIBUTES",
     "generate",
     "planted_active",
+    "planted_rows",
     "read_truth_users",
     "segment_recovery",
 ]
@@ -417,9 +418,11 @@ def read_truth_users(events_url: str) -> pa.Table:
         return pq.read_table(fh)
 
 
-def segment_recovery(truth_users: pa.Table, segments: pa.Table) -> dict[str, float]:
-    """Precision and recall of ``segment == 1`` against the planted truth, over
-    eligible rows (non-null ``corr``), plus the planted active share there."""
+def planted_rows(
+    truth_users: pa.Table, segments: pa.Table
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per segment-table row: the planted truth (active) and whether the row
+    is eligible (non-null ``corr``); both (S,) bool."""
     uid = truth_users.column("user_id").to_numpy()
     order = np.argsort(uid)
     seg_uid = segments.column("user_id").to_numpy()
@@ -442,6 +445,13 @@ def segment_recovery(truth_users: pa.Table, segments: pa.Table) -> dict[str, flo
         window_ms,
     )
     eligible = segments.column("corr").is_valid().to_numpy(zero_copy_only=False)
+    return truth, eligible
+
+
+def segment_recovery(truth_users: pa.Table, segments: pa.Table) -> dict[str, float]:
+    """Precision and recall of ``segment == 1`` against the planted truth, over
+    eligible rows (non-null ``corr``), plus the planted active share there."""
+    truth, eligible = planted_rows(truth_users, segments)
     pred = segments.column("segment").to_numpy().astype(bool)
     t, p = truth[eligible], pred[eligible]
     tp = int((t & p).sum())

@@ -12,6 +12,12 @@ lock-step whatever segments their batches hold.
 Each epoch reports NE overall and per segment, AUC and the steady-state
 training examples/s (the first ``warmup_steps`` excluded), with a checkpoint
 (weights, optimizer, epoch) that a resumed or restarted run continues from.
+It also reports a progressive-validation NE curve: every batch's loss is taken
+before the step that learns from it, so the NE of each ``curve_steps`` window
+is an out-of-sample figure at no extra cost (the paper's Fig. 5 analog).
+
+:func:`prepare_train_data` builds and splits the samples once; several runs
+(the experiment's arms and seeds) can share them through ``run_train(data=)``.
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ from dynamix_ray.model import DynamixCTR, ModelConfig
 
 __all__ = [
     "TrainConfig",
+    "TrainData",
+    "curve_ne",
+    "prepare_train_data",
     "train_step",
     "baseline_importance",
     "load_checkpoint",
@@ -76,6 +85,8 @@ class TrainConfig:
         (``ModelConfig.ext_dim`` is set from it); ``None``: no such feature.
     importance_rows: evaluation rows on which a ``baseline`` run measures the
         permutation importance of the ad-impression attributes (0: skip).
+    curve_steps: steps per point of the progressive NE curve (``curve`` in the
+        metrics: ``[examples seen, NE of that window's batches]``).
     """
 
     policy: str = "baseline"
@@ -95,6 +106,7 @@ class TrainConfig:
     alure: str | None = None
     importance_rows: int = 20_000
     shuffle_buffer: int = 50_000
+    curve_steps: int = 10
     model: ModelConfig = field(default_factory=ModelConfig)
 
 
@@ -117,12 +129,17 @@ def _segment_sums(
     return out
 
 
-def _ne(sums: dict[str, float], name: str) -> float | None:
-    n, pos, ll = sums[f"{name}.n"], sums[f"{name}.pos"], sums[f"{name}.ll"]
+def curve_ne(ll_sum: float, n: float, pos: float) -> float | None:
+    """NE from sufficient sums: (summed log loss / rows) / base-rate entropy;
+    ``None`` when the rows hold one class only (or none)."""
     if n == 0 or pos == 0 or pos == n:
         return None
     p = pos / n
-    return (ll / n) / float(-(p * np.log(p) + (1 - p) * np.log(1 - p)))
+    return (ll_sum / n) / float(-(p * np.log(p) + (1 - p) * np.log(1 - p)))
+
+
+def _ne(sums: dict[str, float], name: str) -> float | None:
+    return curve_ne(sums[f"{name}.ll"], sums[f"{name}.n"], sums[f"{name}.pos"])
 
 
 def train_step(
@@ -236,9 +253,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval")
+    curve: list[list[float]] = []  # [examples seen (all workers), window NE]
+    seen = 0
     for epoch in range(start_epoch, tcfg.epochs):
         model.train()
         steady_n, steady_t0, steps = 0, None, 0
+        win = [0.0, 0.0, 0.0]  # summed loss, rows, positives of the window
         batches = train_shard.iter_batches(
             batch_size=tcfg.batch_size,
             batch_format="numpy",
@@ -252,7 +272,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 continue
             if step == skip + tcfg.warmup_steps:
                 steady_t0 = time.perf_counter()
-            train_step(model, opt, batch, tcfg.policy, tcfg.removed, device, use_amp)
+            loss = train_step(
+                model, opt, batch, tcfg.policy, tcfg.removed, device, use_amp
+            )
+            n = len(batch["label"])
+            seen += n * world
+            win = [win[0] + loss * n, win[1] + n, win[2] + float(batch["label"].sum())]
+            if tcfg.curve_steps and steps % tcfg.curve_steps == 0:
+                ne = curve_ne(*win)
+                if ne is not None:
+                    curve.append([seen, ne])
+                win = [0.0, 0.0, 0.0]
             if tcfg.checkpoint_steps and steps % tcfg.checkpoint_steps == 0:
                 report(
                     {"epoch": epoch, "step": steps, "partial": True},
@@ -300,6 +330,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "auc": auc(s, y) if len(y) and 0 < y.sum() < len(y) else None,
             "eval_rows": int(sums["all.n"]),
             "train_steps": steps,
+            "curve": curve,  # rank 0's batches; resumed runs restart it
             "train_examples_per_s": (
                 sums["steady_n"] / (sums["steady_s"] / world)
                 if sums["steady_s"]
@@ -471,53 +502,48 @@ def removed_from_baseline(baseline_out: str, k: int = 4) -> tuple[str, ...]:
     return lowest_importance(importance, k)
 
 
-def run_train(
+@dataclass
+class TrainData:
+    """Samples built and split once (:func:`prepare_train_data`).
+
+    Attributes:
+        train / eval: Ray Datasets (materialised samples, split by time).
+        boundary_ms: first instant of the evaluation days.
+        available: the feature names the samples carry.
+        ext_dim: width of the ALURE embedding column (0: none).
+    """
+
+    train: Any
+    eval: Any
+    boundary_ms: int
+    available: Any
+    ext_dim: int = 0
+
+
+def prepare_train_data(
     events_url: str,
     segments_url: str,
-    out_dir: str,
-    tcfg: TrainConfig | None = None,
     max_seq_len: int = 64,
-    name: str | None = None,
-    extra_meta: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Train one policy; write checkpoints under ``out_dir`` and ``metrics.json``.
-
-    Re-running with the same ``out_dir`` and ``name`` resumes from the last
-    checkpoint of that run. A ``baseline`` run also measures the permutation
-    importance of the ad-impression attributes on up to
-    ``tcfg.importance_rows`` evaluation rows and records it (``importance``,
-    ``lowest_importance``) for the ``remove-*`` policies
-    (:func:`removed_from_baseline`). ``extra_meta`` is merged into
-    ``metrics.json``.
-
-    Raises:
-        ValueError: a ``remove-*`` policy without ``tcfg.removed``.
-    """
-    import ray
+    eval_days: int = 1,
+    alure: str | None = None,
+) -> TrainData:
+    """Build the samples (SPEC §6) on Ray Data, materialise them, and split by
+    time: the last ``eval_days`` full days are evaluated on."""
     from ray.data.expressions import col
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from dynamix_ray.runtime import ensure_ray
     from dynamix_ray.samples import SampleConfig, eval_boundary_ms, sample_dataset
 
-    tcfg = tcfg or TrainConfig()
-    if tcfg.policy.startswith("remove-") and not tcfg.removed:
-        raise ValueError(
-            f"policy {tcfg.policy} needs the attributes to remove: pass "
-            "--removed-from BASELINE_OUT (a baseline run's permutation "
-            "importance) or --removed a,b,c,d"
-        )
     ensure_ray()
-    t0 = time.perf_counter()
     samples = sample_dataset(
         events_url, segments_url, SampleConfig(max_seq_len=max_seq_len)
     )
-    if tcfg.alure:
+    ext_dim = 0
+    if alure:
         from dynamix_ray.alure.feature import attach_batch, read_daily
 
-        daily = read_daily(tcfg.alure)
-        tcfg = replace(tcfg, model=replace(tcfg.model, ext_dim=daily.dim))
+        daily = read_daily(alure)
+        ext_dim = daily.dim
         samples = samples.map_batches(
             cast(Any, attach_batch),
             fn_args=(
@@ -537,12 +563,63 @@ def run_train(
             )
         ]
     )
-    boundary = eval_boundary_ms(t_ms, tcfg.eval_days)
-    available = available_features(samples.take_batch(1, batch_format="numpy"))
-    train_ds = samples.filter(expr=col("t_ms") < boundary)
+    boundary = eval_boundary_ms(t_ms, eval_days)
+    return TrainData(
+        train=samples.filter(expr=col("t_ms") < boundary),
+        eval=samples.filter(expr=col("t_ms") >= boundary),
+        boundary_ms=boundary,
+        available=available_features(samples.take_batch(1, batch_format="numpy")),
+        ext_dim=ext_dim,
+    )
+
+
+def run_train(
+    events_url: str,
+    segments_url: str,
+    out_dir: str,
+    tcfg: TrainConfig | None = None,
+    max_seq_len: int = 64,
+    name: str | None = None,
+    extra_meta: dict[str, Any] | None = None,
+    data: TrainData | None = None,
+) -> dict[str, Any]:
+    """Train one policy; write checkpoints under ``out_dir`` and ``metrics.json``.
+
+    Re-running with the same ``out_dir`` and ``name`` resumes from the last
+    checkpoint of that run. A ``baseline`` run also measures the permutation
+    importance of the ad-impression attributes on up to
+    ``tcfg.importance_rows`` evaluation rows and records it (``importance``,
+    ``lowest_importance``) for the ``remove-*`` policies
+    (:func:`removed_from_baseline`). ``extra_meta`` is merged into
+    ``metrics.json``. ``data``: samples already built by
+    :func:`prepare_train_data` from the same inputs (``tcfg.eval_days`` and
+    ``tcfg.alure`` must match how they were built).
+
+    Raises:
+        ValueError: a ``remove-*`` policy without ``tcfg.removed``.
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    tcfg = tcfg or TrainConfig()
+    if tcfg.policy.startswith("remove-") and not tcfg.removed:
+        raise ValueError(
+            f"policy {tcfg.policy} needs the attributes to remove: pass "
+            "--removed-from BASELINE_OUT (a baseline run's permutation "
+            "importance) or --removed a,b,c,d"
+        )
+    t0 = time.perf_counter()
+    if data is None:
+        data = prepare_train_data(
+            events_url, segments_url, max_seq_len, tcfg.eval_days, tcfg.alure
+        )
+    if data.ext_dim:
+        tcfg = replace(tcfg, model=replace(tcfg.model, ext_dim=data.ext_dim))
+    boundary, available = data.boundary_ms, data.available
+    train_ds, eval_ds = data.train, data.eval
     if tcfg.shuffle_buffer:
         train_ds = train_ds.randomize_block_order(seed=tcfg.seed)
-    eval_ds = samples.filter(expr=col("t_ms") >= boundary)
     out_dir = os.path.abspath(out_dir)
     name = name or f"train-{tcfg.policy}"
     run_config = RunConfig(

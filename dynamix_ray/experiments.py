@@ -1,0 +1,755 @@
+"""The paper's experiments: Table 2 (feature removal) and Table 3 (boosting).
+
+``run_experiment`` trains every arm of an experiment with several seeds on the
+same samples (built once, :func:`train.prepare_train_data`), evaluated on the
+same later day, and measures per arm and seed:
+
+* NE overall and per segment, and the NE gain vs the same seed's baseline;
+* training examples/s: Ray Train's steady-state figure (data loading
+  included), and the model's own step (``train.train_step``) on fixed batches
+  with the arms interleaved batch by batch (:func:`train_step_throughput`);
+* inference QPS through the Serve rankers' own code (``serve.ranker.Ranker``)
+  in a replica-level harness: one request of ``candidates`` ads per call, 2/3
+  of requests for active users, one torch thread (a 1-CPU replica), arms
+  interleaved request by request (:func:`inference_qps`);
+* the speed-ups FLOPs predict for the same traffic.
+
+Epsilon is reported two ways: the segment table's (calibrated to an active
+share, SPEC §2) and the paper's "maximise NE separation between the two
+segments", swept with the first seed's baseline on the evaluation rows
+(:mod:`segments.epsilon`). Everything lands in ``OUT/results.json`` (per arm:
+mean, std and per-seed values of each figure) and ``OUT/report/`` (:mod:`report`).
+
+The plain parts (:func:`mean_std`, :func:`summarize_arms`, the harnesses)
+take arrays and callables; ``run_experiment`` is the Ray shell around them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from dynamix_ray.features import (
+    FeatureSet,
+    available_features,
+    flops_by_segment,
+    policy_features,
+    split_by_segment,
+    to_model_batch,
+)
+from dynamix_ray.model import ModelConfig, flops_per_sample
+
+__all__ = [
+    "ARMS",
+    "PAPER",
+    "ExperimentConfig",
+    "inference_qps",
+    "mean_std",
+    "paired_gain",
+    "predicted_gain",
+    "request_flops",
+    "run_experiment",
+    "summarize_arms",
+    "train_step_throughput",
+]
+
+ARMS: dict[str, tuple[str, ...]] = {
+    "removal": ("baseline", "remove-passive", "remove-active"),
+    "boosting": ("baseline", "boost-all", "boost-selective"),
+    "all": (
+        "baseline",
+        "remove-passive",
+        "remove-active",
+        "boost-all",
+        "boost-selective",
+    ),
+}
+# Tables 2 and 3 of the paper (percent, vs baseline; boost-selective's
+# inference figure is vs boost-all).
+PAPER: dict[str, dict[str, float]] = {
+    "remove-active": {"train_qps_pct": 1.1, "inference_qps_pct": 1.8},
+    "boost-selective": {"inference_qps_vs_boost_all_pct": 14.3},
+}
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Args:
+    kind: ``removal`` (Table 2), ``boosting`` (Table 3) or ``all`` (both, one
+        shared baseline per seed).
+    seeds: one training run per arm and seed.
+    epochs / batch_size / lr / max_seq_len: training, as ``dynamix train``.
+    num_workers / cpus_per_worker / use_gpu: Ray Train's scaling.
+    removed: attributes the ``remove-*`` arms drop; ``None``: the 4 lowest
+        permutation importances of the first seed's baseline (the paper).
+    candidates: ads per inference request.
+    qps_requests / qps_rounds: inference harness: requests per round (each
+        scored by every arm), rounds.
+    step_batches / step_rounds: training-step harness: fixed batches per
+        round, rounds.
+    sweep_points: epsilons in the NE-separation sweep.
+    min_side_share: a sweep point needs this share of rows on each side.
+    """
+
+    kind: str = "removal"
+    seeds: tuple[int, ...] = (0, 1, 2)
+    epochs: int = 1
+    batch_size: int = 512
+    lr: float = 2e-3
+    max_seq_len: int = 32
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    removed: tuple[str, ...] | None = None
+    candidates: int = 100
+    qps_requests: int = 60
+    qps_rounds: int = 5
+    step_batches: int = 20
+    step_rounds: int = 3
+    sweep_points: int = 37
+    min_side_share: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.kind not in ARMS:
+            raise ValueError(
+                f"experiment kind {self.kind!r}: expected one of {sorted(ARMS)}"
+            )
+        if not self.seeds:
+            raise ValueError("seeds: at least one seed is needed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds {self.seeds}: each seed once")
+        for name in ("qps_requests", "qps_rounds", "step_batches", "step_rounds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+# ----------------------------------------------------------------- plain core
+
+
+def mean_std(values: Sequence[float | None]) -> dict[str, Any]:
+    """``{"mean", "std", "values"}`` of the non-missing values (sample std,
+    ``None`` with fewer than 2 values; ``mean`` ``None`` with none)."""
+    v = [float(x) for x in values if x is not None and np.isfinite(x)]
+    return {
+        "mean": statistics.fmean(v) if v else None,
+        "std": statistics.stdev(v) if len(v) > 1 else None,
+        "values": [None if x is None else float(x) for x in values],
+    }
+
+
+def paired_gain(runs: Sequence[float], base: Sequence[float]) -> float:
+    """Median over rounds of (arm / baseline) - 1: rounds interleave the arms,
+    so each round's ratio cancels the machine's drift between rounds."""
+    return statistics.median(p / b for p, b in zip(runs, base, strict=True)) - 1
+
+
+def predicted_gain(flops: dict[int, int], base: dict[int, int], share: float) -> float:
+    """Speed-up FLOPs predict: base work / arm work - 1, at an active share."""
+
+    def work(f: dict[int, int]) -> float:
+        return share * f[1] + (1 - share) * f[0]
+
+    return work(base) / work(flops) - 1
+
+
+def request_flops(cfg: ModelConfig, fs: FeatureSet, n_candidates: int) -> int:
+    """One ranking request: the history encoded once, then each candidate's
+    part (target attention and head), as ``serve.ranker.Ranker`` computes it."""
+    user = flops_per_sample(cfg, fs, part="user_tower")
+    return user + n_candidates * (flops_per_sample(cfg, fs) - user)
+
+
+def summarize_arms(
+    arms: Sequence[str], runs: dict[str, dict[int, dict[str, Any]]]
+) -> dict[str, dict[str, Any]]:
+    """Per arm, mean/std/values over seeds of each figure, paired per seed
+    with that seed's baseline.
+
+    Args:
+        arms: arm names, ``baseline`` among them.
+        runs: ``{arm: {seed: figures}}``; figures hold ``ne``, ``ne_active``,
+            ``ne_passive``, ``auc``, ``train_examples_per_s`` and optionally
+            ``inference_qps_change`` (a fraction vs baseline).
+
+    Returns:
+        ``{arm: {figure: mean_std(...)}}`` with ``ne_gain`` (baseline NE minus
+        arm NE), ``ne_gain_pct`` (of baseline NE), ``train_qps_change_pct`` and
+        ``inference_qps_change_pct`` added.
+    """
+    base = runs["baseline"]
+    out: dict[str, dict[str, Any]] = {}
+    for arm in arms:
+        seeds = sorted(runs[arm])
+        rows = [runs[arm][s] for s in seeds]
+
+        def col(key: str, rows: list[dict[str, Any]] = rows) -> list[Any]:
+            return [r.get(key) for r in rows]
+
+        gains, gains_pct, train_pct, inf_pct = [], [], [], []
+        for s, r in zip(seeds, rows, strict=True):
+            b = base.get(s, {})
+            ok = r.get("ne") is not None and b.get("ne") is not None
+            gains.append(b["ne"] - r["ne"] if ok else None)
+            gains_pct.append(100 * (b["ne"] - r["ne"]) / b["ne"] if ok else None)
+            te, tb = r.get("train_examples_per_s"), b.get("train_examples_per_s")
+            train_pct.append(100 * (te / tb - 1) if te and tb else None)
+            q = r.get("inference_qps_change")
+            inf_pct.append(None if q is None else 100 * q)
+        out[arm] = {
+            "seeds": seeds,
+            **{
+                k: mean_std(col(k))
+                for k in (
+                    "ne",
+                    "ne_active",
+                    "ne_passive",
+                    "auc",
+                    "train_examples_per_s",
+                )
+            },
+            "ne_gain": mean_std(gains),
+            "ne_gain_pct": mean_std(gains_pct),
+            "train_qps_change_pct": mean_std(train_pct),
+            "inference_qps_change_pct": mean_std(inf_pct),
+        }
+    return out
+
+
+def train_step_throughput(
+    batches: Sequence[dict[str, np.ndarray]],
+    policies: Sequence[str],
+    removed: tuple[str, ...],
+    mcfg: ModelConfig,
+    rounds: int,
+    threads: int = 1,
+    on_round: Callable[[int, dict[str, list[float]]], None] | None = None,
+) -> dict[str, list[float]]:
+    """Examples/s of ``train.train_step`` (forward, backward, Adam) per policy
+    and round.
+
+    Every policy has its own model and optimizer from the same initial
+    weights; within a round the policies take turns batch by batch (order
+    rotated per batch), so drifts of the machine hit all of them alike. Only
+    ``train_step`` is timed.
+    """
+    import torch
+
+    from dynamix_ray.model import DynamixCTR
+    from dynamix_ray.train import train_step
+
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        init = DynamixCTR(mcfg).state_dict()
+        n = sum(len(b["label"]) for b in batches)
+        out: dict[str, list[float]] = {p: [] for p in policies}
+        for r in range(rounds):
+            state = {}
+            for policy in policies:
+                model = DynamixCTR(mcfg)
+                model.load_state_dict(init)
+                opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+                for b in batches[:3]:  # warm-up: allocator, first-call paths
+                    train_step(model, opt, b, policy, removed)
+                state[policy] = (model, opt)
+            spent = dict.fromkeys(policies, 0.0)
+            for i, b in enumerate(batches):
+                k = (i + r) % len(policies)
+                for policy in list(policies[k:]) + list(policies[:k]):
+                    model, opt = state[policy]
+                    t0 = time.perf_counter()
+                    train_step(model, opt, b, policy, removed)
+                    spent[policy] += time.perf_counter() - t0
+            for policy in policies:
+                out[policy].append(n / spent[policy])
+            if on_round is not None:
+                on_round(r, out)
+    finally:
+        torch.set_num_threads(old_threads)
+    return out
+
+
+Request = tuple[int, int, int, np.ndarray]  # segment, user_id, ts_ms, (C, A) ads
+
+
+def inference_qps(
+    score: dict[str, Callable[[Request], Any]],
+    requests: Sequence[Request],
+    rounds: int,
+    threads: int = 1,
+) -> dict[str, list[float]]:
+    """Requests/s of each arm's scorer per round.
+
+    Within a round every request is scored by every arm in turn (order
+    rotated per request), so the machine's drift hits all arms alike; only
+    the scoring call is timed. One warm-up pass per arm first.
+
+    Args:
+        score: ``{arm: fn(request)}``, e.g. the arm's active or passive
+            ``Ranker.score`` by the request's segment.
+        requests: the same requests for every arm.
+    """
+    import torch
+
+    arms = list(score)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for arm in arms:
+            for req in requests[: min(5, len(requests))]:
+                score[arm](req)
+        out: dict[str, list[float]] = {a: [] for a in arms}
+        for r in range(rounds):
+            spent = dict.fromkeys(arms, 0.0)
+            for i, req in enumerate(requests):
+                k = (i + r) % len(arms)
+                for arm in arms[k:] + arms[:k]:
+                    t0 = time.perf_counter()
+                    score[arm](req)
+                    spent[arm] += time.perf_counter() - t0
+            for arm in arms:
+                out[arm].append(len(requests) / spent[arm])
+    finally:
+        torch.set_num_threads(old_threads)
+    return out
+
+
+# ----------------------------------------------------------------- Ray shell
+
+
+def _log(progress: bool, msg: str) -> None:
+    if progress:
+        print(msg, flush=True)
+
+
+def _eval_rows(
+    checkpoint: str, eval_ds: Any, batch_size: int = 4096
+) -> dict[str, np.ndarray]:
+    """``user_id``, ``t_ms``, ``label``, ``segment`` and the checkpoint's
+    ``logit`` for every evaluation row (each segment with its policy)."""
+    import torch
+
+    from dynamix_ray.train import load_checkpoint
+
+    model, _, meta = load_checkpoint(checkpoint)
+    policy, removed = meta["policy"] or "baseline", tuple(meta["removed"] or ())
+    keep = ("user_id", "t_ms", "label", "segment")
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in (*keep, "logit")}
+    with torch.inference_mode():
+        for batch in eval_ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            avail = available_features(batch)
+            for seg, part in split_by_segment(batch).items():
+                feats = policy_features(policy, seg, removed, avail)
+                logits = model(to_model_batch(part, "cpu"), feats).float().numpy()
+                parts["logit"].append(logits)
+                for k in keep:
+                    parts[k].append(np.asarray(part[k]))
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def epsilon_study(
+    rows: dict[str, np.ndarray],
+    segments_url: str,
+    points: int = 37,
+    min_side_share: float = 0.05,
+) -> dict[str, Any]:
+    """The NE-separation sweep beside the segment table's calibrated epsilon.
+
+    Each evaluation row gets ``|corr|`` of its user's last window ended at or
+    before it (as its segment), and the sweep measures the baseline's NE on
+    each side of every epsilon.
+    """
+    import pandas as pd
+
+    from dynamix_ray.io import read_json, resolve
+    from dynamix_ray.samples import read_segment_rows, segment_at
+    from dynamix_ray.segments.epsilon import (
+        log_loss,
+        ne_by_threshold,
+        separation_epsilon,
+        sweep_thresholds,
+    )
+    from dynamix_ray.segments.pipeline import read_segments
+
+    table = read_segments(segments_url)
+    corr = table.column("corr").to_numpy(zero_copy_only=False).astype(np.float64)
+    seg_rows = read_segment_rows(segments_url)
+    uniques = pd.Index(pd.unique(rows["user_id"]))
+    row_corr = segment_at(
+        uniques.get_indexer(rows["user_id"]).astype(np.int64),
+        rows["t_ms"],
+        uniques.get_indexer(seg_rows["user_id"]).astype(np.int64),
+        seg_rows["window_end_ms"],
+        corr,
+        fill=np.nan,
+    )
+    abs_row = np.abs(row_corr)
+    eligible = np.abs(corr[~np.isnan(corr)])
+    grid = sweep_thresholds(eligible, points)
+    fs, root = resolve(segments_url)
+    meta = read_json(fs, f"{root}/segments/_meta.json")
+    calibrated = float(meta["epsilon"])
+    sweep = ne_by_threshold(
+        abs_row,
+        log_loss(rows["logit"], rows["label"]),
+        rows["label"],
+        np.append(grid, calibrated),
+        min_side_share,
+    )
+    at_cal = {k: float(v[-1]) for k, v in sweep.items()}
+    sweep = {k: v[:-1] for k, v in sweep.items()}
+    best = separation_epsilon(sweep)
+
+    def shares(eps: float | None) -> dict[str, Any]:
+        if eps is None:
+            return {"epsilon": None}
+        i = int(np.argmin(np.abs(sweep["epsilon"] - eps)))
+        return {
+            "epsilon": eps,
+            "active_share_windows": float((eligible > eps).mean())
+            if len(eligible)
+            else None,
+            "active_share_traffic": float(sweep["active_share"][i]),
+            "ne_active": float(sweep["ne_active"][i]),
+            "ne_passive": float(sweep["ne_passive"][i]),
+            "separation": float(sweep["separation"][i]),
+        }
+
+    cal = {
+        "epsilon": calibrated,
+        "source": meta.get("epsilon_source"),
+        "active_share_windows": float((eligible > calibrated).mean())
+        if len(eligible)
+        else None,
+        "active_share_traffic": at_cal["active_share"],
+        "ne_active": at_cal["ne_active"],
+        "ne_passive": at_cal["ne_passive"],
+        "separation": at_cal["separation"],
+    }
+    return {
+        "calibrated": cal,
+        "separation": shares(best),
+        "sweep": {
+            k: [None if not np.isfinite(x) else float(x) for x in v]
+            for k, v in sweep.items()
+        },
+        "eval_rows": int(len(abs_row)),
+        "eval_rows_without_window": int(np.isnan(abs_row).sum()),
+    }
+
+
+def _requests(
+    events_url: str,
+    segments_url: str,
+    histories: Any,
+    n: int,
+    candidates: int,
+    active_share: float = 2 / 3,
+    seed: int = 0,
+) -> list[Request]:
+    """``n`` ranking requests at the histories' instant, ``active_share`` of
+    them for users the segment table calls active, ``candidates`` distinct
+    ads of the catalog each."""
+    from dynamix_ray.alure.evaluate import read_events_frame
+    from dynamix_ray.model.config import CANDIDATE_ATTRIBUTES
+    from dynamix_ray.serve.store import read_segment_store
+
+    rng = np.random.default_rng(seed)
+    ts = histories.as_of_ms
+    seg = read_segment_store(segments_url).lookup(
+        histories.user_id, np.full(len(histories), ts)
+    )
+    users = {s: histories.user_id[seg == s] for s in (0, 1)}
+    ads = read_events_frame(events_url, "ad_impressions", list(CANDIDATE_ATTRIBUTES))
+    catalog = ads.drop_duplicates("ad_id")[list(CANDIDATE_ATTRIBUTES)].to_numpy()
+    out: list[Request] = []
+    for _ in range(n):
+        s = 1 if rng.random() < active_share else 0
+        if len(users[s]) == 0:
+            s = 1 - s
+        idx = rng.choice(len(catalog), min(candidates, len(catalog)), replace=False)
+        out.append((s, int(rng.choice(users[s])), ts, catalog[idx].astype(np.int64)))
+    return out
+
+
+def _scorer(rankers: dict[int, Any]) -> Callable[[Request], Any]:
+    """Score a request with the ranker of its segment."""
+
+    def score(req: Request) -> Any:
+        return rankers[req[0]].score([req[1]], [req[2]], [req[3]])
+
+    return score
+
+
+def _sample_batches(
+    ds: Any, batch_size: int, n_batches: int, seed: int = 0
+) -> list[dict[str, np.ndarray]]:
+    """``n_batches`` batches of rows drawn at random from ``ds``."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for b in ds.iter_batches(batch_size=8192, batch_format="numpy"):
+        for k, v in b.items():
+            parts.setdefault(k, []).append(v)
+    cols = {k: np.concatenate(v) for k, v in parts.items()}
+    total = len(cols["label"])
+    want = min(total, batch_size * n_batches)
+    order = np.random.default_rng(seed).permutation(total)[:want]
+    return [
+        {k: v[order[i : i + batch_size]] for k, v in cols.items()}
+        for i in range(0, want - batch_size + 1, batch_size)
+    ] or [{k: v[order] for k, v in cols.items()}]
+
+
+def run_experiment(
+    events_url: str,
+    segments_url: str,
+    out_dir: str,
+    cfg: ExperimentConfig | None = None,
+    progress: bool = True,
+    serving_timeline: str | None = None,
+) -> dict[str, Any]:
+    """Train, measure and report one experiment; returns what
+    ``OUT/results.json`` holds. Re-running with the same OUT resumes each
+    (arm, seed) run from its last checkpoint.
+
+    Args:
+        serving_timeline: a JSON with an autoscaling replica timeline
+            (``benchmarks/serve_load.py``'s output, or ``dynamix demo``'s) for
+            the report's serving plot.
+    """
+    import ray
+
+    from dynamix_ray.features import lowest_importance
+    from dynamix_ray.histories import read_histories, run_histories
+    from dynamix_ray.runtime import ensure_ray
+    from dynamix_ray.serve.ranker import Ranker
+    from dynamix_ray.synth import NO_SIGNAL_ATTRIBUTES
+    from dynamix_ray.train import TrainConfig, prepare_train_data, run_train
+
+    cfg = cfg or ExperimentConfig()
+    arms = ARMS[cfg.kind]
+    t_start = time.perf_counter()
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    ensure_ray()
+    _log(progress, f"experiment {cfg.kind}: arms {', '.join(arms)}; seeds {cfg.seeds}")
+    _log(progress, "  building samples (Ray Data) ...")
+    data = prepare_train_data(events_url, segments_url, cfg.max_seq_len)
+    mcfg = ModelConfig(max_seq_len=cfg.max_seq_len)
+    seq = {s: cfg.max_seq_len for s in mcfg.sources}
+    base_tcfg = TrainConfig(
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        num_workers=cfg.num_workers,
+        cpus_per_worker=cfg.cpus_per_worker,
+        use_gpu=cfg.use_gpu,
+        model=mcfg,
+    )
+
+    metrics: dict[str, dict[int, dict[str, Any]]] = {a: {} for a in arms}
+    removed = cfg.removed
+    importance: dict[str, float] | None = None
+    for seed in cfg.seeds:
+        for arm in arms:
+            if arm.startswith("remove-") and removed is None:
+                raise RuntimeError("removed attributes not chosen")  # baseline first
+            tcfg = replace(
+                base_tcfg,
+                policy=arm,
+                seed=seed,
+                removed=removed if arm.startswith("remove-") and removed else (),
+                importance_rows=(
+                    base_tcfg.importance_rows
+                    if arm == "baseline" and seed == cfg.seeds[0]
+                    else 0
+                ),
+            )
+            t0 = time.perf_counter()
+            m = run_train(
+                events_url,
+                segments_url,
+                f"{out_dir}/runs/{arm}/seed{seed}",
+                tcfg,
+                cfg.max_seq_len,
+                data=data,
+            )
+            metrics[arm][seed] = m
+            if arm == "baseline" and seed == cfg.seeds[0]:
+                importance = m.get("importance")
+                if removed is None:
+                    if not importance:
+                        raise RuntimeError("the baseline recorded no importance")
+                    removed = tuple(lowest_importance(importance))
+                    _log(progress, f"  remove-* arms drop: {', '.join(removed)}")
+            _log(
+                progress,
+                f"  {arm:16s} seed {seed}: NE {m['ne']:.4f} (active "
+                f"{m['ne_active']:.4f}, passive {m['ne_passive']:.4f}), "
+                f"{m['train_examples_per_s']:,.0f} examples/s (Ray Train), "
+                f"{time.perf_counter() - t0:.0f} s",
+            )
+    assert removed is not None or not any(a.startswith("remove-") for a in arms)
+    removed = removed or ()
+
+    # ---- epsilon: NE separation sweep with the first seed's baseline
+    _log(progress, "  epsilon: NE-separation sweep on the evaluation rows ...")
+    rows = _eval_rows(metrics["baseline"][cfg.seeds[0]]["checkpoint"], data.eval)
+    eps = epsilon_study(rows, segments_url, cfg.sweep_points, cfg.min_side_share)
+    sep, cal = eps["separation"], eps["calibrated"]
+    _log(
+        progress,
+        f"    calibrated epsilon {cal['epsilon']:.4f} (active share of windows "
+        f"{cal['active_share_windows']:.3f}); NE-separation epsilon "
+        + (
+            f"{sep['epsilon']:.4f} (share {sep['active_share_windows']:.3f}, "
+            f"NE passive - active {sep['separation']:+.4f})"
+            if sep["epsilon"] is not None
+            else "none (no threshold leaves both sides large enough)"
+        ),
+    )
+
+    # ---- training throughput of the model step, arms interleaved
+    _log(progress, "  training-step throughput (arms interleaved) ...")
+    batches = _sample_batches(data.train, cfg.batch_size, cfg.step_batches)
+    share_train = float(np.concatenate([b["segment"] for b in batches]).mean())
+    step = train_step_throughput(
+        batches, arms, removed, mcfg, cfg.step_rounds, threads=1
+    )
+
+    # ---- inference QPS through the Serve rankers' code
+    _log(progress, "  inference QPS (Serve Ranker code, arms interleaved) ...")
+    hist_root = f"{out_dir}/histories"
+    run_histories(events_url, hist_root, None, cfg.max_seq_len, progress=False)
+    hist = read_histories(hist_root)
+    requests = _requests(
+        events_url, segments_url, hist, cfg.qps_requests, cfg.candidates
+    )
+    share_inf = float(np.mean([r[0] for r in requests]))
+    qps_runs: dict[int, dict[str, list[float]]] = {}
+    for seed in cfg.seeds:
+        rankers = {
+            arm: {s: Ranker(metrics[arm][seed]["checkpoint"], hist, s) for s in (0, 1)}
+            for arm in arms
+        }
+        score: dict[str, Callable[[Request], Any]] = {
+            arm: _scorer(rk) for arm, rk in rankers.items()
+        }
+        qps_runs[seed] = inference_qps(score, requests, cfg.qps_rounds)
+        for arm in arms:
+            metrics[arm][seed]["inference_qps"] = qps_runs[seed][arm]
+            metrics[arm][seed]["inference_qps_change"] = paired_gain(
+                qps_runs[seed][arm], qps_runs[seed]["baseline"]
+            )
+        _log(
+            progress,
+            f"    seed {seed}: "
+            + ", ".join(
+                f"{a} {statistics.median(qps_runs[seed][a]):.1f}/s" for a in arms
+            ),
+        )
+
+    # ---- summary
+    summary = summarize_arms(arms, metrics)
+    avail = data.available
+    flops_train = {a: flops_by_segment(mcfg, a, removed, avail, seq) for a in arms}
+    cand_feats = {
+        a: {s: policy_features(a, s, removed, avail) for s in (0, 1)} for a in arms
+    }
+    req_flops = {
+        a: {s: request_flops(mcfg, cand_feats[a][s], cfg.candidates) for s in (0, 1)}
+        for a in arms
+    }
+    for a in arms:
+        summary[a]["step_examples_per_s"] = step[a]
+        summary[a]["step_qps_change_pct"] = {
+            "median": 100 * paired_gain(step[a], step["baseline"]),
+            "rounds": [
+                100 * (x / b - 1)
+                for x, b in zip(step[a], step["baseline"], strict=True)
+            ],
+        }
+        summary[a]["flop_train_change_pct"] = 100 * predicted_gain(
+            flops_train[a], flops_train["baseline"], share_train
+        )
+        summary[a]["flop_inference_change_pct"] = 100 * predicted_gain(
+            req_flops[a], req_flops["baseline"], share_inf
+        )
+        summary[a]["mflop_per_sample"] = {
+            "passive": flops_train[a][0] / 1e6,
+            "active": flops_train[a][1] / 1e6,
+        }
+        summary[a]["mflop_per_request"] = {
+            "passive": req_flops[a][0] / 1e6,
+            "active": req_flops[a][1] / 1e6,
+        }
+        summary[a]["curve"] = {
+            str(s): metrics[a][s].get("curve", []) for s in cfg.seeds
+        }
+        summary[a]["epsilon"] = cal["epsilon"]
+    if "boost-all" in arms and "boost-selective" in arms:
+        vs = [
+            100 * paired_gain(qps_runs[s]["boost-selective"], qps_runs[s]["boost-all"])
+            for s in cfg.seeds
+        ]
+        summary["boost-selective"]["inference_qps_vs_boost_all_pct"] = mean_std(vs)
+
+    truth = _truth_recovery(events_url, segments_url)
+    results = {
+        "kind": cfg.kind,
+        "arms": summary,
+        "tables": {
+            k: [a for a in v if a in arms]
+            for k, v in ARMS.items()
+            if k != "all" and (cfg.kind in (k, "all"))
+        },
+        "seeds": list(cfg.seeds),
+        "epsilon": eps,
+        "removed": list(removed),
+        "planted_no_signal": list(NO_SIGNAL_ATTRIBUTES),
+        "importance": importance,
+        "active_share": {"training_batches": share_train, "inference": share_inf},
+        "inference_harness": (
+            f"serve.ranker.Ranker.score in-process, 1 torch thread, one request "
+            f"of {cfg.candidates} candidates per call, {cfg.qps_requests} "
+            f"requests x {cfg.qps_rounds} rounds, arms interleaved per request"
+        ),
+        "truth_recovery": truth,
+        "paper": PAPER,
+        "config": {**asdict(cfg), "seeds": list(cfg.seeds)},
+        "inputs": {
+            "events": events_url,
+            "segments": segments_url,
+            "eval_boundary_ms": data.boundary_ms,
+            "serving_timeline": serving_timeline,
+        },
+        "ray_version": ray.__version__,
+        "wall_s": time.perf_counter() - t_start,
+    }
+    with open(f"{out_dir}/results.json", "w") as fh:
+        json.dump(results, fh, indent=2, default=str)
+    from dynamix_ray.report import write_report
+
+    index = write_report(out_dir, results)
+    results["report"] = index
+    _log(progress, f"  results {out_dir}/results.json\n  report  {index}")
+    return results
+
+
+def _truth_recovery(events_url: str, segments_url: str) -> dict[str, Any] | None:
+    """Planted-truth recovery when the events are generated (``_truth/``)."""
+    from dynamix_ray.segments.pipeline import read_segments
+    from dynamix_ray.synth import read_truth_users, segment_recovery
+
+    try:
+        truth = read_truth_users(events_url)
+    except FileNotFoundError:
+        return None
+    return segment_recovery(truth, read_segments(segments_url))
