@@ -44,9 +44,18 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from dynamix_ray.config import GenerateConfig, SegmentConfig  # noqa: E402
+from dynamix_ray.experiments import request_flops  # noqa: E402
 from dynamix_ray.features import POLICIES, available_features, policy_features  # noqa: E402
-from dynamix_ray.model import DynamixCTR, ModelConfig, flops_per_sample  # noqa: E402
+from dynamix_ray.model import DynamixCTR, ModelConfig  # noqa: E402
 from dynamix_ray.model.config import CANDIDATE_ATTRIBUTES  # noqa: E402
+from dynamix_ray.report import plot_timeline  # noqa: E402
+from dynamix_ray.serve.loadgen import (  # noqa: E402
+    Traffic,
+    closed_loop,
+    open_loop,
+    pct,
+    record_autoscaling,
+)
 
 APP = "dynamix"
 FALLBACK_REMOVED = ("media_type", "position", "surface", "dwell_ms")
@@ -161,172 +170,6 @@ def deploy_noop() -> None:
             return {"ok": True}
 
     serve.run(NoOp.bind(), name="noop", route_prefix="/noop")
-
-
-class Traffic:
-    """Request bodies for active and passive users at the data's end."""
-
-    def __init__(self, env: dict[str, Any], n_candidates: int, seed: int = 0) -> None:
-        from dynamix_ray.alure.evaluate import read_events_frame
-        from dynamix_ray.histories import read_histories
-        from dynamix_ray.serve.store import read_segment_store
-
-        hist = read_histories(env["histories"])
-        store = read_segment_store(env["segments"])
-        self.ts = hist.as_of_ms
-        seg = store.lookup(hist.user_id, np.full(len(hist), self.ts))
-        self.users = {1: hist.user_id[seg == 1], 0: hist.user_id[seg == 0]}
-        ads = read_events_frame(
-            env["events"], "ad_impressions", list(CANDIDATE_ATTRIBUTES)
-        )
-        self.catalog = ads.drop_duplicates("ad_id")[
-            list(CANDIDATE_ATTRIBUTES)
-        ].to_numpy()
-        self.rng = np.random.default_rng(seed)
-        self.n = n_candidates
-        self.bodies = {s: [self._body(s) for _ in range(64)] for s in (0, 1)}
-
-    def cands(self) -> np.ndarray:
-        idx = self.rng.choice(len(self.catalog), self.n, replace=False)
-        return self.catalog[idx].astype(np.int64)
-
-    def _body(self, segment: int) -> tuple[int, np.ndarray, bytes]:
-        user = int(self.rng.choice(self.users[segment]))
-        c = self.cands()
-        body = {
-            "user_id": user,
-            "ts": self.ts,
-            "candidates": [
-                dict(zip(CANDIDATE_ATTRIBUTES, map(int, r), strict=True)) for r in c
-            ],
-        }
-        return user, c, json.dumps(body).encode()
-
-    def pick(self, active_share: float) -> tuple[int, bytes]:
-        s = 1 if self.rng.random() < active_share else 0
-        _, _, b = self.bodies[s][int(self.rng.integers(len(self.bodies[s])))]
-        return s, b
-
-
-# ---------------------------------------------------------------- load
-
-
-def pct(xs: list[float], q: float) -> float | None:
-    return float(np.percentile(xs, q)) if xs else None
-
-
-def summarize(lat_ms: list[float], errors: int, wall_s: float) -> dict[str, Any]:
-    return {
-        "requests": len(lat_ms) + errors,
-        "ok": len(lat_ms),
-        "errors": errors,
-        "qps": len(lat_ms) / wall_s if wall_s else 0.0,
-        "p50_ms": pct(lat_ms, 50),
-        "p95_ms": pct(lat_ms, 95),
-        "p99_ms": pct(lat_ms, 99),
-    }
-
-
-async def closed_loop(
-    url: str, bodies: Any, concurrency: int, duration_s: float, max_requests: int
-) -> dict[str, Any]:
-    """``concurrency`` clients, each sending its next request when the last is
-    answered, for ``duration_s`` (at most ``max_requests`` in all)."""
-    import aiohttp
-
-    lat: list[float] = []
-    errors = 0
-    sent = 0
-    end = time.perf_counter() + duration_s
-    conn = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(
-        connector=conn, timeout=aiohttp.ClientTimeout(total=60)
-    ) as s:
-
-        async def client() -> None:
-            nonlocal errors, sent
-            while time.perf_counter() < end and sent < max_requests:
-                sent += 1
-                body = bodies()
-                t0 = time.perf_counter()
-                try:
-                    async with s.post(
-                        url, data=body, headers={"content-type": "application/json"}
-                    ) as r:
-                        await r.read()
-                        ok = r.status == 200
-                except aiohttp.ClientError:
-                    ok = False
-                if ok:
-                    lat.append(1000 * (time.perf_counter() - t0))
-                else:
-                    errors += 1
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(concurrency)))
-        wall = time.perf_counter() - t0
-    return summarize(lat, errors, wall)
-
-
-async def open_loop(
-    url: str,
-    traffic: Traffic,
-    rate: float,
-    duration_s: float,
-    share_at: Any,
-    events: dict[float, Any] | None = None,
-    max_outstanding: int = 256,
-) -> list[dict[str, Any]]:
-    """Requests at a fixed rate (``share_at(t)``: active share at second t);
-    ``events``: {second: callable} run once in a thread at that time. Returns
-    one record per request: start second, latency, status, segment."""
-    import aiohttp
-
-    records: list[dict[str, Any]] = []
-    pending = dict(events or {})
-    sem = asyncio.Semaphore(max_outstanding)
-    conn = aiohttp.TCPConnector(limit=max_outstanding)
-    async with aiohttp.ClientSession(
-        connector=conn, timeout=aiohttp.ClientTimeout(total=60)
-    ) as s:
-
-        async def one(t_rel: float, seg: int, body: bytes) -> None:
-            async with sem:
-                t0 = time.perf_counter()
-                try:
-                    async with s.post(
-                        url, data=body, headers={"content-type": "application/json"}
-                    ) as r:
-                        await r.read()
-                        status = r.status
-                except aiohttp.ClientError as e:
-                    status = f"client error: {type(e).__name__}"
-                records.append(
-                    {
-                        "t": t_rel,
-                        "ms": 1000 * (time.perf_counter() - t0),
-                        "status": status,
-                        "segment": seg,
-                    }
-                )
-
-        tasks = []
-        start = time.perf_counter()
-        i = 0
-        while True:
-            t_rel = i / rate
-            if t_rel >= duration_s:
-                break
-            for at in [a for a in pending if a <= t_rel]:
-                tasks.append(asyncio.ensure_future(asyncio.to_thread(pending.pop(at))))
-            delay = start + t_rel - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            seg, body = traffic.pick(share_at(t_rel))
-            tasks.append(asyncio.ensure_future(one(t_rel, seg, body)))
-            i += 1
-        await asyncio.gather(*tasks)
-    return records
 
 
 # ---------------------------------------------------------------- sections
@@ -517,12 +360,6 @@ def section_router_overhead(args, env, traffic, base: str) -> dict[str, Any]:
     return out
 
 
-def request_flops(cfg: ModelConfig, fs: Any, n_candidates: int) -> int:
-    """One request: the history encoded once, then each candidate's part."""
-    user = flops_per_sample(cfg, fs, part="user_tower")
-    return user + n_candidates * (flops_per_sample(cfg, fs) - user)
-
-
 def section_policies(args, env, traffic, base: str) -> dict[str, Any]:
     from dynamix_ray.train import load_checkpoint
 
@@ -591,20 +428,7 @@ def section_policies(args, env, traffic, base: str) -> dict[str, Any]:
     return out
 
 
-def replica_counts() -> dict[str, int]:
-    from ray import serve
-
-    app = serve.status().applications.get(APP)
-    out = {}
-    for name in ("ActiveRanker", "PassiveRanker"):
-        d = app.deployments.get(name) if app else None
-        states = d.replica_states if d else {}
-        out[name] = int(sum(n for s, n in states.items() if str(s).endswith("RUNNING")))
-    return out
-
-
 def section_autoscaling(args, env, traffic, base: str, rate: float) -> dict[str, Any]:
-    import threading
 
     auto = {
         "autoscaling_config": {
@@ -620,63 +444,14 @@ def section_autoscaling(args, env, traffic, base: str, rate: float) -> dict[str,
     }
     cfg = app_config(env, "baseline", args, active=auto, passive=auto)
     deploy(cfg)
-    timeline: list[dict[str, Any]] = []
-    stop = threading.Event()
-    t0 = time.perf_counter()
-
-    def sample() -> None:
-        import requests
-
-        s = requests.Session()
-        while not stop.is_set():
-            row = {"t": time.perf_counter() - t0, **replica_counts()}
-            try:  # the router's in-flight calls per ranker, right now
-                h = s.get(f"{base}/healthz", timeout=5).json()
-                row["inflight"] = h["inflight"]
-            except Exception:  # noqa: BLE001 - a missed sample, not a failure
-                pass
-            timeline.append(row)
-            stop.wait(0.5)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    half = args.phase_s
-    recs = asyncio.run(
-        open_loop(
-            f"{base}/rank",
-            traffic,
-            rate,
-            2 * half,
-            lambda t: 1 / 3 if t < half else 2 / 3,
-        )
-    )
-    stop.set()
-    th.join()
-    ok = [r for r in recs if r["status"] == 200]
-    phases = {}
-    for name, lo, hi in (("share_1/3", 0, half), ("share_2/3", half, 2 * half)):
-        rows = [x for x in timeline if lo + 0.5 * half <= x["t"] < hi]
-        phases[name] = {
-            "ActiveRanker_max": max((x["ActiveRanker"] for x in rows), default=None),
-            "PassiveRanker_max": max((x["PassiveRanker"] for x in rows), default=None),
-            "ActiveRanker_end": rows[-1]["ActiveRanker"] if rows else None,
-            "PassiveRanker_end": rows[-1]["PassiveRanker"] if rows else None,
-        }
-    out = {
-        "config": auto,
-        "rate_qps": rate,
-        "phase_s": half,
-        "requests": len(recs),
-        "errors": len(recs) - len(ok),
-        "timeline": timeline,
-        "phases": phases,
-    }
+    out = {"config": auto, **record_autoscaling(base, traffic, rate, args.phase_s, APP)}
     print(
-        f"  open loop {rate:.1f} QPS, {len(recs)} requests, {out['errors']} errors; "
-        f"replicas (active, passive) in the second half of each phase: "
+        f"  open loop {rate:.1f} QPS, {out['requests']} requests, "
+        f"{out['errors']} errors; replicas (active, passive) in the second half of "
+        "each phase: "
         + ", ".join(
-            f"{k}: max ({v['ActiveRanker_max']}, {v['PassiveRanker_max']})"
-            for k, v in phases.items()
+            f"{k} share: max ({v['ActiveRanker_max']}, {v['PassiveRanker_max']})"
+            for k, v in out["phases"].items()
         ),
         flush=True,
     )
@@ -774,30 +549,6 @@ def section_faults(args, env, traffic, base: str, rate: float) -> dict[str, Any]
     return out
 
 
-def plot_autoscaling(res: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tl = res["timeline"]
-    t = [x["t"] for x in tl]
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    ax.step(t, [x["ActiveRanker"] for x in tl], where="post", label="ActiveRanker")
-    ax.step(t, [x["PassiveRanker"] for x in tl], where="post", label="PassiveRanker")
-    ax.axvline(res["phase_s"], color="grey", ls="--", lw=1)
-    ax.text(res["phase_s"] / 2, 0.2, "active share 1/3", ha="center")
-    ax.text(1.5 * res["phase_s"], 0.2, "active share 2/3", ha="center")
-    ax.set_xlabel("seconds")
-    ax.set_ylabel("running replicas")
-    ax.set_ylim(0, max(max(x["ActiveRanker"], x["PassiveRanker"]) for x in tl) + 1)
-    ax.legend(loc="upper left")
-    ax.set_title(f"Autoscaling under {res['rate_qps']:.0f} QPS open-loop load")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -889,7 +640,7 @@ def main() -> None:
     base = f"http://127.0.0.1:{args.port}"
     deploy(app_config(env, "baseline", args))
     deploy_noop()
-    traffic = Traffic(env, args.candidates)
+    traffic = Traffic(env["events"], env["histories"], env["segments"], args.candidates)
     print(
         f"users at the data's end: {len(traffic.users[1])} active, "
         f"{len(traffic.users[0])} passive; {args.candidates} candidates per request",
@@ -935,7 +686,7 @@ def main() -> None:
         res["autoscaling"] = section_autoscaling(
             args, env, traffic, base, args.autoscale_rate
         )
-        plot_autoscaling(res["autoscaling"], out_dir / "autoscaling.png")
+        plot_timeline(res["autoscaling"], str(out_dir / "autoscaling.png"))
         print(f"  plot {out_dir / 'autoscaling.png'}", flush=True)
     if "faults" in args.sections:
         print("6. faults: kill an active replica, publish new segments", flush=True)

@@ -45,9 +45,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from segment import cached_dataset  # noqa: E402
 
 from dynamix_ray.config import GenerateConfig, SegmentConfig  # noqa: E402
+from dynamix_ray.experiments import (  # noqa: E402
+    paired_gain,
+    predicted_gain,
+    train_step_throughput,
+)
 from dynamix_ray.features import POLICIES, flops_by_segment  # noqa: E402
 from dynamix_ray.model import ModelConfig  # noqa: E402
-from dynamix_ray.train import TrainConfig, run_train, train_step  # noqa: E402
+from dynamix_ray.train import TrainConfig, run_train  # noqa: E402
 
 NE_TARGET = 0.95  # baseline vs a base-rate model
 RATIO_TARGET = 0.8  # remove-active: measured gain / FLOP-predicted gain
@@ -86,22 +91,6 @@ def sample_batches(
     ]
 
 
-def paired_gain(runs: list[float], base: list[float]) -> float:
-    """Median over rounds of (policy examples/s / baseline examples/s) - 1: the
-    rounds interleave the policies, so each round's ratio cancels the machine's
-    drift between rounds."""
-    return statistics.median(p / b for p, b in zip(runs, base, strict=True)) - 1
-
-
-def predicted_gain(flops: dict[int, int], base: dict[int, int], share: float) -> float:
-    """Speed-up FLOPs predict: base work / policy work - 1, for an active share."""
-
-    def work(f: dict[int, int]) -> float:
-        return share * f[1] + (1 - share) * f[0]
-
-    return work(base) / work(flops) - 1
-
-
 def throughput(
     batches: list[dict[str, np.ndarray]],
     policies: list[str],
@@ -111,44 +100,13 @@ def throughput(
     threads: int,
     label: str,
 ) -> dict[str, list[float]]:
-    """Examples/s of each policy per round.
+    """``experiments.train_step_throughput``, printing each round."""
 
-    Every policy has its own model and optimizer from the same initial
-    weights; within a round the policies take turns batch by batch (order
-    rotated per batch), so drifts of the machine hit all of them alike. Only
-    ``train_step`` is timed.
-    """
-    import torch
-
-    from dynamix_ray.model import DynamixCTR
-
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    init = DynamixCTR(mcfg).state_dict()
-    n = sum(len(b["label"]) for b in batches)
-    out: dict[str, list[float]] = {p: [] for p in policies}
-    for r in range(reps):
-        state = {}
-        for policy in policies:
-            model = DynamixCTR(mcfg)
-            model.load_state_dict(init)
-            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-            for b in batches[:3]:  # warm-up: allocator, first-call paths
-                train_step(model, opt, b, policy, removed)
-            state[policy] = (model, opt)
-        spent = dict.fromkeys(policies, 0.0)
-        for i, b in enumerate(batches):
-            k = (i + r) % len(policies)
-            for policy in policies[k:] + policies[:k]:
-                model, opt = state[policy]
-                t0 = time.perf_counter()
-                train_step(model, opt, b, policy, removed)
-                spent[policy] += time.perf_counter() - t0
-        for policy in policies:
-            out[policy].append(n / spent[policy])
+    def show(r: int, out: dict[str, list[float]]) -> None:
         line = "  ".join(f"{p} {out[p][-1]:,.0f}" for p in policies)
         print(f"  {label} round {r + 1}/{reps}: examples/s  {line}", flush=True)
-    return out
+
+    return train_step_throughput(batches, policies, removed, mcfg, reps, threads, show)
 
 
 def main(argv: list[str] | None = None) -> int:

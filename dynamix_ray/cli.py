@@ -248,20 +248,37 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="everything end to end on small data",
+        help="everything end to end on small data, with a report",
         description="Generate a small dataset, segment it (with planted-truth "
-        "recovery), train a baseline CTR model briefly on Ray Train, snapshot "
-        "histories, start the Serve app, send it a few real requests, stop it, "
-        "and print where the outputs are.",
+        "recovery), train every arm of the removal and boosting experiments "
+        "briefly on Ray Train, measure them, start the Serve app (autoscaling "
+        "ActiveRanker and PassiveRanker), send it real requests and a short "
+        "load whose active share rises, stop it, and write the report "
+        "(OUT/experiment/report/index.html).",
     )
     p.add_argument(
         "--out", default="demo_out", help="output folder (default %(default)s)"
     )
-    p.add_argument("--users", type=int, default=2000)
-    p.add_argument("--days", type=int, default=7)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--users", type=int, default=1000)
+    p.add_argument("--days", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0, help="data seed")
+    p.add_argument(
+        "--seeds", default="0", help="training seeds per arm (default %(default)s)"
+    )
     p.add_argument("--max-seq-len", type=int, default=32)
     p.add_argument("--port", type=int, default=8000, help="Serve HTTP port")
+    p.add_argument(
+        "--load-s",
+        type=float,
+        default=20.0,
+        help="seconds per phase of the autoscaling load (default %(default)s)",
+    )
+    p.add_argument(
+        "--load-qps",
+        type=float,
+        default=30.0,
+        help="open-loop load (default %(default)s)",
+    )
     p.add_argument(
         "--no-serve", dest="serve", action="store_false", help="skip the Serve step"
     )
@@ -577,12 +594,15 @@ def cmd_segment(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import time
 
+    from dynamix_ray.experiments import ARMS, ExperimentConfig, run_experiment
+    from dynamix_ray.report import write_report
     from dynamix_ray.segments.pipeline import read_segments, run_segment
     from dynamix_ray.synth import generate, read_truth_users, segment_recovery
 
     t0 = time.perf_counter()
     out = args.out.rstrip("/")
     events = f"{out}/events"
+    seeds = _int_list(args.seeds, "--seeds")
     step = _steps(5 if args.serve else 4)
     step("generate")
     generate(events, GenerateConfig(users=args.users, days=args.days, seed=args.seed))
@@ -597,34 +617,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"precision {rec['precision']:.3f}, recall {rec['recall']:.3f} "
         f"(planted active share {rec['planted_active_share']:.3f})"
     )
-    step("train a baseline CTR model (Ray Train, 1 epoch)")
-    from dynamix_ray.model import ModelConfig
-    from dynamix_ray.train import TrainConfig, run_train
-
-    seq = args.max_seq_len
-    m = run_train(
+    step(
+        f"experiments: {len(ARMS['all'])} arms x {len(seeds)} seed(s) on Ray Train "
+        "(1 epoch), throughput, epsilon sweep"
+    )
+    exp_out = f"{out}/experiment"
+    r = run_experiment(
         events,
         f"{out}/segments_run",
-        f"{out}/train",
-        TrainConfig(epochs=1, model=ModelConfig(max_seq_len=seq), seed=args.seed),
-        seq,
+        exp_out,
+        ExperimentConfig(
+            kind="all",
+            seeds=seeds,
+            max_seq_len=args.max_seq_len,
+            qps_requests=30,
+            qps_rounds=3,
+            step_batches=10,
+            step_rounds=2,
+        ),
     )
-    print(
-        f"baseline: NE {m['ne']:.4f} (active {m['ne_active']:.4f}, passive "
-        f"{m['ne_passive']:.4f}), AUC {m['auc']:.3f}, "
-        f"{m['train_examples_per_s']:.0f} examples/s"
-    )
-    step("history snapshot for serving")
-    from dynamix_ray.histories import run_histories
-
-    run_histories(events, f"{out}/histories", None, seq, progress=False)
+    print(experiment_summary(r))
+    timeline = None
     if args.serve:
-        step(f"Ray Serve on 127.0.0.1:{args.port}, a few real requests")
-        _demo_requests(out, args.port)
+        step(f"Ray Serve on 127.0.0.1:{args.port}: real requests, then a load")
+        timeline = _demo_serve(
+            out, exp_out, seeds[0], args.port, args.load_s, args.load_qps
+        )
+    step("report")
+    index = write_report(exp_out, None, timeline)
     print(
         f"demo: done in {time.perf_counter() - t0:.0f} s; outputs under {out}/ "
-        "(events/, segments_run/, train/, histories/). Serve them with "
-        "`dynamix serve --config serve_configs/dynamix.yaml`."
+        "(events/, segments_run/, experiment/). Serve them with "
+        "`dynamix serve --config serve_configs/dynamix.yaml`.\n"
+        f"report: {index}"
     )
     return 0
 
@@ -639,24 +664,41 @@ def _steps(total: int):  # noqa: ANN202 - a tiny progress printer
     return step
 
 
-def _demo_requests(out: str, port: int) -> None:
-    """Start the app on the demo's outputs, send real HTTP requests (active,
-    passive, unknown user, a malformed one, /healthz), and stop it."""
+def _demo_serve(
+    out: str, exp_out: str, seed: int, port: int, phase_s: float, qps: float
+) -> str:
+    """Start the app on the demo's outputs (both rankers on the experiment's
+    boost-selective checkpoint, autoscaling 1-2 replicas each), send real HTTP
+    requests (active, passive, unknown user, a malformed one, /healthz), then
+    an open-loop load whose active share goes 1/3 -> 2/3, and stop it.
+    Returns the path of the replica timeline (JSON)."""
     import numpy as np
     import requests
     from ray import serve
 
-    from dynamix_ray.alure.evaluate import read_events_frame
-    from dynamix_ray.histories import read_histories
     from dynamix_ray.model.config import CANDIDATE_ATTRIBUTES
     from dynamix_ray.serve.app import build_app
-    from dynamix_ray.serve.store import read_segment_store
+    from dynamix_ray.serve.loadgen import Traffic, record_autoscaling
 
-    ranker = {"checkpoint": f"{out}/train", "ray_actor_options": {"num_cpus": 0.25}}
+    auto = {
+        "min_replicas": 1,
+        "max_replicas": 2,
+        "target_ongoing_requests": 0.5,
+        "upscale_delay_s": 2,
+        "downscale_delay_s": 10,
+        "metrics_interval_s": 0.5,
+        "look_back_period_s": 3,
+    }
+    ranker = {
+        "checkpoint": f"{exp_out}/runs/boost-selective/seed{seed}",
+        "ray_actor_options": {"num_cpus": 0.25},
+        "autoscaling_config": auto,
+    }
+    segments, histories = f"{out}/segments_run", f"{exp_out}/histories"
     app = build_app(
         {
-            "segments": f"{out}/segments_run",
-            "histories": f"{out}/histories",
+            "segments": segments,
+            "histories": histories,
             "active": ranker,
             "passive": ranker,
         }
@@ -665,22 +707,18 @@ def _demo_requests(out: str, port: int) -> None:
     try:
         serve.run(app, name="dynamix", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        hist = read_histories(f"{out}/histories")
-        store = read_segment_store(f"{out}/segments_run")
-        ts = hist.as_of_ms
-        seg = store.lookup(hist.user_id, np.full(len(hist), ts))
-        ads = read_events_frame(
-            f"{out}/events", "ad_impressions", list(CANDIDATE_ATTRIBUTES)
-        )
-        ads = ads.drop_duplicates("ad_id").head(20)
-        cands = [{a: int(v) for a, v in row.items()} for row in ads.to_dict("records")]
-        users = [int(u) for u in hist.user_id[seg == 1][:2]]
-        users += [int(u) for u in hist.user_id[seg == 0][:2]] + [10**15]
+        traffic = Traffic(f"{out}/events", histories, segments, 100)
+        cands = [
+            dict(zip(CANDIDATE_ATTRIBUTES, map(int, row), strict=True))
+            for row in traffic.cands()[:20]
+        ]
+        users = [int(u) for u in traffic.users[1][:2]]
+        users += [int(u) for u in traffic.users[0][:2]] + [10**15]
         with requests.Session() as http:
             for u in users:
                 r = http.post(
                     f"{url}/rank",
-                    json={"user_id": u, "ts": ts, "candidates": cands},
+                    json={"user_id": u, "ts": traffic.ts, "candidates": cands},
                     timeout=60,
                 )
                 r.raise_for_status()
@@ -699,8 +737,27 @@ def _demo_requests(out: str, port: int) -> None:
             print(f"  POST /rank malformed: HTTP {r.status_code}: {r.json()['error']}")
             h = http.get(f"{url}/healthz", timeout=60).json()
             print(f"  GET /healthz: {h['status']}, segments {h['segments']['version']}")
+        print(
+            f"  load: {qps:.0f} QPS open loop, 100 candidates, active share 1/3 for "
+            f"{phase_s:.0f} s then 2/3 for {phase_s:.0f} s ...",
+            flush=True,
+        )
+        res = record_autoscaling(url, traffic, qps, phase_s)
+        lat_ok = res["requests"] - res["errors"]
+        print(
+            f"  {lat_ok}/{res['requests']} answered 200; replicas (active, passive) "
+            "at the end of each phase: "
+            + ", ".join(
+                f"{k} ({v['ActiveRanker_end']}, {v['PassiveRanker_end']})"
+                for k, v in res["phases"].items()
+            )
+        )
     finally:
         serve.shutdown()
+    path = f"{out}/serving_timeline.json"
+    with open(path, "w") as fh:
+        json.dump(res, fh, indent=2)
+    return path
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -573,13 +573,9 @@ def run_experiment(
                 ),
             )
             t0 = time.perf_counter()
-            m = run_train(
-                events_url,
-                segments_url,
-                f"{out_dir}/runs/{arm}/seed{seed}",
-                tcfg,
-                cfg.max_seq_len,
-                data=data,
+            run_dir = f"{out_dir}/runs/{arm}/seed{seed}"
+            m = _finished_run(run_dir, tcfg) or run_train(
+                events_url, segments_url, run_dir, tcfg, cfg.max_seq_len, data=data
             )
             metrics[arm][seed] = m
             if arm == "baseline" and seed == cfg.seeds[0]:
@@ -741,6 +737,27 @@ def run_experiment(
     results["report"] = index
     _log(progress, f"  results {out_dir}/results.json\n  report  {index}")
     return results
+
+
+def _finished_run(run_dir: str, tcfg: Any) -> dict[str, Any] | None:
+    """The metrics of a finished run of the same arm, seed, epochs and removed
+    attributes in ``run_dir`` (a re-run experiment reuses it); ``None`` when
+    there is none (then ``run_train`` resumes a partial run or starts one)."""
+    path = os.path.join(run_dir, "metrics.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        m = json.load(fh)
+    tc = m.get("train_config", {})
+    same = (
+        tc.get("policy") == tcfg.policy
+        and tc.get("seed") == tcfg.seed
+        and tc.get("epochs") == tcfg.epochs
+        and tuple(tc.get("removed", ())) == tuple(tcfg.removed)
+        and m.get("epoch") == tcfg.epochs - 1
+        and m.get("ne") is not None
+    )
+    return m if same else None
 
 
 def _truth_recovery(events_url: str, segments_url: str) -> dict[str, Any] | None:

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -139,8 +140,10 @@ def test_serve_config_file_and_flags_give_a_valid_app_config():
 
 
 def test_demo_runs_end_to_end_on_tiny_sizes(ray_session, tmp_path, capsys):
-    """`make demo`'s path: generate, segment, train, snapshot, serve real
-    requests, stop; every output where the final line says."""
+    """`make demo`'s path: generate, segment, train every arm, measure, serve
+    real requests and a short load, stop, write the report; every output
+    where the final lines say."""
+    import re
     import socket
 
     with socket.socket() as s:
@@ -148,14 +151,51 @@ def test_demo_runs_end_to_end_on_tiny_sizes(ray_session, tmp_path, capsys):
         port = s.getsockname()[1]
     out = tmp_path / "demo"
     argv = ["demo", "--out", str(out), "--users", "150", "--days", "3"]
-    assert main([*argv, "--max-seq-len", "8", "--port", str(port)]) == 0
+    argv += ["--max-seq-len", "8", "--port", str(port), "--load-s", "3"]
+    assert main([*argv, "--load-qps", "10"]) == 0
     text = capsys.readouterr().out
     assert "precision" in text and "NE" in text
     assert text.count("POST /rank user") == 5 and "HTTP 422" in text
     assert "candidates[0].media_type" in text
+    exp = out / "experiment"
     for part in (
         "segments_run/segments/_meta.json",
-        "train/metrics.json",
-        "histories/histories/_meta.json",
+        "experiment/histories/histories/_meta.json",
+        "experiment/runs/boost-selective/seed0/metrics.json",
+        "serving_timeline.json",
     ):
         assert (out / part).exists(), part
+    results = json.loads((exp / "results.json").read_text())
+    assert set(results["arms"]) == {
+        "baseline",
+        "remove-passive",
+        "remove-active",
+        "boost-all",
+        "boost-selective",
+    }
+    assert results["tables"]["removal"] == [
+        "baseline",
+        "remove-passive",
+        "remove-active",
+    ]
+    for arm in results["arms"].values():
+        assert arm["ne"]["values"][0] > 0 and arm["seeds"] == [0]
+        assert arm["inference_qps_change_pct"]["mean"] is not None
+    assert results["epsilon"]["calibrated"]["epsilon"] > 0
+    timeline = json.loads((out / "serving_timeline.json").read_text())
+    ok = timeline["requests"] - timeline["errors"]
+    assert timeline["requests"] == 60 and ok == 60  # 10 QPS x 2 phases x 3 s
+    report = re.search(r"report: (\S+index.html)", text).group(1)
+    page = Path(report).read_text()
+    for png in (
+        "dwell",
+        "corr_hours",
+        "curves",
+        "epsilon_sweep",
+        "corr_dist",
+        "recovery",
+        "serving",
+    ):
+        assert f"src='{png}.png'" in page, png
+        assert (exp / "report" / f"{png}.png").stat().st_size > 1000, png
+    assert "Table 2 analog" in page and "Table 3 analog" in page

@@ -171,3 +171,23 @@ def test_sample_dataset_on_ray_data_has_one_sample_per_valid_impression(
     boundary = eval_boundary_ms(rows["plain"]["t_ms"], 1)
     assert boundary % 86_400_000 == 0
     assert 0 < (rows["plain"]["t_ms"] >= boundary).mean() < 1
+
+
+def test_segment_at_carries_any_window_column_with_a_fill():
+    """The epsilon sweep asks segment_at for ``corr`` (float, NaN fill)."""
+    import numpy as np
+
+    from dynamix_ray.samples import segment_at
+
+    code = np.array([0, 0, 1, 2])
+    t = np.array([5, 15, 15, 15])
+    corr = segment_at(
+        code,
+        t,
+        np.array([0, 0, 1]),
+        np.array([10, 20, 10]),
+        np.array([0.5, -0.7, 0.2]),
+        fill=np.nan,
+    )
+    np.testing.assert_array_equal(corr[1:3], [0.5, 0.2])
+    assert np.isnan(corr[0]) and np.isnan(corr[3])

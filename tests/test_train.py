@@ -61,6 +61,11 @@ def test_train_writes_metrics_and_resumes_from_its_checkpoint(tiny, tmp_path):
     assert saved["policy"] == "baseline" and saved["epoch"] == 0
     assert 0 < saved["ne"] < 2 and saved["eval_rows"] > 0
     assert saved["train_examples_per_s"] > 0
+    # progressive NE: one point per curve_steps steps, examples increasing
+    curve = saved["curve"]
+    assert len(curve) >= 1 and all(0 < ne < 5 for _, ne in curve)
+    assert [x for x, _ in curve] == sorted({x for x, _ in curve})
+    assert curve[0][0] == 10 * 256 or curve[0][0] <= saved["train_steps"] * 256
     assert set(saved["flops_per_sample"]) == {"0", "1"} or set(
         saved["flops_per_sample"]
     ) == {0, 1}

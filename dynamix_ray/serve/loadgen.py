@@ -1,0 +1,313 @@
+"""Bounded load against the Serve app on loopback: request bodies, closed- and
+open-loop clients, and the autoscaling timeline (replicas of each ranker over
+time while the active share of traffic changes).
+
+Used by ``benchmarks/serve_load.py`` and by ``dynamix demo`` (whose report
+plots the timeline). Every load is bounded in time and count and stops by
+itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from dynamix_ray.model.config import CANDIDATE_ATTRIBUTES
+
+__all__ = [
+    "RANKERS",
+    "Traffic",
+    "closed_loop",
+    "open_loop",
+    "pct",
+    "record_autoscaling",
+    "replica_counts",
+    "summarize",
+]
+
+RANKERS = ("ActiveRanker", "PassiveRanker")
+
+
+class Traffic:
+    """``/rank`` bodies for active and passive users at the histories' instant.
+
+    Args:
+        events: dataset root (the candidates come from its ad catalog).
+        histories: a ``dynamix histories`` OUT (users and the instant).
+        segments: a ``dynamix segment`` OUT (each user's segment then).
+        n_candidates: ads per request.
+    """
+
+    def __init__(
+        self,
+        events: str,
+        histories: str,
+        segments: str,
+        n_candidates: int,
+        seed: int = 0,
+        bodies_per_segment: int = 64,
+    ) -> None:
+        from dynamix_ray.alure.evaluate import read_events_frame
+        from dynamix_ray.histories import read_histories
+        from dynamix_ray.serve.store import read_segment_store
+
+        hist = read_histories(histories)
+        store = read_segment_store(segments)
+        self.ts = hist.as_of_ms
+        seg = store.lookup(hist.user_id, np.full(len(hist), self.ts))
+        self.users = {1: hist.user_id[seg == 1], 0: hist.user_id[seg == 0]}
+        ads = read_events_frame(events, "ad_impressions", list(CANDIDATE_ATTRIBUTES))
+        self.catalog = ads.drop_duplicates("ad_id")[
+            list(CANDIDATE_ATTRIBUTES)
+        ].to_numpy()
+        self.rng = np.random.default_rng(seed)
+        self.n = min(n_candidates, len(self.catalog))
+        self.bodies = {
+            s: [self._body(s) for _ in range(bodies_per_segment)]
+            for s in (0, 1)
+            if len(self.users[s])
+        }
+        if not self.bodies:
+            raise ValueError(f"{histories}: no users to send requests for")
+
+    def cands(self) -> np.ndarray:
+        idx = self.rng.choice(len(self.catalog), self.n, replace=False)
+        return self.catalog[idx].astype(np.int64)
+
+    def _body(self, segment: int) -> tuple[int, np.ndarray, bytes]:
+        user = int(self.rng.choice(self.users[segment]))
+        c = self.cands()
+        body = {
+            "user_id": user,
+            "ts": self.ts,
+            "candidates": [
+                dict(zip(CANDIDATE_ATTRIBUTES, map(int, r), strict=True)) for r in c
+            ],
+        }
+        return user, c, json.dumps(body).encode()
+
+    def pick(self, active_share: float) -> tuple[int, bytes]:
+        """(segment, body) with P(active) = ``active_share`` (the other segment
+        when one has no users)."""
+        s = 1 if self.rng.random() < active_share else 0
+        if s not in self.bodies:
+            s = 1 - s
+        _, _, b = self.bodies[s][int(self.rng.integers(len(self.bodies[s])))]
+        return s, b
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    return float(np.percentile(xs, q)) if xs else None
+
+
+def summarize(lat_ms: list[float], errors: int, wall_s: float) -> dict[str, Any]:
+    return {
+        "requests": len(lat_ms) + errors,
+        "ok": len(lat_ms),
+        "errors": errors,
+        "qps": len(lat_ms) / wall_s if wall_s else 0.0,
+        "p50_ms": pct(lat_ms, 50),
+        "p95_ms": pct(lat_ms, 95),
+        "p99_ms": pct(lat_ms, 99),
+    }
+
+
+async def closed_loop(
+    url: str, bodies: Any, concurrency: int, duration_s: float, max_requests: int
+) -> dict[str, Any]:
+    """``concurrency`` clients, each sending its next request when the last is
+    answered, for ``duration_s`` (at most ``max_requests`` in all)."""
+    import aiohttp
+
+    lat: list[float] = []
+    errors = 0
+    sent = 0
+    end = time.perf_counter() + duration_s
+    conn = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(
+        connector=conn, timeout=aiohttp.ClientTimeout(total=60)
+    ) as s:
+
+        async def client() -> None:
+            nonlocal errors, sent
+            while time.perf_counter() < end and sent < max_requests:
+                sent += 1
+                body = bodies()
+                t0 = time.perf_counter()
+                try:
+                    async with s.post(
+                        url, data=body, headers={"content-type": "application/json"}
+                    ) as r:
+                        await r.read()
+                        ok = r.status == 200
+                except aiohttp.ClientError:
+                    ok = False
+                if ok:
+                    lat.append(1000 * (time.perf_counter() - t0))
+                else:
+                    errors += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return summarize(lat, errors, wall)
+
+
+async def open_loop(
+    url: str,
+    traffic: Traffic,
+    rate: float,
+    duration_s: float,
+    share_at: Callable[[float], float],
+    events: dict[float, Any] | None = None,
+    max_outstanding: int = 256,
+) -> list[dict[str, Any]]:
+    """Requests at a fixed rate (``share_at(t)``: active share at second t);
+    ``events``: {second: callable} run once in a thread at that time. Returns
+    one record per request: start second, latency, status, segment."""
+    import aiohttp
+
+    records: list[dict[str, Any]] = []
+    pending = dict(events or {})
+    sem = asyncio.Semaphore(max_outstanding)
+    conn = aiohttp.TCPConnector(limit=max_outstanding)
+    async with aiohttp.ClientSession(
+        connector=conn, timeout=aiohttp.ClientTimeout(total=60)
+    ) as s:
+
+        async def one(t_rel: float, seg: int, body: bytes) -> None:
+            async with sem:
+                t0 = time.perf_counter()
+                status: Any
+                try:
+                    async with s.post(
+                        url, data=body, headers={"content-type": "application/json"}
+                    ) as r:
+                        await r.read()
+                        status = r.status
+                except aiohttp.ClientError as e:
+                    status = f"client error: {type(e).__name__}"
+                records.append(
+                    {
+                        "t": t_rel,
+                        "ms": 1000 * (time.perf_counter() - t0),
+                        "status": status,
+                        "segment": seg,
+                    }
+                )
+
+        tasks = []
+        start = time.perf_counter()
+        i = 0
+        while True:
+            t_rel = i / rate
+            if t_rel >= duration_s:
+                break
+            for at in [a for a in pending if a <= t_rel]:
+                tasks.append(asyncio.ensure_future(asyncio.to_thread(pending.pop(at))))
+            delay = start + t_rel - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            seg, body = traffic.pick(share_at(t_rel))
+            tasks.append(asyncio.ensure_future(one(t_rel, seg, body)))
+            i += 1
+        await asyncio.gather(*tasks)
+    return records
+
+
+def replica_counts(app_name: str = "dynamix") -> dict[str, int]:
+    """RUNNING replicas of each ranker of the Serve application ``app_name``."""
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    out = {}
+    for name in RANKERS:
+        d = app.deployments.get(name) if app else None
+        states = d.replica_states if d else {}
+        out[name] = int(sum(n for s, n in states.items() if str(s).endswith("RUNNING")))
+    return out
+
+
+def record_autoscaling(
+    base_url: str,
+    traffic: Traffic,
+    rate: float,
+    phase_s: float,
+    app_name: str = "dynamix",
+    shares: tuple[float, float] = (1 / 3, 2 / 3),
+) -> dict[str, Any]:
+    """Open-loop load at ``rate`` QPS for two phases of ``phase_s`` seconds,
+    the active share going ``shares[0]`` -> ``shares[1]``, while a thread
+    samples each ranker's running replicas (and the router's in-flight calls
+    from ``/healthz``) every 0.5 s.
+
+    Returns:
+        ``rate_qps``, ``phase_s``, ``shares``, ``requests``, ``errors``,
+        ``timeline`` (``[{"t", "ActiveRanker", "PassiveRanker", "inflight"}]``)
+        and per phase the replica counts in its second half.
+    """
+    import requests
+
+    timeline: list[dict[str, Any]] = []
+    stop = threading.Event()
+    t0 = time.perf_counter()
+
+    def sample() -> None:
+        s = requests.Session()
+        while not stop.is_set():
+            row: dict[str, Any] = {
+                "t": time.perf_counter() - t0,
+                **replica_counts(app_name),
+            }
+            try:  # the router's in-flight calls per ranker, right now
+                row["inflight"] = s.get(f"{base_url}/healthz", timeout=5).json()[
+                    "inflight"
+                ]
+            except (requests.RequestException, ValueError, KeyError):
+                row["inflight"] = None  # a missed sample, not a failure
+            timeline.append(row)
+            stop.wait(0.5)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    try:
+        recs = asyncio.run(
+            open_loop(
+                f"{base_url}/rank",
+                traffic,
+                rate,
+                2 * phase_s,
+                lambda t: shares[0] if t < phase_s else shares[1],
+            )
+        )
+    finally:
+        stop.set()
+        th.join()
+    ok = [r for r in recs if r["status"] == 200]
+    phases = {}
+    for name, lo, hi in (("first", 0.0, phase_s), ("second", phase_s, 2 * phase_s)):
+        rows = [x for x in timeline if lo + 0.5 * phase_s <= x["t"] < hi]
+        phases[name] = {
+            f"{r}_{k}": (
+                (max(x[r] for x in rows) if k == "max" else rows[-1][r])
+                if rows
+                else None
+            )
+            for r in RANKERS
+            for k in ("max", "end")
+        }
+    return {
+        "rate_qps": rate,
+        "phase_s": phase_s,
+        "shares": list(shares),
+        "requests": len(recs),
+        "errors": len(recs) - len(ok),
+        "timeline": timeline,
+        "phases": phases,
+    }
