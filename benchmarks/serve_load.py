@@ -450,7 +450,7 @@ def section_autoscaling(args, env, traffic, base: str, rate: float) -> dict[str,
         f"{out['errors']} errors; replicas (active, passive) in the second half of "
         "each phase: "
         + ", ".join(
-            f"{k} share: max ({v['ActiveRanker_max']}, {v['PassiveRanker_max']})"
+            f"{k} phase: max ({v['ActiveRanker_max']}, {v['PassiveRanker_max']})"
             for k, v in out["phases"].items()
         ),
         flush=True,

@@ -644,7 +644,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             out, exp_out, seeds[0], args.port, args.load_s, args.load_qps
         )
     step("report")
-    index = write_report(exp_out, None, timeline)
+    index = write_report(exp_out, None, timeline)  # remembers the timeline
     print(
         f"demo: done in {time.perf_counter() - t0:.0f} s; outputs under {out}/ "
         "(events/, segments_run/, experiment/). Serve them with "
@@ -874,14 +874,20 @@ def experiment_summary(r: dict) -> str:
                 f"{a['flop_inference_change_pct']:+7.1f}"
             )
     e = r["epsilon"]
+
+    def num(x: float | None, fmt: str) -> str:
+        return "-" if x is None else format(x, fmt)
+
+    cal, sep = e["calibrated"], e["separation"]
     lines.append(
-        f" epsilon: calibrated {e['calibrated']['epsilon']:.4f} (active share of "
-        f"windows {e['calibrated']['active_share_windows']:.3f}); max NE "
-        "separation "
+        f" epsilon: calibrated {num(cal['epsilon'], '.4f')} (active share of "
+        f"windows {num(cal.get('active_share_windows'), '.3f')}, of traffic "
+        f"{num(cal.get('active_share_traffic'), '.3f')}); max NE separation "
         + (
-            f"{e['separation']['epsilon']:.4f} (share "
-            f"{e['separation']['active_share_windows']:.3f})"
-            if e["separation"]["epsilon"] is not None
+            f"{num(sep['epsilon'], '.4f')} (windows "
+            f"{num(sep.get('active_share_windows'), '.3f')}, traffic "
+            f"{num(sep.get('active_share_traffic'), '.3f')})"
+            if sep["epsilon"] is not None
             else "none"
         )
     )

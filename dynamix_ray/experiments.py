@@ -352,7 +352,15 @@ def _eval_rows(
                 parts["logit"].append(logits)
                 for k in keep:
                     parts[k].append(np.asarray(part[k]))
+    if not parts["logit"]:
+        raise ValueError(
+            "no evaluation rows: the last day of the events holds no ad impressions"
+        )
     return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def _finite(x: Any) -> float | None:
+    return float(x) if np.isfinite(x) else None
 
 
 def epsilon_study(
@@ -404,7 +412,7 @@ def epsilon_study(
         np.append(grid, calibrated),
         min_side_share,
     )
-    at_cal = {k: float(v[-1]) for k, v in sweep.items()}
+    at_cal = {k: _finite(v[-1]) for k, v in sweep.items()}
     sweep = {k: v[:-1] for k, v in sweep.items()}
     best = separation_epsilon(sweep)
 
@@ -417,10 +425,10 @@ def epsilon_study(
             "active_share_windows": float((eligible > eps).mean())
             if len(eligible)
             else None,
-            "active_share_traffic": float(sweep["active_share"][i]),
-            "ne_active": float(sweep["ne_active"][i]),
-            "ne_passive": float(sweep["ne_passive"][i]),
-            "separation": float(sweep["separation"][i]),
+            "active_share_traffic": _finite(sweep["active_share"][i]),
+            "ne_active": _finite(sweep["ne_active"][i]),
+            "ne_passive": _finite(sweep["ne_passive"][i]),
+            "separation": _finite(sweep["separation"][i]),
         }
 
     cal = {
@@ -437,10 +445,7 @@ def epsilon_study(
     return {
         "calibrated": cal,
         "separation": shares(best),
-        "sweep": {
-            k: [None if not np.isfinite(x) else float(x) for x in v]
-            for k, v in sweep.items()
-        },
+        "sweep": {k: [_finite(x) for x in v] for k, v in sweep.items()},
         "eval_rows": int(len(abs_row)),
         "eval_rows_without_window": int(np.isnan(abs_row).sum()),
     }
@@ -493,6 +498,10 @@ def _sample_batches(
     ds: Any, batch_size: int, n_batches: int, seed: int = 0
 ) -> list[dict[str, np.ndarray]]:
     """``n_batches`` batches of rows drawn at random from ``ds``."""
+    want = batch_size * n_batches
+    total = ds.count()
+    if total > 2 * want:  # only about the rows needed reach the driver
+        ds = ds.random_sample(min(1.0, 1.5 * want / total), seed=seed)
     parts: dict[str, list[np.ndarray]] = {}
     for b in ds.iter_batches(batch_size=8192, batch_format="numpy"):
         for k, v in b.items():
@@ -537,6 +546,9 @@ def run_experiment(
     arms = ARMS[cfg.kind]
     t_start = time.perf_counter()
     out_dir = os.path.abspath(out_dir)
+    events_url, segments_url = _abs(events_url), _abs(segments_url)
+    serving_timeline = _abs(serving_timeline) if serving_timeline else None
+    inputs = {"events": events_url, "segments": _segments_fingerprint(segments_url)}
     os.makedirs(out_dir, exist_ok=True)
     ensure_ray()
     _log(progress, f"experiment {cfg.kind}: arms {', '.join(arms)}; seeds {cfg.seeds}")
@@ -574,22 +586,39 @@ def run_experiment(
             )
             t0 = time.perf_counter()
             run_dir = f"{out_dir}/runs/{arm}/seed{seed}"
-            m = _finished_run(run_dir, tcfg) or run_train(
-                events_url, segments_url, run_dir, tcfg, cfg.max_seq_len, data=data
-            )
+            key = _run_key(tcfg, cfg.max_seq_len, data.boundary_ms, inputs)
+            m = _finished_run(run_dir, key)
+            if m is None:
+                m = run_train(
+                    events_url,
+                    segments_url,
+                    run_dir,
+                    tcfg,
+                    cfg.max_seq_len,
+                    extra_meta={"run_key": key},
+                    data=data,
+                )
+            if m.get("ne") is None:
+                raise RuntimeError(
+                    f"{run_dir}: the run reported no NE (an evaluation day "
+                    "with one class only?); see its metrics.json"
+                )
             metrics[arm][seed] = m
             if arm == "baseline" and seed == cfg.seeds[0]:
                 importance = m.get("importance")
-                if removed is None:
+                if removed is None and any(a.startswith("remove-") for a in arms):
                     if not importance:
-                        raise RuntimeError("the baseline recorded no importance")
+                        raise RuntimeError(
+                            f"{run_dir}: the baseline recorded no permutation "
+                            "importance to choose the removed attributes from"
+                        )
                     removed = tuple(lowest_importance(importance))
                     _log(progress, f"  remove-* arms drop: {', '.join(removed)}")
             _log(
                 progress,
-                f"  {arm:16s} seed {seed}: NE {m['ne']:.4f} (active "
-                f"{m['ne_active']:.4f}, passive {m['ne_passive']:.4f}), "
-                f"{m['train_examples_per_s']:,.0f} examples/s (Ray Train), "
+                f"  {arm:16s} seed {seed}: NE {_f(m['ne'])} (active "
+                f"{_f(m['ne_active'])}, passive {_f(m['ne_passive'])}), "
+                f"{_f(m['train_examples_per_s'], ',.0f')} examples/s (Ray Train), "
                 f"{time.perf_counter() - t0:.0f} s",
             )
     assert removed is not None or not any(a.startswith("remove-") for a in arms)
@@ -602,11 +631,11 @@ def run_experiment(
     sep, cal = eps["separation"], eps["calibrated"]
     _log(
         progress,
-        f"    calibrated epsilon {cal['epsilon']:.4f} (active share of windows "
-        f"{cal['active_share_windows']:.3f}); NE-separation epsilon "
+        f"    calibrated epsilon {_f(cal['epsilon'])} (active share of windows "
+        f"{_f(cal['active_share_windows'], '.3f')}); NE-separation epsilon "
         + (
-            f"{sep['epsilon']:.4f} (share {sep['active_share_windows']:.3f}, "
-            f"NE passive - active {sep['separation']:+.4f})"
+            f"{_f(sep['epsilon'])} (share {_f(sep['active_share_windows'], '.3f')}, "
+            f"NE passive - active {_f(sep['separation'], '+.4f')})"
             if sep["epsilon"] is not None
             else "none (no threshold leaves both sides large enough)"
         ),
@@ -739,25 +768,73 @@ def run_experiment(
     return results
 
 
-def _finished_run(run_dir: str, tcfg: Any) -> dict[str, Any] | None:
-    """The metrics of a finished run of the same arm, seed, epochs and removed
-    attributes in ``run_dir`` (a re-run experiment reuses it); ``None`` when
-    there is none (then ``run_train`` resumes a partial run or starts one)."""
+def _f(x: Any, fmt: str = ".4f") -> str:
+    """``x`` formatted, or "-" when it is missing."""
+    return (
+        "-"
+        if x is None or (isinstance(x, float) and not np.isfinite(x))
+        else format(x, fmt)
+    )
+
+
+def _abs(url: str) -> str:
+    """Local paths made absolute (a report redrawn elsewhere still finds them)."""
+    return url if "://" in url else os.path.abspath(url)
+
+
+def _segments_fingerprint(segments_url: str) -> dict[str, Any]:
+    """What identifies a segment table: its path, input fingerprint, epsilon."""
+    from dynamix_ray.io import read_json, resolve
+
+    fs, root = resolve(segments_url)
+    meta = read_json(fs, f"{root}/segments/_meta.json")
+    return {
+        "url": segments_url,
+        "input_fingerprint": meta.get("input_fingerprint"),
+        "epsilon": meta.get("epsilon"),
+        "params": meta.get("params"),
+    }
+
+
+def _run_key(
+    tcfg: Any, max_seq_len: int, boundary_ms: int, inputs: dict[str, Any]
+) -> dict[str, Any]:
+    """Everything a finished (arm, seed) run must share with this experiment
+    to be reused: the whole training config, the data and the eval day."""
+    from dynamix_ray.train import model_config_dict
+
+    return json.loads(
+        json.dumps(
+            {
+                "train_config": {k: v for k, v in asdict(tcfg).items() if k != "model"},
+                "model": model_config_dict(tcfg.model),
+                "max_seq_len": max_seq_len,
+                "eval_boundary_ms": boundary_ms,
+                "inputs": inputs,
+            },
+            default=str,
+        )
+    )
+
+
+def _finished_run(run_dir: str, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The metrics of a finished run in ``run_dir`` made with the same
+    :func:`_run_key` (a re-run experiment reuses it). A run made with anything
+    else, or one that stopped before reporting NE, is deleted, so that
+    ``run_train`` starts afresh instead of resuming from its checkpoint.
+    ``None`` when there is nothing to reuse (a partial run with the same key
+    stays, and ``run_train`` resumes it)."""
+    import shutil
+
     path = os.path.join(run_dir, "metrics.json")
     if not os.path.exists(path):
         return None
     with open(path) as fh:
         m = json.load(fh)
-    tc = m.get("train_config", {})
-    same = (
-        tc.get("policy") == tcfg.policy
-        and tc.get("seed") == tcfg.seed
-        and tc.get("epochs") == tcfg.epochs
-        and tuple(tc.get("removed", ())) == tuple(tcfg.removed)
-        and m.get("epoch") == tcfg.epochs - 1
-        and m.get("ne") is not None
-    )
-    return m if same else None
+    if m.get("run_key") == key and m.get("ne") is not None:
+        return m
+    shutil.rmtree(run_dir)
+    return None
 
 
 def _truth_recovery(events_url: str, segments_url: str) -> dict[str, Any] | None:

@@ -138,9 +138,10 @@ def plot_curves(
         runs = [np.asarray(r, np.float64) for r in seed_curves if len(r)]
         if not runs:
             continue
-        n = min(len(r) for r in runs)
-        x = runs[0][:n, 0]
-        ys = np.stack([r[:n, 1] for r in runs])
+        # seeds on one grid of examples seen (points may differ between seeds)
+        x = runs[int(np.argmin([len(r) for r in runs]))][:, 0]
+        ys = np.stack([np.interp(x, r[:, 0], r[:, 1]) for r in runs])
+        n = len(x)
         k = max(1, min(smooth, n))
         kernel = np.ones(k) / k
         ys = np.stack([np.convolve(y, kernel, mode="valid") for y in ys])
@@ -286,17 +287,28 @@ def plot_timeline(autoscaling: dict[str, Any], path: str) -> str:
 
 
 def _dwell_data(
-    events_url: str, truth_users: Any | None, max_users: int = 400, seed: int = 0
+    events_url: str,
+    truth_users: Any | None,
+    params: dict[str, Any],
+    max_users: int = 400,
+    seed: int = 0,
 ) -> dict[str, dict[str, np.ndarray]]:
     """Log dwell near / far from conversions (SPEC §2's near rule and dwell
-    bounds), for up to ``max_users`` users per planted kind."""
+    bounds, with the segment table's ``params``), for up to ``max_users`` users
+    per planted kind."""
     import pandas as pd
 
     from dynamix_ray.alure.evaluate import read_events_frame
     from dynamix_ray.config import SegmentConfig
     from dynamix_ray.segments.stats import _near_mask
 
-    cfg = SegmentConfig()
+    d = SegmentConfig()
+    cfg = SegmentConfig(
+        **{
+            k: params.get(k, getattr(d, k))
+            for k in ("buffer_s", "horizon_s", "min_dwell_ms", "max_dwell_ms")
+        }
+    )
     imp = read_events_frame(
         events_url, "ad_impressions", ["user_id", "ts_ms", "dwell_ms"]
     )
@@ -385,6 +397,10 @@ def _corr_series(
 # ----------------------------------------------------------------- HTML
 
 
+def _num(x: Any, fmt: str = ".4f") -> str:
+    return "–" if x is None else format(x, fmt)
+
+
 def _fmt(ms: dict[str, Any] | None, digits: int = 4, pct: bool = False) -> str:
     if not ms or ms.get("mean") is None:
         return "–"
@@ -451,9 +467,14 @@ def write_report(
     from dynamix_ray.segments.pipeline import read_segments
     from dynamix_ray.synth import planted_rows, read_truth_users
 
+    results_path = os.path.join(out_dir, "results.json")
     if results is None:
-        with open(os.path.join(out_dir, "results.json")) as fh:
+        with open(results_path) as fh:
             results = json.load(fh)
+    if serving_timeline:  # remembered: a later redraw keeps the plot
+        results["inputs"]["serving_timeline"] = os.path.abspath(serving_timeline)
+        with open(results_path, "w") as fh:
+            json.dump(results, fh, indent=2, default=str)
     report = os.path.join(out_dir, "report")
     os.makedirs(report, exist_ok=True)
     inputs = results["inputs"]
@@ -467,7 +488,7 @@ def write_report(
         try:
             draw(os.path.join(report, name))
             figures.append((name, caption))
-        except (OSError, KeyError, ValueError) as e:  # data missing: say so
+        except (OSError, KeyError, ValueError, TypeError) as e:  # data missing: say so
             notes.append(f"{name} not drawn: {type(e).__name__}: {e}")
 
     try:
@@ -476,23 +497,31 @@ def write_report(
         truth_users = None
         notes.append("no planted truth (_truth/) beside the events: recovery not drawn")
     segments = read_segments(inputs["segments"])
-    corr = segments.column("corr").to_numpy(zero_copy_only=False).astype(np.float64)
+    from dynamix_ray.io import read_json, resolve
 
+    fs, root = resolve(inputs["segments"])
+    params = read_json(fs, f"{root}/segments/_meta.json").get("params", {})
     from dynamix_ray.config import SegmentConfig
+
+    d = SegmentConfig()
+    buffer_s = params.get("buffer_s", d.buffer_s)
+    horizon_s = params.get("horizon_s", d.horizon_s)
+    window_h = params.get("window_s", d.window_s) / 3600
+    corr = segments.column("corr").to_numpy(zero_copy_only=False).astype(np.float64)
 
     figure(
         "dwell.png",
         "Fig. 3 analog. Log dwell of ad impressions near a conversion (a "
-        "conversion in [t − 60 s, t + 300 s]) vs far from one, after the dwell "
-        "bounds. Planted active users dwell longer before they convert; "
-        "passive users do not.",
+        f"conversion in [t − {buffer_s} s, t + {horizon_s} s]) vs far from one, "
+        "after the dwell bounds. Planted active users dwell longer before they "
+        "convert; passive users do not.",
         lambda p: plot_dwell(
-            _dwell_data(inputs["events"], truth_users), p, SegmentConfig().horizon_s
+            _dwell_data(inputs["events"], truth_users, params), p, horizon_s
         ),
     )
     figure(
         "corr_hours.png",
-        "Fig. 4 analog. corr of each 6-hour window over three days for a few "
+        f"Fig. 4 analog. corr of each {window_h:g}-hour window over three days for a few "
         "users; filled markers are windows segmented active. A switcher moves "
         "between segments within a day.",
         lambda p: plot_corr_hours(_corr_series(segments, truth_users), cal, p),
@@ -532,7 +561,7 @@ def write_report(
                 np.abs(corr[eligible]), truth[eligible], cal, sep, p
             ),
         )
-    timeline_path = serving_timeline or inputs.get("serving_timeline")
+    timeline_path = inputs.get("serving_timeline")
     if timeline_path:
 
         def draw_timeline(p: str) -> str:
@@ -544,7 +573,7 @@ def write_report(
             "serving.png",
             "Serving: running replicas of ActiveRanker and PassiveRanker (each "
             "autoscaling 1–2 on its own) while the active share of traffic goes "
-            f"1/3 → 2/3. Source: {html.escape(str(timeline_path))}.",
+            f"1/3 → 2/3. Source: {timeline_path}.",
             draw_timeline,
         )
     else:
@@ -579,11 +608,12 @@ def write_report(
             f"(paper: +{results['paper']['boost-selective']['inference_qps_vs_boost_all_pct']}%).</p>"
         )
     removed, planted = results["removed"], results["planted_no_signal"]
-    parts.append(
-        f"<p>remove-* arms drop: <b>{html.escape(', '.join(removed))}</b>; the "
-        f"generator's no-signal attributes: {html.escape(', '.join(planted))} "
-        f"({len(set(removed) & set(planted))} of 4 in common).</p>"
-    )
+    if any(a.startswith("remove-") for a in results["arms"]):
+        parts.append(
+            f"<p>remove-* arms drop: <b>{html.escape(', '.join(removed))}</b>; the "
+            f"generator's no-signal attributes: {html.escape(', '.join(planted))} "
+            f"({len(set(removed) & set(planted))} of {len(planted)} in common).</p>"
+        )
     parts.append(
         "<h2>Epsilon</h2><table><tr><th>choice</th><th>epsilon</th>"
         "<th>active share of windows</th><th>active share of traffic</th>"
@@ -597,10 +627,11 @@ def write_report(
             parts.append(f"<tr><td>{label}</td><td colspan=6>none</td></tr>")
             continue
         parts.append(
-            f"<tr><td>{label}</td><td>{e['epsilon']:.4f}</td>"
-            f"<td>{e['active_share_windows']:.3f}</td>"
-            f"<td>{e['active_share_traffic']:.3f}</td><td>{e['ne_active']:.4f}</td>"
-            f"<td>{e['ne_passive']:.4f}</td><td>{e['separation']:+.4f}</td></tr>"
+            f"<tr><td>{label}</td><td>{_num(e['epsilon'])}</td>"
+            f"<td>{_num(e['active_share_windows'], '.3f')}</td>"
+            f"<td>{_num(e['active_share_traffic'], '.3f')}</td>"
+            f"<td>{_num(e['ne_active'])}</td><td>{_num(e['ne_passive'])}</td>"
+            f"<td>{_num(e['separation'], '+.4f')}</td></tr>"
         )
     parts.append("</table>")
     rec = results.get("truth_recovery")

@@ -292,6 +292,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if steady_t0 is not None:
                 steady_n += len(batch["label"])
         steady_s = time.perf_counter() - steady_t0 if steady_t0 else 0.0
+        last = curve_ne(*win)  # the epoch's last, partial window
+        if last is not None:
+            curve.append([seen, last])
 
         model.eval()
         scores, labels, segs = [], [], []

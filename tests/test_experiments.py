@@ -53,7 +53,7 @@ def sweep_inputs(draw):
     thresholds = np.array(
         draw(st.lists(st.one_of(st.sampled_from(levels), st.floats(0, 2)), max_size=6))
     )
-    share = draw(st.sampled_from([0.0, 0.05, 0.3]))
+    share = draw(st.sampled_from([0.0, 0.05, 0.1, 0.3]))
     return corr, labels, logits, thresholds, share
 
 
@@ -68,6 +68,19 @@ def test_ne_sweep_equals_the_plain_loop(inputs):
     ref = reference_ne_by_threshold(corr, ll, labels, thresholds, share)
     for k in ("epsilon", "active_share", "ne_active", "ne_passive", "separation"):
         np.testing.assert_allclose(fast[k], ref[k], rtol=1e-9, atol=1e-12, err_msg=k)
+
+
+def test_ne_sweep_side_limit_is_inclusive_like_the_loop():
+    """10 rows, one of them active: a 10% side is large enough (float 1 - 0.9
+    must not make it 'too small')."""
+    corr = np.array([0.9] + [0.0] * 9)
+    labels = np.array([1.0, 0, 1, 0, 1, 0, 1, 0, 1, 0])
+    ll = log_loss(np.zeros(10), labels)
+    for share in (0.1, 0.9):
+        fast = ne_by_threshold(corr, ll, labels, np.array([0.05]), 0.1)
+        ref = reference_ne_by_threshold(corr, ll, labels, np.array([0.05]), 0.1)
+        np.testing.assert_allclose(fast["ne_passive"], ref["ne_passive"])
+        assert np.isfinite(fast["ne_passive"][0]), share
 
 
 def test_log_loss_matches_the_textbook_formula():

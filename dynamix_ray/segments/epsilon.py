@@ -118,7 +118,7 @@ def ne_by_threshold(
         dtype=np.float64,
     )
     share = n_act / n if n else np.zeros(len(t))
-    small = (share < min_side_share) | (1 - share < min_side_share)
+    small = (share < min_side_share) | (share > 1 - min_side_share)
     act[small], pas[small] = np.nan, np.nan
     return {
         "epsilon": t,
