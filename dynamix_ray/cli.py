@@ -259,8 +259,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", default="demo_out", help="output folder (default %(default)s)"
     )
-    p.add_argument("--users", type=int, default=1000)
-    p.add_argument("--days", type=int, default=5)
+    p.add_argument("--users", type=int, default=800)
+    p.add_argument("--days", type=int, default=4)
     p.add_argument("--seed", type=int, default=0, help="data seed")
     p.add_argument(
         "--seeds", default="0", help="training seeds per arm (default %(default)s)"
