@@ -41,6 +41,7 @@ from dynamix_ray.features import (
     to_model_batch,
 )
 from dynamix_ray.model import DynamixCTR, ModelConfig
+from dynamix_ray.model.metrics import ne_from_sums
 
 __all__ = [
     "TrainConfig",
@@ -129,13 +130,8 @@ def _segment_sums(
     return out
 
 
-def curve_ne(ll_sum: float, n: float, pos: float) -> float | None:
-    """NE from sufficient sums: (summed log loss / rows) / base-rate entropy;
-    ``None`` when the rows hold one class only (or none)."""
-    if n == 0 or pos == 0 or pos == n:
-        return None
-    p = pos / n
-    return (ll_sum / n) / float(-(p * np.log(p) + (1 - p) * np.log(1 - p)))
+#: NE from (summed log loss, rows, positives); ``None`` for one class.
+curve_ne = ne_from_sums
 
 
 def _ne(sums: dict[str, float], name: str) -> float | None:

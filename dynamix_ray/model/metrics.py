@@ -10,13 +10,22 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["auc", "normalized_entropy"]
+__all__ = ["auc", "ne_from_sums", "normalized_entropy"]
 
 
 def _np(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):  # torch.Tensor, without importing torch
         x = x.detach().float().cpu().numpy()
     return np.asarray(x, dtype=np.float64).reshape(-1)
+
+
+def ne_from_sums(ll_sum: float, n: float, pos: float) -> float | None:
+    """NE from sufficient sums: (summed log loss / rows) / base-rate entropy;
+    ``None`` when the rows hold one class only (or none)."""
+    if n == 0 or pos == 0 or pos == n:
+        return None
+    p = pos / n
+    return (ll_sum / n) / float(-(p * np.log(p) + (1 - p) * np.log(1 - p)))
 
 
 def normalized_entropy(logits: Any, labels: Any) -> float:

@@ -66,10 +66,10 @@ def log_loss(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def _ne_of(ll: float, n: float, pos: float) -> float:
-    if n == 0 or pos == 0 or pos == n:
-        return float("nan")
-    p = pos / n
-    return (ll / n) / float(-(p * np.log(p) + (1 - p) * np.log(1 - p)))
+    from dynamix_ray.model.metrics import ne_from_sums
+
+    ne = ne_from_sums(ll, n, pos)
+    return float("nan") if ne is None else ne
 
 
 def ne_by_threshold(
