@@ -270,14 +270,14 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--load-s",
         type=float,
-        default=20.0,
+        default=25.0,
         help="seconds per phase of the autoscaling load (default %(default)s)",
     )
     p.add_argument(
         "--load-qps",
         type=float,
-        default=30.0,
-        help="open-loop load (default %(default)s)",
+        default=40.0,
+        help="open-loop load, 100 candidates a request (default %(default)s)",
     )
     p.add_argument(
         "--no-serve", dest="serve", action="store_false", help="skip the Serve step"
