@@ -745,10 +745,10 @@ def _demo_serve(
         res = record_autoscaling(url, traffic, qps, phase_s)
         lat_ok = res["requests"] - res["errors"]
         print(
-            f"  {lat_ok}/{res['requests']} answered 200; replicas (active, passive) "
-            "at the end of each phase: "
+            f"  {lat_ok}/{res['requests']} answered 200; most replicas (active, "
+            "passive) in the second half of each phase: "
             + ", ".join(
-                f"{k} ({v['ActiveRanker_end']}, {v['PassiveRanker_end']})"
+                f"{k} ({v['ActiveRanker_max']}, {v['PassiveRanker_max']})"
                 for k, v in res["phases"].items()
             )
         )
