@@ -18,6 +18,8 @@ COMMANDS = [
     "generate",
     "segment",
     "train",
+    "experiment",
+    "report",
     "embed",
     "u2u",
     "histories",
@@ -199,3 +201,17 @@ def test_demo_runs_end_to_end_on_tiny_sizes(ray_session, tmp_path, capsys):
         assert f"src='{png}.png'" in page, png
         assert (exp / "report" / f"{png}.png").stat().st_size > 1000, png
     assert "Table 2 analog" in page and "Table 3 analog" in page
+    # `dynamix report` redraws it from results.json, the demo's timeline kept
+    (exp / "report" / "serving.png").unlink()
+    assert main(["report", str(exp)]) == 0
+    assert (exp / "report" / "serving.png").exists()
+
+
+def test_experiment_and_report_errors_name_what_is_wrong(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "results.json does not exist" in capsys.readouterr().err
+    argv = ["experiment", "removal", "e", "s", str(tmp_path), "--seeds", "0,x"]
+    assert main(argv) == 2
+    assert "--seeds '0,x'" in capsys.readouterr().err
+    assert main([*argv[:-1], "1,1"]) == 2
+    assert "each seed once" in capsys.readouterr().err
