@@ -276,7 +276,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--load-qps",
         type=float,
-        default=40.0,
+        default=30.0,
         help="open-loop load, 100 candidates a request (default %(default)s)",
     )
     p.add_argument(
