@@ -48,6 +48,7 @@ from dynamix_ray.config import GenerateConfig, SegmentConfig  # noqa: E402
 from dynamix_ray.experiments import (  # noqa: E402
     paired_gain,
     predicted_gain,
+    sample_batches,
     train_step_throughput,
 )
 from dynamix_ray.features import POLICIES, flops_by_segment  # noqa: E402
@@ -67,7 +68,7 @@ def cached_segments(events: str, root: Path) -> str:
     return str(out)
 
 
-def sample_batches(
+def batches_of_samples(
     events: str, segments: str, seq: int, batch: int, n_batches: int, total: int
 ) -> list[dict[str, np.ndarray]]:
     """``n_batches`` batches drawn at random from all samples (every day and
@@ -75,20 +76,7 @@ def sample_batches(
     from dynamix_ray.samples import SampleConfig, sample_dataset
 
     ds = sample_dataset(events, segments, SampleConfig(max_seq_len=seq))
-    want = batch * n_batches
-    frac = min(1.0, 1.5 * want / max(total, 1))
-    cols: dict[str, list[np.ndarray]] = {}
-    for b in ds.random_sample(frac, seed=0).iter_batches(
-        batch_size=4096, batch_format="numpy"
-    ):
-        for k, v in b.items():
-            cols.setdefault(k, []).append(v)
-    flat = {k: np.concatenate(v) for k, v in cols.items()}
-    order = np.random.default_rng(0).permutation(len(flat["label"]))[:want]
-    return [
-        {k: v[order[i : i + batch]] for k, v in flat.items()}
-        for i in range(0, len(order) - batch + 1, batch)
-    ]
+    return sample_batches(ds, batch, n_batches, total=total)
 
 
 def throughput(
@@ -195,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         + f"\n  removed by remove-*: {', '.join(removed)}"
     )
 
-    batches = sample_batches(
+    batches = batches_of_samples(
         events,
         segments,
         seq,
@@ -222,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     # the same for batches of active users only, where remove-active acts:
     # drawn from enough random rows to fill --batches batches of them
     bs = args.batch_size
-    pool = sample_batches(
+    pool = batches_of_samples(
         events,
         segments,
         seq,

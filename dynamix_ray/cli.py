@@ -848,6 +848,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 def experiment_summary(r: dict) -> str:
     """The experiment's tables as text."""
+    from dynamix_ray.report import format_or_dash
+
     lines = [f"dynamix experiment {r['kind']}: seeds {r['seeds']}"]
     head = (
         f"  {'arm':16s} {'NE':>16s} {'NE gain %':>14s} {'train ex/s %':>14s} "
@@ -874,10 +876,7 @@ def experiment_summary(r: dict) -> str:
                 f"{a['flop_inference_change_pct']:+7.1f}"
             )
     e = r["epsilon"]
-
-    def num(x: float | None, fmt: str) -> str:
-        return "-" if x is None else format(x, fmt)
-
+    num = format_or_dash
     cal, sep = e["calibrated"], e["separation"]
     lines.append(
         f" epsilon: calibrated {num(cal['epsilon'], '.4f')} (active share of "

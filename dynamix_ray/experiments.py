@@ -38,13 +38,11 @@ import numpy as np
 
 from dynamix_ray.features import (
     FeatureSet,
-    available_features,
     flops_by_segment,
     policy_features,
-    split_by_segment,
-    to_model_batch,
 )
 from dynamix_ray.model import ModelConfig, flops_per_sample
+from dynamix_ray.report import format_or_dash
 
 __all__ = [
     "ARMS",
@@ -56,6 +54,7 @@ __all__ = [
     "predicted_gain",
     "request_flops",
     "run_experiment",
+    "sample_batches",
     "summarize_arms",
     "train_step_throughput",
 ]
@@ -334,24 +333,21 @@ def _eval_rows(
     checkpoint: str, eval_ds: Any, batch_size: int = 4096
 ) -> dict[str, np.ndarray]:
     """``user_id``, ``t_ms``, ``label``, ``segment`` and the checkpoint's
-    ``logit`` for every evaluation row (each segment with its policy)."""
-    import torch
-
-    from dynamix_ray.train import load_checkpoint
+    ``logit`` for every evaluation row (each segment with its policy, as
+    ``train.score_by_segment`` scores them)."""
+    from dynamix_ray.train import load_checkpoint, score_by_segment
 
     model, _, meta = load_checkpoint(checkpoint)
     policy, removed = meta["policy"] or "baseline", tuple(meta["removed"] or ())
     keep = ("user_id", "t_ms", "label", "segment")
     parts: dict[str, list[np.ndarray]] = {k: [] for k in (*keep, "logit")}
-    with torch.inference_mode():
-        for batch in eval_ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
-            avail = available_features(batch)
-            for seg, part in split_by_segment(batch).items():
-                feats = policy_features(policy, seg, removed, avail)
-                logits = model(to_model_batch(part, "cpu"), feats).float().numpy()
-                parts["logit"].append(logits)
-                for k in keep:
-                    parts[k].append(np.asarray(part[k]))
+    for batch in eval_ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        for seg, logits, _ in score_by_segment(model, batch, policy, removed):
+            # a segment's part keeps the batch's row order (split_by_segment)
+            sel = np.asarray(batch["segment"]) == seg
+            parts["logit"].append(logits)
+            for k in keep:
+                parts[k].append(np.asarray(batch[k])[sel])
     if not parts["logit"]:
         raise ValueError(
             "no evaluation rows: the last day of the events holds no ad impressions"
@@ -378,7 +374,7 @@ def epsilon_study(
     import pandas as pd
 
     from dynamix_ray.io import read_json, resolve
-    from dynamix_ray.samples import read_segment_rows, segment_at
+    from dynamix_ray.samples import segment_at, segment_rows
     from dynamix_ray.segments.epsilon import (
         log_loss,
         ne_by_threshold,
@@ -389,7 +385,7 @@ def epsilon_study(
 
     table = read_segments(segments_url)
     corr = table.column("corr").to_numpy(zero_copy_only=False).astype(np.float64)
-    seg_rows = read_segment_rows(segments_url)
+    seg_rows = segment_rows(table)
     uniques = pd.Index(pd.unique(rows["user_id"]))
     row_corr = segment_at(
         uniques.get_indexer(rows["user_id"]).astype(np.int64),
@@ -462,27 +458,13 @@ def _requests(
 ) -> list[Request]:
     """``n`` ranking requests at the histories' instant, ``active_share`` of
     them for users the segment table calls active, ``candidates`` distinct
-    ads of the catalog each."""
-    from dynamix_ray.alure.evaluate import read_events_frame
-    from dynamix_ray.model.config import CANDIDATE_ATTRIBUTES
-    from dynamix_ray.serve.store import read_segment_store
+    ads of the catalog each (``serve.loadgen.Traffic.request``)."""
+    from dynamix_ray.serve.loadgen import Traffic
 
-    rng = np.random.default_rng(seed)
-    ts = histories.as_of_ms
-    seg = read_segment_store(segments_url).lookup(
-        histories.user_id, np.full(len(histories), ts)
+    traffic = Traffic(
+        events_url, histories, segments_url, candidates, seed, bodies_per_segment=0
     )
-    users = {s: histories.user_id[seg == s] for s in (0, 1)}
-    ads = read_events_frame(events_url, "ad_impressions", list(CANDIDATE_ATTRIBUTES))
-    catalog = ads.drop_duplicates("ad_id")[list(CANDIDATE_ATTRIBUTES)].to_numpy()
-    out: list[Request] = []
-    for _ in range(n):
-        s = 1 if rng.random() < active_share else 0
-        if len(users[s]) == 0:
-            s = 1 - s
-        idx = rng.choice(len(catalog), min(candidates, len(catalog)), replace=False)
-        out.append((s, int(rng.choice(users[s])), ts, catalog[idx].astype(np.int64)))
-    return out
+    return [traffic.request(active_share) for _ in range(n)]
 
 
 def _scorer(rankers: dict[int, Any]) -> Callable[[Request], Any]:
@@ -494,25 +476,27 @@ def _scorer(rankers: dict[int, Any]) -> Callable[[Request], Any]:
     return score
 
 
-def _sample_batches(
-    ds: Any, batch_size: int, n_batches: int, seed: int = 0
+def sample_batches(
+    ds: Any, batch_size: int, n_batches: int, total: int | None = None, seed: int = 0
 ) -> list[dict[str, np.ndarray]]:
-    """``n_batches`` batches of rows drawn at random from ``ds``."""
+    """``n_batches`` batches of rows drawn at random from ``ds`` (``total``: its
+    rows when known, else counted), in a fixed order; only about the rows
+    needed reach the driver."""
     want = batch_size * n_batches
-    total = ds.count()
-    if total > 2 * want:  # only about the rows needed reach the driver
-        ds = ds.random_sample(min(1.0, 1.5 * want / total), seed=seed)
+    total = ds.count() if total is None else total
+    frac = min(1.0, 1.5 * want / max(total, 1))
+    if frac < 1.0:
+        ds = ds.random_sample(frac, seed=seed)
     parts: dict[str, list[np.ndarray]] = {}
     for b in ds.iter_batches(batch_size=8192, batch_format="numpy"):
         for k, v in b.items():
             parts.setdefault(k, []).append(v)
     cols = {k: np.concatenate(v) for k, v in parts.items()}
-    total = len(cols["label"])
-    want = min(total, batch_size * n_batches)
-    order = np.random.default_rng(seed).permutation(total)[:want]
+    got = len(cols["label"])
+    order = np.random.default_rng(seed).permutation(got)[: min(got, want)]
     return [
         {k: v[order[i : i + batch_size]] for k, v in cols.items()}
-        for i in range(0, want - batch_size + 1, batch_size)
+        for i in range(0, len(order) - batch_size + 1, batch_size)
     ] or [{k: v[order] for k, v in cols.items()}]
 
 
@@ -616,9 +600,9 @@ def run_experiment(
                     _log(progress, f"  remove-* arms drop: {', '.join(removed)}")
             _log(
                 progress,
-                f"  {arm:16s} seed {seed}: NE {_f(m['ne'])} (active "
-                f"{_f(m['ne_active'])}, passive {_f(m['ne_passive'])}), "
-                f"{_f(m['train_examples_per_s'], ',.0f')} examples/s (Ray Train), "
+                f"  {arm:16s} seed {seed}: NE {format_or_dash(m['ne'])} (active "
+                f"{format_or_dash(m['ne_active'])}, passive {format_or_dash(m['ne_passive'])}), "
+                f"{format_or_dash(m['train_examples_per_s'], ',.0f')} examples/s (Ray Train), "
                 f"{time.perf_counter() - t0:.0f} s",
             )
     assert removed is not None or not any(a.startswith("remove-") for a in arms)
@@ -631,11 +615,11 @@ def run_experiment(
     sep, cal = eps["separation"], eps["calibrated"]
     _log(
         progress,
-        f"    calibrated epsilon {_f(cal['epsilon'])} (active share of windows "
-        f"{_f(cal['active_share_windows'], '.3f')}); NE-separation epsilon "
+        f"    calibrated epsilon {format_or_dash(cal['epsilon'])} (active share of windows "
+        f"{format_or_dash(cal['active_share_windows'], '.3f')}); NE-separation epsilon "
         + (
-            f"{_f(sep['epsilon'])} (share {_f(sep['active_share_windows'], '.3f')}, "
-            f"NE passive - active {_f(sep['separation'], '+.4f')})"
+            f"{format_or_dash(sep['epsilon'])} (share {format_or_dash(sep['active_share_windows'], '.3f')}, "
+            f"NE passive - active {format_or_dash(sep['separation'], '+.4f')})"
             if sep["epsilon"] is not None
             else "none (no threshold leaves both sides large enough)"
         ),
@@ -643,7 +627,7 @@ def run_experiment(
 
     # ---- training throughput of the model step, arms interleaved
     _log(progress, "  training-step throughput (arms interleaved) ...")
-    batches = _sample_batches(data.train, cfg.batch_size, cfg.step_batches)
+    batches = sample_batches(data.train, cfg.batch_size, cfg.step_batches)
     share_train = float(np.concatenate([b["segment"] for b in batches]).mean())
     step = train_step_throughput(
         batches, arms, removed, mcfg, cfg.step_rounds, threads=1
@@ -766,15 +750,6 @@ def run_experiment(
     results["report"] = index
     _log(progress, f"  results {out_dir}/results.json\n  report  {index}")
     return results
-
-
-def _f(x: Any, fmt: str = ".4f") -> str:
-    """``x`` formatted, or "-" when it is missing."""
-    return (
-        "-"
-        if x is None or (isinstance(x, float) and not np.isfinite(x))
-        else format(x, fmt)
-    )
 
 
 def _abs(url: str) -> str:

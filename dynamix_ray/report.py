@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "format_or_dash",
     "plot_corr_dist",
     "plot_corr_hours",
     "plot_curves",
@@ -289,26 +290,18 @@ def plot_timeline(autoscaling: dict[str, Any], path: str) -> str:
 def _dwell_data(
     events_url: str,
     truth_users: Any | None,
-    params: dict[str, Any],
+    cfg: Any,
     max_users: int = 400,
     seed: int = 0,
 ) -> dict[str, dict[str, np.ndarray]]:
     """Log dwell near / far from conversions (SPEC §2's near rule and dwell
-    bounds, with the segment table's ``params``), for up to ``max_users`` users
+    bounds of the segment table's ``cfg``), for up to ``max_users`` users
     per planted kind."""
     import pandas as pd
 
     from dynamix_ray.alure.evaluate import read_events_frame
-    from dynamix_ray.config import SegmentConfig
     from dynamix_ray.segments.stats import _near_mask
 
-    d = SegmentConfig()
-    cfg = SegmentConfig(
-        **{
-            k: params.get(k, getattr(d, k))
-            for k in ("buffer_s", "horizon_s", "min_dwell_ms", "max_dwell_ms")
-        }
-    )
     imp = read_events_frame(
         events_url, "ad_impressions", ["user_id", "ts_ms", "dwell_ms"]
     )
@@ -397,8 +390,11 @@ def _corr_series(
 # ----------------------------------------------------------------- HTML
 
 
-def _num(x: Any, fmt: str = ".4f") -> str:
-    return "–" if x is None else format(x, fmt)
+def format_or_dash(x: Any, fmt: str = ".4f") -> str:
+    """``x`` formatted, or "–" when it is missing (``None``, NaN, inf)."""
+    if x is None or (isinstance(x, float) and not np.isfinite(x)):
+        return "–"
+    return format(x, fmt)
 
 
 def _fmt(ms: dict[str, Any] | None, digits: int = 4, pct: bool = False) -> str:
@@ -497,16 +493,27 @@ def write_report(
         truth_users = None
         notes.append("no planted truth (_truth/) beside the events: recovery not drawn")
     segments = read_segments(inputs["segments"])
+    from dynamix_ray.config import SegmentConfig
     from dynamix_ray.io import read_json, resolve
 
     fs, root = resolve(inputs["segments"])
     params = read_json(fs, f"{root}/segments/_meta.json").get("params", {})
-    from dynamix_ray.config import SegmentConfig
-
-    d = SegmentConfig()
-    buffer_s = params.get("buffer_s", d.buffer_s)
-    horizon_s = params.get("horizon_s", d.horizon_s)
-    window_h = params.get("window_s", d.window_s) / 3600
+    # the parameters the table was made with (defaults where it names none)
+    seg_cfg = SegmentConfig(
+        **{
+            k: params[k]
+            for k in (
+                "window_s",
+                "buffer_s",
+                "horizon_s",
+                "min_dwell_ms",
+                "max_dwell_ms",
+            )
+            if k in params
+        }
+    )
+    buffer_s, horizon_s = seg_cfg.buffer_s, seg_cfg.horizon_s
+    window_h = seg_cfg.window_s / 3600
     corr = segments.column("corr").to_numpy(zero_copy_only=False).astype(np.float64)
 
     figure(
@@ -516,7 +523,7 @@ def write_report(
         "after the dwell bounds. Planted active users dwell longer before they "
         "convert; passive users do not.",
         lambda p: plot_dwell(
-            _dwell_data(inputs["events"], truth_users, params), p, horizon_s
+            _dwell_data(inputs["events"], truth_users, seg_cfg), p, horizon_s
         ),
     )
     figure(
@@ -627,11 +634,11 @@ def write_report(
             parts.append(f"<tr><td>{label}</td><td colspan=6>none</td></tr>")
             continue
         parts.append(
-            f"<tr><td>{label}</td><td>{_num(e['epsilon'])}</td>"
-            f"<td>{_num(e['active_share_windows'], '.3f')}</td>"
-            f"<td>{_num(e['active_share_traffic'], '.3f')}</td>"
-            f"<td>{_num(e['ne_active'])}</td><td>{_num(e['ne_passive'])}</td>"
-            f"<td>{_num(e['separation'], '+.4f')}</td></tr>"
+            f"<tr><td>{label}</td><td>{format_or_dash(e['epsilon'])}</td>"
+            f"<td>{format_or_dash(e['active_share_windows'], '.3f')}</td>"
+            f"<td>{format_or_dash(e['active_share_traffic'], '.3f')}</td>"
+            f"<td>{format_or_dash(e['ne_active'])}</td><td>{format_or_dash(e['ne_passive'])}</td>"
+            f"<td>{format_or_dash(e['separation'], '+.4f')}</td></tr>"
         )
     parts.append("</table>")
     rec = results.get("truth_recovery")

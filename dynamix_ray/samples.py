@@ -42,6 +42,7 @@ __all__ = [
     "history_index",
     "reference_samples",
     "segment_at",
+    "segment_rows",
     "time_split",
 ]
 
@@ -399,7 +400,11 @@ def read_segment_rows(segments_url: str) -> dict[str, np.ndarray]:
     """``user_id``, ``window_end_ms``, ``segment`` of a committed segment table."""
     from dynamix_ray.segments.pipeline import read_segments
 
-    t = read_segments(segments_url)
+    return segment_rows(read_segments(segments_url))
+
+
+def segment_rows(t: pa.Table) -> dict[str, np.ndarray]:
+    """``user_id``, ``window_end_ms``, ``segment`` of a segment table."""
     return {
         "user_id": t.column("user_id").to_numpy(),
         "window_end_ms": t.column("window_end").cast(pa.int64()).to_numpy(),

@@ -46,7 +46,6 @@ from dynamix_ray.model.metrics import ne_from_sums
 __all__ = [
     "TrainConfig",
     "TrainData",
-    "curve_ne",
     "prepare_train_data",
     "train_step",
     "baseline_importance",
@@ -130,12 +129,8 @@ def _segment_sums(
     return out
 
 
-#: NE from (summed log loss, rows, positives); ``None`` for one class.
-curve_ne = ne_from_sums
-
-
 def _ne(sums: dict[str, float], name: str) -> float | None:
-    return curve_ne(sums[f"{name}.ll"], sums[f"{name}.n"], sums[f"{name}.pos"])
+    return ne_from_sums(sums[f"{name}.ll"], sums[f"{name}.n"], sums[f"{name}.pos"])
 
 
 def train_step(
@@ -275,7 +270,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             seen += n * world
             win = [win[0] + loss * n, win[1] + n, win[2] + float(batch["label"].sum())]
             if tcfg.curve_steps and steps % tcfg.curve_steps == 0:
-                ne = curve_ne(*win)
+                ne = ne_from_sums(*win)
                 if ne is not None:
                     curve.append([seen, ne])
                 win = [0.0, 0.0, 0.0]
@@ -288,7 +283,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if steady_t0 is not None:
                 steady_n += len(batch["label"])
         steady_s = time.perf_counter() - steady_t0 if steady_t0 else 0.0
-        last = curve_ne(*win)  # the epoch's last, partial window
+        last = ne_from_sums(*win)  # the epoch's last, partial window
         if last is not None:
             curve.append([seen, last])
 

@@ -35,19 +35,21 @@ RANKERS = ("ActiveRanker", "PassiveRanker")
 
 
 class Traffic:
-    """``/rank`` bodies for active and passive users at the histories' instant.
+    """``/rank`` requests for active and passive users at the histories' instant.
 
     Args:
         events: dataset root (the candidates come from its ad catalog).
-        histories: a ``dynamix histories`` OUT (users and the instant).
+        histories: a ``dynamix histories`` OUT or its loaded
+            :class:`~dynamix_ray.histories.HistoryStore` (users and the instant).
         segments: a ``dynamix segment`` OUT (each user's segment then).
         n_candidates: ads per request.
+        bodies_per_segment: JSON bodies encoded up front for :meth:`pick`.
     """
 
     def __init__(
         self,
         events: str,
-        histories: str,
+        histories: Any,
         segments: str,
         n_candidates: int,
         seed: int = 0,
@@ -57,11 +59,13 @@ class Traffic:
         from dynamix_ray.histories import read_histories
         from dynamix_ray.serve.store import read_segment_store
 
-        hist = read_histories(histories)
+        hist = read_histories(histories) if isinstance(histories, str) else histories
         store = read_segment_store(segments)
         self.ts = hist.as_of_ms
         seg = store.lookup(hist.user_id, np.full(len(hist), self.ts))
         self.users = {1: hist.user_id[seg == 1], 0: hist.user_id[seg == 0]}
+        if not len(hist.user_id):
+            raise ValueError(f"{histories}: no users to send requests for")
         ads = read_events_frame(events, "ad_impressions", list(CANDIDATE_ATTRIBUTES))
         self.catalog = ads.drop_duplicates("ad_id")[
             list(CANDIDATE_ATTRIBUTES)
@@ -73,12 +77,21 @@ class Traffic:
             for s in (0, 1)
             if len(self.users[s])
         }
-        if not self.bodies:
-            raise ValueError(f"{histories}: no users to send requests for")
 
     def cands(self) -> np.ndarray:
         idx = self.rng.choice(len(self.catalog), self.n, replace=False)
         return self.catalog[idx].astype(np.int64)
+
+    def _segment(self, active_share: float) -> int:
+        """1 with probability ``active_share`` (the other segment when one
+        has no users)."""
+        s = 1 if self.rng.random() < active_share else 0
+        return s if len(self.users[s]) else 1 - s
+
+    def request(self, active_share: float) -> tuple[int, int, int, np.ndarray]:
+        """A fresh request as arrays: (segment, user_id, ts_ms, (C, A) ads)."""
+        s = self._segment(active_share)
+        return s, int(self.rng.choice(self.users[s])), self.ts, self.cands()
 
     def _body(self, segment: int) -> tuple[int, np.ndarray, bytes]:
         user = int(self.rng.choice(self.users[segment]))
@@ -93,11 +106,8 @@ class Traffic:
         return user, c, json.dumps(body).encode()
 
     def pick(self, active_share: float) -> tuple[int, bytes]:
-        """(segment, body) with P(active) = ``active_share`` (the other segment
-        when one has no users)."""
-        s = 1 if self.rng.random() < active_share else 0
-        if s not in self.bodies:
-            s = 1 - s
+        """(segment, one of the encoded bodies) with P(active) = ``active_share``."""
+        s = self._segment(active_share)
         _, _, b = self.bodies[s][int(self.rng.integers(len(self.bodies[s])))]
         return s, b
 
