@@ -15,8 +15,11 @@ Sections (each bounded in time and count; all traffic on loopback):
    no-op Serve deployment on the same proxy (Serve's own ceiling here).
 2. **handles**: replica-level throughput of each ranker through its
    DeploymentHandle (no HTTP, no router).
-3. **router_overhead**: p50 of the router's handle call (router -> ranker) vs
-   the ranker's handle call alone, and the p50 of request validation.
+3. **router_overhead**: p50 of /rank through the router vs the same ranking
+   code behind its own ingress, and of the router's handle call (router ->
+   ranker) vs the ranker's handle call alone, plus the p50 of request
+   validation; for each transport (actor calls, gRPC) with the router's
+   handles on their own loop (Serve's default) and on the replica's loop.
 4. **policies**: /rank QPS of each feature policy (both rankers on that
    policy's checkpoint), rounds interleaved, median paired ratio vs baseline,
    beside the ratio per-request FLOPs predict.
@@ -336,21 +339,41 @@ def http_pair(base: str, traffic: Traffic, n: int) -> dict[str, Any]:
 
 
 def section_router_overhead(args, env, traffic, base: str) -> dict[str, Any]:
+    """Each transport (Ray actor calls, gRPC) with the Router's handles routing
+    on a loop of their own (Serve's default) and on the replica's loop; the
+    four set-ups in turn, ``--overhead-rounds`` times, medians over rounds."""
     deploy_direct(env, args)
-    out: dict[str, Any] = {"candidates": args.candidates}
-    for transport, grpc in (("actor_calls", False), ("grpc", True)):
-        deploy({**app_config(env, "baseline", args), "grpc_handles": grpc})
-        http_pair(base, traffic, 20)  # warm-up
-        h = http_pair(base, traffic, args.overhead_requests)
-        m = router_overhead(args, traffic)
-        out[transport] = {"http": h, "handles": m}
+    setups = [
+        (f"{transport}/{loop}", grpc, on_replica)
+        for transport, grpc in (("actor_calls", False), ("grpc", True))
+        for loop, on_replica in (("separate_loop", False), ("replica_loop", True))
+    ]
+    rounds: dict[str, list[dict[str, Any]]] = {key: [] for key, _, _ in setups}
+    for r in range(args.overhead_rounds):
+        for key, grpc, on_replica in setups:
+            cfg = app_config(env, "baseline", args)
+            deploy({**cfg, "grpc_handles": grpc, "handles_on_replica_loop": on_replica})
+            http_pair(base, traffic, 20)  # warm-up
+            h = http_pair(base, traffic, args.overhead_requests)
+            m = router_overhead(args, traffic)
+            rounds[key].append({"http": h, "handles": m})
+            print(
+                f"  round {r + 1} {key}: HTTP p50 via router "
+                f"{h['router_p50_ms']:.2f} ms vs direct {h['direct_p50_ms']:.2f} ms: "
+                f"router adds {h['overhead_p50_ms']:.2f} ms | handles: router -> "
+                f"ranker {m['router_to_ranker_p50_ms']:.2f} ms vs ranker "
+                f"{m['ranker_direct_p50_ms']:.2f} ms (validation "
+                f"{m['validation_p50_ms']:.2f} ms)",
+                flush=True,
+            )
+    out: dict[str, Any] = {"candidates": args.candidates, "rounds": rounds}
+    for key, runs in rounds.items():
+        http = statistics.median(x["http"]["overhead_p50_ms"] for x in runs)
+        handles = statistics.median(x["handles"]["overhead_p50_ms"] for x in runs)
+        out[key] = {"http_overhead_p50_ms": http, "handles_overhead_p50_ms": handles}
         print(
-            f"  {transport:11s}: HTTP p50 via router {h['router_p50_ms']:.2f} ms vs "
-            f"direct {h['direct_p50_ms']:.2f} ms: router adds "
-            f"{h['overhead_p50_ms']:.2f} ms | handles: router -> ranker "
-            f"{m['router_to_ranker_p50_ms']:.2f} ms vs ranker "
-            f"{m['ranker_direct_p50_ms']:.2f} ms (validation "
-            f"{m['validation_p50_ms']:.2f} ms)",
+            f"  {key}: the router adds {http:.2f} ms over HTTP, {handles:.2f} ms "
+            f"through handles (median of {len(runs)} rounds' p50 differences)",
             flush=True,
         )
     from ray import serve
@@ -569,6 +592,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="policy rounds")
     p.add_argument("--policy-concurrency", type=int, default=16)
     p.add_argument("--overhead-requests", type=int, default=200)
+    p.add_argument("--overhead-rounds", type=int, default=3)
     p.add_argument("--ranker-cpus", type=float, default=0.5)
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument(

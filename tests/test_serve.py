@@ -258,6 +258,9 @@ def test_fuzzed_requests_never_get_a_5xx(app, body):
 def test_healthz_and_openapi(app):
     h = app.http.get(f"{app.url}/healthz", timeout=30).json()
     assert h["status"] == "ok" and h["segments"]["change_rows"] > 0
+    # the defaults: gRPC between deployments, the Router's handles routing on
+    # its replica's own loop (the env var reached the Router's process)
+    assert h["handles"] == {"transport": "grpc", "on_replica_loop": True}
     spec = app.http.get(f"{app.url}/openapi.json", timeout=30).json()
     assert {"/rank", "/candidates", "/healthz"} <= set(spec["paths"])
     assert app.http.get(f"{app.url}/docs", timeout=30).status_code == 200

@@ -16,6 +16,7 @@ from dynamix_ray.model.config import CANDIDATE_ATTRIBUTES
 from dynamix_ray.samples import segment_at
 from dynamix_ray.schema import SOURCES
 from dynamix_ray.serve.api import Candidate, error_body, field_name
+from dynamix_ray.serve.app import SEPARATE_LOOP_ENV, AppConfig, router_options
 from dynamix_ray.serve.ranker import Ranker
 from dynamix_ray.serve.store import SegmentStore, compact_changes
 from dynamix_ray.train import save_checkpoint
@@ -203,3 +204,29 @@ def test_a_request_before_the_snapshot_sees_no_later_events(tmp_path):
     got = ranker.score([0], [t_mid], cand)[0]
     want = Ranker(ckpt, earlier, 0).score([0], [t_mid], cand)[0]
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def _cfg(**over) -> AppConfig:
+    spec = {"checkpoint": "c"}
+    return AppConfig.model_validate(
+        {"segments": "s", "histories": "h", "active": spec, "passive": spec, **over}
+    )
+
+
+def test_router_options_put_the_handles_on_the_replica_loop_keeping_the_runtime_env():
+    env = {"env_vars": {"A": "1"}, "pip": ["x"]}
+    router = {"ray_actor_options": {"num_cpus": 0.3, "runtime_env": env}}
+    got = router_options(_cfg(router=router))
+    assert got["ray_actor_options"] == {
+        "num_cpus": 0.3,
+        "runtime_env": {"env_vars": {"A": "1", SEPARATE_LOOP_ENV: "0"}, "pip": ["x"]},
+    }
+    assert env == {"env_vars": {"A": "1"}, "pip": ["x"]}  # the config's is untouched
+    off = router_options(_cfg(router=router, handles_on_replica_loop=False))
+    assert off["ray_actor_options"] == router["ray_actor_options"]
+    # an explicit setting of the variable wins
+    mine = {
+        "ray_actor_options": {"runtime_env": {"env_vars": {SEPARATE_LOOP_ENV: "1"}}}
+    }
+    got = router_options(_cfg(router=mine))["ray_actor_options"]
+    assert got["runtime_env"]["env_vars"] == {SEPARATE_LOOP_ENV: "1"}

@@ -60,6 +60,10 @@ __all__ = ["AppConfig", "DeploymentOptions", "RankerSpec", "Router", "build_app"
 
 log = logging.getLogger("ray.serve")
 
+#: Serve's switch for where a process's handles route requests (see
+#: ``AppConfig.handles_on_replica_loop``).
+SEPARATE_LOOP_ENV = "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"
+
 
 class DeploymentOptions(BaseModel):
     """Serve options of one deployment (``autoscaling_config`` wins over
@@ -131,6 +135,13 @@ class AppConfig(BaseModel):
         grpc_handles: router -> ranker calls over Serve's direct gRPC transport
             (``handle.options(_by_reference=False)``, Ray 2.55+) instead of
             Ray actor calls (``False``); benchmarks/serve_load.py measures both.
+        handles_on_replica_loop: Serve's request router behind the Router's
+            handles runs on the Router replica's own event loop
+            (``RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0`` in the Router's
+            ``runtime_env``) instead of on a loop in a thread of its own: one
+            thread hop less each way on every router -> ranker call
+            (benchmarks/serve_load.py measures both). Safe here because the
+            Router's handlers never block its loop.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -152,6 +163,7 @@ class AppConfig(BaseModel):
     reload_interval_s: float = Field(10.0, gt=0)
     retries: int = Field(2, ge=0)
     grpc_handles: bool = True
+    handles_on_replica_loop: bool = True
 
     def absolute(self) -> "AppConfig":
         """Relative local paths made absolute (replicas run in other folders)."""
@@ -440,6 +452,11 @@ class Router:
             "segment_reload_errors": self.reload_errors,
             "last_reload_error": self.last_reload_error,
             "inflight": dict(self.inflight),
+            "handles": {
+                "transport": "grpc" if self.cfg.grpc_handles else "actor_calls",
+                # read in this process: what Serve's handles here really do
+                "on_replica_loop": os.environ.get(SEPARATE_LOOP_ENV) == "0",
+            },
         }
 
 
@@ -502,6 +519,22 @@ def build_app(args: dict[str, Any] | AppConfig) -> serve.Application:
         )
     return (
         cast(Any, Router)
-        .options(**cfg.router.serve_options())
+        .options(**router_options(cfg))
         .bind(cfg.model_dump(), rankers[1], rankers[0], retriever)
     )
+
+
+def router_options(cfg: AppConfig) -> dict[str, Any]:
+    """The Router's Serve options: ``cfg.router``'s, plus, with
+    ``handles_on_replica_loop``, the env var that puts its handles' request
+    router on the replica's loop (merged into any ``runtime_env`` given)."""
+    out = cfg.router.serve_options()
+    if cfg.handles_on_replica_loop:
+        actor = dict(out["ray_actor_options"])
+        runtime_env = dict(actor.get("runtime_env") or {})
+        env_vars = dict(runtime_env.get("env_vars") or {})
+        env_vars.setdefault(SEPARATE_LOOP_ENV, "0")
+        runtime_env["env_vars"] = env_vars
+        actor["runtime_env"] = runtime_env
+        out["ray_actor_options"] = actor
+    return out
