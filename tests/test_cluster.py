@@ -139,7 +139,7 @@ class LocalCluster:
             ]
         )
         self._wait_for_nodes(2)
-        self.raylets = [p for p in self.processes() if p.name() == "raylet"]
+        self.raylets = [p for p in self.processes() if _name(p) == "raylet"]
         assert len(self.raylets) == 2, self.raylets
 
     def _wait_for_nodes(self, n: int) -> None:
@@ -451,6 +451,23 @@ def larger_events(tmp_path_factory) -> Path:
     return root
 
 
+def _name(p: psutil.Process) -> str:
+    """``p``'s name, or "" if it exited while we looked."""
+    try:
+        return str(p.name())
+    except psutil.Error:
+        return ""
+
+
+def _python_cmdline(p: psutil.Process) -> str | None:
+    """``p``'s command line if it is a Python process; ``None`` if not, or if
+    it exited while we looked (the cluster's processes come and go)."""
+    try:
+        return " ".join(p.cmdline()) if _name(p).startswith("python") else None
+    except psutil.Error:
+        return None
+
+
 def _kill_during_segmentation(
     cluster: LocalCluster, proc: subprocess.Popen, log: Path, *, driver: bool
 ) -> str:
@@ -463,13 +480,14 @@ def _kill_during_segmentation(
                 continue
             if driver:
                 drivers = [
-                    q
+                    (q, cmd)
                     for q in cluster.processes()
-                    if q.name().startswith("python")
-                    and "pipelines/segment.py" in " ".join(q.cmdline())
+                    if (cmd := _python_cmdline(q)) and "pipelines/segment.py" in cmd
                 ]  # not the `sh -c` around it
-                assert len(drivers) == 1, drivers
-                p, title = drivers[0], " ".join(drivers[0].cmdline())
+                assert len(drivers) <= 1, drivers
+                if not drivers:  # it exited meanwhile: the loop's poll sees it
+                    continue
+                p, title = drivers[0]
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.send_signal(signal.SIGKILL)
                 return title.strip()
