@@ -41,6 +41,7 @@ from dynamix_ray.features import (
     flops_by_segment,
     policy_features,
 )
+from dynamix_ray.io import absolute_url
 from dynamix_ray.model import ModelConfig, flops_per_sample
 from dynamix_ray.report import format_or_dash
 
@@ -373,7 +374,6 @@ def epsilon_study(
     """
     import pandas as pd
 
-    from dynamix_ray.io import read_json, resolve
     from dynamix_ray.samples import segment_at, segment_rows
     from dynamix_ray.segments.epsilon import (
         log_loss,
@@ -381,7 +381,7 @@ def epsilon_study(
         separation_epsilon,
         sweep_thresholds,
     )
-    from dynamix_ray.segments.pipeline import read_segments
+    from dynamix_ray.segments.pipeline import read_segments, read_segments_meta
 
     table = read_segments(segments_url)
     corr = table.column("corr").to_numpy(zero_copy_only=False).astype(np.float64)
@@ -398,8 +398,7 @@ def epsilon_study(
     abs_row = np.abs(row_corr)
     eligible = np.abs(corr[~np.isnan(corr)])
     grid = sweep_thresholds(eligible, points)
-    fs, root = resolve(segments_url)
-    meta = read_json(fs, f"{root}/segments/_meta.json")
+    meta = read_segments_meta(segments_url)
     calibrated = float(meta["epsilon"])
     sweep = ne_by_threshold(
         abs_row,
@@ -530,8 +529,9 @@ def run_experiment(
     arms = ARMS[cfg.kind]
     t_start = time.perf_counter()
     out_dir = os.path.abspath(out_dir)
-    events_url, segments_url = _abs(events_url), _abs(segments_url)
-    serving_timeline = _abs(serving_timeline) if serving_timeline else None
+    # absolute: a report redrawn from elsewhere still finds them
+    events_url, segments_url = absolute_url(events_url), absolute_url(segments_url)
+    serving_timeline = absolute_url(serving_timeline) if serving_timeline else None
     inputs = {"events": events_url, "segments": _segments_fingerprint(segments_url)}
     os.makedirs(out_dir, exist_ok=True)
     ensure_ray()
@@ -752,17 +752,11 @@ def run_experiment(
     return results
 
 
-def _abs(url: str) -> str:
-    """Local paths made absolute (a report redrawn elsewhere still finds them)."""
-    return url if "://" in url else os.path.abspath(url)
-
-
 def _segments_fingerprint(segments_url: str) -> dict[str, Any]:
     """What identifies a segment table: its path, input fingerprint, epsilon."""
-    from dynamix_ray.io import read_json, resolve
+    from dynamix_ray.segments.pipeline import read_segments_meta
 
-    fs, root = resolve(segments_url)
-    meta = read_json(fs, f"{root}/segments/_meta.json")
+    meta = read_segments_meta(segments_url)
     return {
         "url": segments_url,
         "input_fingerprint": meta.get("input_fingerprint"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 import time
 import uuid
@@ -26,6 +27,7 @@ from fsspec.core import url_to_fs
 __all__ = [
     "BUCKETING_FILE",
     "Dataset",
+    "absolute_url",
     "atomic_output",
     "discover",
     "fingerprint",
@@ -49,6 +51,12 @@ def resolve(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """``url`` -> (filesystem, path without protocol)."""
     fs, path = url_to_fs(url)
     return fs, path.rstrip("/") or "/"
+
+
+def absolute_url(url: str) -> str:
+    """A local path made absolute (replicas and later runs work in other
+    folders); URLs with a protocol stay as they are."""
+    return url if "://" in url else os.path.abspath(url)
 
 
 def is_process_local(fs: fsspec.AbstractFileSystem) -> bool:

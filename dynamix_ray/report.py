@@ -460,7 +460,7 @@ def write_report(
             a JSON holding an ``autoscaling`` section (with ``timeline``) or
             that section itself.
     """
-    from dynamix_ray.segments.pipeline import read_segments
+    from dynamix_ray.segments.pipeline import read_segments, read_segments_meta
     from dynamix_ray.synth import planted_rows, read_truth_users
 
     results_path = os.path.join(out_dir, "results.json")
@@ -494,10 +494,8 @@ def write_report(
         notes.append("no planted truth (_truth/) beside the events: recovery not drawn")
     segments = read_segments(inputs["segments"])
     from dynamix_ray.config import SegmentConfig
-    from dynamix_ray.io import read_json, resolve
 
-    fs, root = resolve(inputs["segments"])
-    params = read_json(fs, f"{root}/segments/_meta.json").get("params", {})
+    params = read_segments_meta(inputs["segments"]).get("params", {})
     # the parameters the table was made with (defaults where it names none)
     seg_cfg = SegmentConfig(
         **{

@@ -47,6 +47,7 @@ from dynamix_ray.io import (
     group_by_bucket,
     is_process_local,
     pyarrow_fs,
+    read_json,
     resolve,
     user_bucket,
     write_json,
@@ -61,7 +62,13 @@ from dynamix_ray.segments.stats import (
     window_origin_ms,
 )
 
-__all__ = ["SEGMENT_SCHEMA", "SegmentResult", "read_segments", "run_segment"]
+__all__ = [
+    "SEGMENT_SCHEMA",
+    "SegmentResult",
+    "read_segments",
+    "read_segments_meta",
+    "run_segment",
+]
 
 log = logging.getLogger(__name__)
 
@@ -630,6 +637,13 @@ def _reject_counts(fs: Any, folder: str) -> dict[str, int]:
             n_conv += src == "conversions"
     counts["_conversions"] = n_conv
     return counts
+
+
+def read_segments_meta(out_url: str) -> dict[str, Any]:
+    """The committed ``segments/_meta.json`` of a ``dynamix segment`` output
+    root: epsilon, params, input fingerprint, counts."""
+    fs, root = resolve(out_url)
+    return dict(read_json(fs, f"{root}/segments/_meta.json"))
 
 
 def read_segments(out_url: str) -> pa.Table:

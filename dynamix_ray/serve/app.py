@@ -42,6 +42,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dynamix_ray.features import POLICIES
+from dynamix_ray.io import absolute_url
 from dynamix_ray.serve.api import (
     CandidatesRequest,
     CandidatesResponse,
@@ -167,17 +168,16 @@ class AppConfig(BaseModel):
 
     def absolute(self) -> "AppConfig":
         """Relative local paths made absolute (replicas run in other folders)."""
-
-        def fix(p: str) -> str:
-            return p if "://" in p else os.path.abspath(p)
-
         d = self.model_dump()
-        d["segments"], d["histories"] = fix(self.segments), fix(self.histories)
+        d["segments"], d["histories"] = (
+            absolute_url(self.segments),
+            absolute_url(self.histories),
+        )
         for r in ("active", "passive"):
-            d[r]["checkpoint"] = fix(d[r]["checkpoint"])
+            d[r]["checkpoint"] = absolute_url(d[r]["checkpoint"])
         if d.get("candidates"):
-            d["candidates"]["u2u"] = fix(d["candidates"]["u2u"])
-            d["candidates"]["events"] = fix(d["candidates"]["events"])
+            d["candidates"]["u2u"] = absolute_url(d["candidates"]["u2u"])
+            d["candidates"]["events"] = absolute_url(d["candidates"]["events"])
         return AppConfig.model_validate(d)
 
 
