@@ -37,16 +37,15 @@ def inference_by_candidates(
 
     from dynamix_ray.experiments import (
         _requests,
-        _scorer,
+        arm_scorers,
         inference_qps,
         paired_gain,
         predicted_gain,
-        request_flops,
+        request_flops_by_arm,
     )
-    from dynamix_ray.features import available_features, policy_features
+    from dynamix_ray.features import available_features
     from dynamix_ray.histories import read_histories
     from dynamix_ray.model.config import CANDIDATE_ATTRIBUTES
-    from dynamix_ray.serve.ranker import Ranker
     from dynamix_ray.train import load_checkpoint
 
     arms = list(results["arms"])
@@ -67,19 +66,10 @@ def inference_by_candidates(
     for c in counts:
         reqs = _requests(inputs["events"], inputs["segments"], hist, n, c)
         share = float(np.mean([r[0] for r in reqs]))
-        flops = {
-            a: {
-                s: request_flops(mcfg, policy_features(a, s, removed, avail), c)
-                for s in (0, 1)
-            }
-            for a in arms
-        }
+        flops = request_flops_by_arm(mcfg, arms, removed, avail, c)
         per_seed: dict[str, list[float]] = {a: [] for a in arms}
         for seed in results["seeds"]:
-            score = {
-                a: _scorer({s: Ranker(ckpt[(a, seed)], hist, s) for s in (0, 1)})
-                for a in arms
-            }
+            score = arm_scorers({a: ckpt[(a, seed)] for a in arms}, hist)
             q = inference_qps(score, reqs, rounds)
             for a in arms:
                 per_seed[a].append(100 * paired_gain(q[a], q["baseline"]))

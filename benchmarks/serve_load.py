@@ -47,8 +47,12 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from dynamix_ray.config import GenerateConfig, SegmentConfig  # noqa: E402
-from dynamix_ray.experiments import request_flops  # noqa: E402
-from dynamix_ray.features import POLICIES, available_features, policy_features  # noqa: E402
+from dynamix_ray.experiments import (  # noqa: E402
+    paired_gain,
+    predicted_gain,
+    request_flops_by_arm,
+)
+from dynamix_ray.features import POLICIES, available_features  # noqa: E402
 from dynamix_ray.model import DynamixCTR, ModelConfig  # noqa: E402
 from dynamix_ray.model.config import CANDIDATE_ATTRIBUTES  # noqa: E402
 from dynamix_ray.report import plot_timeline  # noqa: E402
@@ -415,44 +419,30 @@ def section_policies(args, env, traffic, base: str) -> dict[str, Any]:
     avail = available_features(names)
     removed = tuple(env["removed"])
     share = 2 / 3
-
-    def work(policy: str) -> float:
-        f = {
-            s: request_flops(
-                mcfg, policy_features(policy, s, removed, avail), args.candidates
-            )
-            for s in (0, 1)
-        }
-        return share * f[1] + (1 - share) * f[0]
+    flops = request_flops_by_arm(mcfg, POLICIES, removed, avail, args.candidates)
 
     out: dict[str, Any] = {"qps": qps, "active_share": share, "removed": list(removed)}
     for policy in POLICIES:
-        ratio = statistics.median(
-            p / b for p, b in zip(qps[policy], qps["baseline"], strict=True)
-        )
-        predicted = work("baseline") / work(policy)
+        change = paired_gain(qps[policy], qps["baseline"])
+        predicted = predicted_gain(flops[policy], flops["baseline"], share)
         out[policy] = {
             "median_qps": statistics.median(qps[policy]),
-            "qps_change": ratio - 1,
-            "flop_predicted_change": predicted - 1,
+            "qps_change": change,
+            "flop_predicted_change": predicted,
             "mflop_per_request": {
-                name: request_flops(
-                    mcfg, policy_features(policy, seg, removed, avail), args.candidates
-                )
-                / 1e6
+                name: flops[policy][seg] / 1e6
                 for seg, name in ((0, "passive"), (1, "active"))
             },
         }
         print(
             f"  {policy:16s} median {out[policy]['median_qps']:7.1f} QPS  change "
-            f"{100 * (ratio - 1):+6.2f}%  FLOP-predicted {100 * (predicted - 1):+6.2f}%",
+            f"{100 * change:+6.2f}%  FLOP-predicted {100 * predicted:+6.2f}%",
             flush=True,
         )
     return out
 
 
 def section_autoscaling(args, env, traffic, base: str, rate: float) -> dict[str, Any]:
-
     auto = {
         "autoscaling_config": {
             "min_replicas": 1,

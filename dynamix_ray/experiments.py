@@ -47,6 +47,7 @@ from dynamix_ray.report import format_or_dash
 
 __all__ = [
     "ARMS",
+    "arm_scorers",
     "PAPER",
     "ExperimentConfig",
     "inference_qps",
@@ -54,6 +55,7 @@ __all__ = [
     "paired_gain",
     "predicted_gain",
     "request_flops",
+    "request_flops_by_arm",
     "run_experiment",
     "sample_batches",
     "summarize_arms",
@@ -475,6 +477,38 @@ def _scorer(rankers: dict[int, Any]) -> Callable[[Request], Any]:
     return score
 
 
+def arm_scorers(
+    checkpoints: dict[str, str], histories: Any
+) -> dict[str, Callable[[Request], Any]]:
+    """Per arm, :func:`inference_qps`'s scorer: the arm's checkpoint in the
+    Serve rankers' code (``serve.ranker.Ranker``), one per segment."""
+    from dynamix_ray.serve.ranker import Ranker
+
+    return {
+        arm: _scorer({s: Ranker(ckpt, histories, s) for s in (0, 1)})
+        for arm, ckpt in checkpoints.items()
+    }
+
+
+def request_flops_by_arm(
+    cfg: ModelConfig,
+    arms: Sequence[str],
+    removed: tuple[str, ...],
+    available: FeatureSet,
+    n_candidates: int,
+) -> dict[str, dict[int, int]]:
+    """:func:`request_flops` of each arm's passive (0) and active (1) requests."""
+    return {
+        a: {
+            s: request_flops(
+                cfg, policy_features(a, s, removed, available), n_candidates
+            )
+            for s in (0, 1)
+        }
+        for a in arms
+    }
+
+
 def sample_batches(
     ds: Any, batch_size: int, n_batches: int, total: int | None = None, seed: int = 0
 ) -> list[dict[str, np.ndarray]]:
@@ -521,7 +555,6 @@ def run_experiment(
     from dynamix_ray.features import lowest_importance
     from dynamix_ray.histories import read_histories, run_histories
     from dynamix_ray.runtime import ensure_ray
-    from dynamix_ray.serve.ranker import Ranker
     from dynamix_ray.synth import NO_SIGNAL_ATTRIBUTES
     from dynamix_ray.train import TrainConfig, prepare_train_data, run_train
 
@@ -644,13 +677,7 @@ def run_experiment(
     share_inf = float(np.mean([r[0] for r in requests]))
     qps_runs: dict[int, dict[str, list[float]]] = {}
     for seed in cfg.seeds:
-        rankers = {
-            arm: {s: Ranker(metrics[arm][seed]["checkpoint"], hist, s) for s in (0, 1)}
-            for arm in arms
-        }
-        score: dict[str, Callable[[Request], Any]] = {
-            arm: _scorer(rk) for arm, rk in rankers.items()
-        }
+        score = arm_scorers({a: metrics[a][seed]["checkpoint"] for a in arms}, hist)
         qps_runs[seed] = inference_qps(score, requests, cfg.qps_rounds)
         for arm in arms:
             metrics[arm][seed]["inference_qps"] = qps_runs[seed][arm]
@@ -669,13 +696,7 @@ def run_experiment(
     summary = summarize_arms(arms, metrics)
     avail = data.available
     flops_train = {a: flops_by_segment(mcfg, a, removed, avail, seq) for a in arms}
-    cand_feats = {
-        a: {s: policy_features(a, s, removed, avail) for s in (0, 1)} for a in arms
-    }
-    req_flops = {
-        a: {s: request_flops(mcfg, cand_feats[a][s], cfg.candidates) for s in (0, 1)}
-        for a in arms
-    }
+    req_flops = request_flops_by_arm(mcfg, arms, removed, avail, cfg.candidates)
     for a in arms:
         summary[a]["step_examples_per_s"] = step[a]
         summary[a]["step_qps_change_pct"] = {
