@@ -71,16 +71,18 @@ def test_ne_sweep_equals_the_plain_loop(inputs):
 
 
 def test_ne_sweep_side_limit_is_inclusive_like_the_loop():
-    """10 rows, one of them active: a 10% side is large enough (float 1 - 0.9
-    must not make it 'too small')."""
-    corr = np.array([0.9] + [0.0] * 9)
-    labels = np.array([1.0, 0, 1, 0, 1, 0, 1, 0, 1, 0])
-    ll = log_loss(np.zeros(10), labels)
-    for share in (0.1, 0.9):
+    """20 rows, 2 or 18 of them active: a 10% side is large enough (float
+    1 - 0.9 < 0.1 must not make the 2-row passive side 'too small')."""
+    labels = np.array([1.0, 0.0] * 10)
+    ll = log_loss(np.zeros(20), labels)
+    for n_active in (2, 18):
+        corr = np.array([0.9] * n_active + [0.0] * (20 - n_active))
         fast = ne_by_threshold(corr, ll, labels, np.array([0.05]), 0.1)
         ref = reference_ne_by_threshold(corr, ll, labels, np.array([0.05]), 0.1)
-        np.testing.assert_allclose(fast["ne_passive"], ref["ne_passive"])
-        assert np.isfinite(fast["ne_passive"][0]), share
+        assert fast["active_share"][0] == n_active / 20
+        for side in ("ne_active", "ne_passive"):
+            np.testing.assert_allclose(fast[side], ref[side])
+            assert np.isfinite(fast[side][0]), (n_active, side)
 
 
 def test_log_loss_matches_the_textbook_formula():
