@@ -161,6 +161,28 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _add_bucket(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bucket",
+        help="bucket events by user hash once: the event store every stage reads",
+        description="Validate every input row (rejects counted and written to "
+        "OUT/rejects/), shuffle the valid ones by user-id hash through storage "
+        "(one file per input piece, one per bucket and source), and write each "
+        "bucket sorted by (user, ts): OUT/<source>/bucket=K/part-0.parquet and "
+        "OUT/_bucketing.json. segment, train, histories and embed read it bucket "
+        "by bucket; given plain input they bucket it first themselves.",
+    )
+    p.add_argument("events", help="dataset root (SPEC §1; plain or --bucketed)")
+    p.add_argument("out", help="the event store's root (any fsspec URL)")
+    p.add_argument(
+        "--num-buckets",
+        type=int,
+        default=None,
+        help="user-hash buckets (default: ~2M events each, at least one per CPU)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from dynamix_ray.train import TrainConfig
 
@@ -242,7 +264,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         default=t.checkpoint_steps,
         help="also checkpoint every N steps inside an epoch (0: epoch ends only)",
     )
-    p.add_argument("--max-seq-len", type=int, default=64)
+    p.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=t.samples.max_seq_len,
+        help="events per history source (recorded in the checkpoint; serving "
+        "and ALURE read it from there)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -520,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(sub)
+    _add_bucket(sub)
     _add_segment(sub)
     _add_train(sub)
     _add_experiment(sub)
@@ -573,6 +603,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
         f"{truth['rows']['organic_impressions']:,} organic impressions, "
         f"{truth['rows']['page_views']:,} page views in {truth['wall_s']:.1f} s\n"
         f"  data   {args.out}\n  truth  {args.out.rstrip('/')}/_truth/"
+    )
+    return 0
+
+
+def cmd_bucket(args: argparse.Namespace) -> int:
+    from dynamix_ray.events import run_bucket
+    from dynamix_ray.runtime import ensure_ray
+
+    if "memory://" not in args.out:
+        ensure_ray()
+    store = run_bucket(
+        args.events, args.out, args.num_buckets, progress=not args.no_progress
+    )
+    m = store.meta
+    rows = ", ".join(f"{s} {v['rows']:,}" for s, v in m["sources"].items())
+    rej = ", ".join(
+        f"{s}/{r}={n}" for s, c in m["rejected"].items() for r, n in c.items()
+    )
+    print(
+        f"dynamix bucket: {m['num_buckets']} buckets ({m['mode']}), {rows} valid "
+        f"rows; {m['rejected_total']:,} rejected ({rej or 'none'}) in "
+        f"{m['wall_s']:.1f} s\n  store   {args.out}\n  rejects "
+        f"{args.out.rstrip('/')}/rejects/"
     )
     return 0
 
@@ -762,6 +815,7 @@ def _demo_serve(
 
 def cmd_train(args: argparse.Namespace) -> int:
     from dynamix_ray.model import ModelConfig
+    from dynamix_ray.samples import SampleConfig
     from dynamix_ray.train import TrainConfig, removed_from_baseline, run_train
 
     removed = tuple(a for a in args.removed.split(",") if a)
@@ -784,11 +838,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         mixed_precision=args.mixed_precision,
         max_failures=args.max_failures,
         checkpoint_steps=args.checkpoint_steps,
+        samples=SampleConfig(max_seq_len=args.max_seq_len),
         model=ModelConfig(max_seq_len=args.max_seq_len),
         alure=args.alure_embeddings,
     )
     m = run_train(
-        args.events, args.segments, args.out, tcfg, args.max_seq_len, extra_meta=extra
+        args.events,
+        args.segments,
+        args.out,
+        tcfg,
+        extra_meta=extra,
+        progress=not args.no_progress,
     )
     print(
         f"dynamix train: policy {m['policy']}, NE {m.get('ne')}, "
@@ -956,8 +1016,7 @@ def cmd_u2u(args: argparse.Namespace) -> int:
         per_country=not args.no_per_country,
         seed=args.seed,
     )
-    emb = read_embeddings(args.embeddings)
-    m = build_u2u(emb, args.out, cfg, progress=not args.no_progress)
+    m = build_u2u(args.embeddings, args.out, cfg, progress=not args.no_progress)
     groups = ", ".join(
         f"{g}: {v['users']} users k1={v['k1']} probe={v['k1_probe']}"
         for g, v in m["groups"].items()
@@ -974,7 +1033,11 @@ def cmd_u2u(args: argparse.Namespace) -> int:
         fs, root = resolve(args.embeddings)
         as_of = int(read_json(fs, f"{root}/_meta.json")["as_of_ms"])
         ev = evaluate_retrieval(
-            args.eval, emb, read_u2u(args.out), as_of, cfg=CandidateConfig(cap=args.cap)
+            args.eval,
+            read_embeddings(args.embeddings),
+            read_u2u(args.out),
+            as_of,
+            cfg=CandidateConfig(cap=args.cap),
         )
         ofs, oroot = resolve(args.out)
         write_json(ofs, f"{oroot}/u2u_eval.json", ev)
@@ -1107,6 +1170,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 _COMMANDS = {
     "generate": cmd_generate,
+    "bucket": cmd_bucket,
     "segment": cmd_segment,
     "train": cmd_train,
     "experiment": cmd_experiment,

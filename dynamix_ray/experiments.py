@@ -333,24 +333,31 @@ def _log(progress: bool, msg: str) -> None:
 
 
 def _eval_rows(
-    checkpoint: str, eval_ds: Any, batch_size: int = 4096
+    checkpoint: str, data: Any, batch_size: int = 4096
 ) -> dict[str, np.ndarray]:
     """``user_id``, ``t_ms``, ``label``, ``segment`` and the checkpoint's
     ``logit`` for every evaluation row (each segment with its policy, as
-    ``train.score_by_segment`` scores them)."""
-    from dynamix_ray.train import load_checkpoint, score_by_segment
+    ``train.score_by_segment`` scores the loader's parts)."""
+    from dynamix_ray.loader import SegmentBatcher
+    from dynamix_ray.train import TrainConfig, load_checkpoint, score_by_segment
 
     model, _, meta = load_checkpoint(checkpoint)
     policy, removed = meta["policy"] or "baseline", tuple(meta["removed"] or ())
+    batcher = SegmentBatcher(
+        data.loader_spec(
+            TrainConfig(policy=policy, removed=removed, samples=data.samples)
+        )
+    )
     keep = ("user_id", "t_ms", "label", "segment")
     parts: dict[str, list[np.ndarray]] = {k: [] for k in (*keep, "logit")}
-    for batch in eval_ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        for seg, logits, _ in score_by_segment(model, batch, policy, removed):
-            # a segment's part keeps the batch's row order (split_by_segment)
-            sel = np.asarray(batch["segment"]) == seg
+    for rows in data.dataset("eval").iter_batches(
+        batch_size=batch_size, batch_format="numpy"
+    ):
+        by_seg = batcher(rows)
+        for seg, logits, _ in score_by_segment(model, by_seg, policy, removed):
             parts["logit"].append(logits)
             for k in keep:
-                parts[k].append(np.asarray(batch[k])[sel])
+                parts[k].append(np.asarray(by_seg[seg][k]))
     if not parts["logit"]:
         raise ValueError(
             "no evaluation rows: the last day of the events holds no ad impressions"
@@ -510,13 +517,22 @@ def request_flops_by_arm(
 
 
 def sample_batches(
-    ds: Any, batch_size: int, n_batches: int, total: int | None = None, seed: int = 0
+    data: Any, batch_size: int, n_batches: int, seed: int = 0
 ) -> list[dict[str, np.ndarray]]:
-    """``n_batches`` batches of rows drawn at random from ``ds`` (``total``: its
-    rows when known, else counted), in a fixed order; only about the rows
-    needed reach the driver."""
+    """``n_batches`` batches of training rows drawn at random, in a fixed
+    order, each with every history attribute the data holds (flat columns, so
+    that every arm's feature set is a subset); only about the rows needed
+    reach the driver.
+
+    Args:
+        data: a :class:`train.TrainData`.
+    """
+    from dynamix_ray.loader import SegmentBatcher
+    from dynamix_ray.train import TrainConfig
+
     want = batch_size * n_batches
-    total = ds.count() if total is None else total
+    total = data.table.rows("train")
+    ds = data.dataset("train")
     frac = min(1.0, 1.5 * want / max(total, 1))
     if frac < 1.0:
         ds = ds.random_sample(frac, seed=seed)
@@ -527,10 +543,17 @@ def sample_batches(
     cols = {k: np.concatenate(v) for k, v in parts.items()}
     got = len(cols["label"])
     order = np.random.default_rng(seed).permutation(got)[: min(got, want)]
-    return [
-        {k: v[order[i : i + batch_size]] for k, v in cols.items()}
+    # boost-all's feature set is everything the data holds
+    batcher = SegmentBatcher(
+        data.loader_spec(TrainConfig(policy="boost-all", samples=data.samples))
+    )
+    idx = [
+        order[i : i + batch_size]
         for i in range(0, len(order) - batch_size + 1, batch_size)
-    ] or [{k: v[order] for k, v in cols.items()}]
+    ] or [order]
+    return [
+        batcher.part({k: v[i] for k, v in cols.items()}, data.available) for i in idx
+    ]
 
 
 def run_experiment(
@@ -555,6 +578,7 @@ def run_experiment(
     from dynamix_ray.features import lowest_importance
     from dynamix_ray.histories import read_histories, run_histories
     from dynamix_ray.runtime import ensure_ray
+    from dynamix_ray.samples import SampleConfig
     from dynamix_ray.synth import NO_SIGNAL_ATTRIBUTES
     from dynamix_ray.train import TrainConfig, prepare_train_data, run_train
 
@@ -570,7 +594,10 @@ def run_experiment(
     ensure_ray()
     _log(progress, f"experiment {cfg.kind}: arms {', '.join(arms)}; seeds {cfg.seeds}")
     _log(progress, "  building samples (Ray Data) ...")
-    data = prepare_train_data(events_url, segments_url, cfg.max_seq_len)
+    samples = SampleConfig(max_seq_len=cfg.max_seq_len)
+    data = prepare_train_data(
+        events_url, segments_url, out_dir, samples, progress=progress
+    )
     mcfg = ModelConfig(max_seq_len=cfg.max_seq_len)
     seq = {s: cfg.max_seq_len for s in mcfg.sources}
     base_tcfg = TrainConfig(
@@ -580,6 +607,7 @@ def run_experiment(
         num_workers=cfg.num_workers,
         cpus_per_worker=cfg.cpus_per_worker,
         use_gpu=cfg.use_gpu,
+        samples=samples,
         model=mcfg,
     )
 
@@ -611,9 +639,9 @@ def run_experiment(
                     segments_url,
                     run_dir,
                     tcfg,
-                    cfg.max_seq_len,
                     extra_meta={"run_key": key},
                     data=data,
+                    progress=progress,
                 )
             if m.get("ne") is None:
                 raise RuntimeError(
@@ -643,7 +671,7 @@ def run_experiment(
 
     # ---- epsilon: NE separation sweep with the first seed's baseline
     _log(progress, "  epsilon: NE-separation sweep on the evaluation rows ...")
-    rows = _eval_rows(metrics["baseline"][cfg.seeds[0]]["checkpoint"], data.eval)
+    rows = _eval_rows(metrics["baseline"][cfg.seeds[0]]["checkpoint"], data)
     eps = epsilon_study(rows, segments_url, cfg.sweep_points, cfg.min_side_share)
     sep, cal = eps["separation"], eps["calibrated"]
     _log(
@@ -660,7 +688,7 @@ def run_experiment(
 
     # ---- training throughput of the model step, arms interleaved
     _log(progress, "  training-step throughput (arms interleaved) ...")
-    batches = sample_batches(data.train, cfg.batch_size, cfg.step_batches)
+    batches = sample_batches(data, cfg.batch_size, cfg.step_batches)
     share_train = float(np.concatenate([b["segment"] for b in batches]).mean())
     step = train_step_throughput(
         batches, arms, removed, mcfg, cfg.step_rounds, threads=1
@@ -669,7 +697,7 @@ def run_experiment(
     # ---- inference QPS through the Serve rankers' code
     _log(progress, "  inference QPS (Serve Ranker code, arms interleaved) ...")
     hist_root = f"{out_dir}/histories"
-    run_histories(events_url, hist_root, None, cfg.max_seq_len, progress=False)
+    run_histories(data.store.url, hist_root, None, cfg.max_seq_len, progress=False)
     hist = read_histories(hist_root)
     requests = _requests(
         events_url, segments_url, hist, cfg.qps_requests, cfg.candidates
@@ -809,21 +837,36 @@ def _run_key(
 
 def _finished_run(run_dir: str, key: dict[str, Any]) -> dict[str, Any] | None:
     """The metrics of a finished run in ``run_dir`` made with the same
-    :func:`_run_key` (a re-run experiment reuses it). A run made with anything
-    else, or one that stopped before reporting NE, is deleted, so that
-    ``run_train`` starts afresh instead of resuming from its checkpoint.
-    ``None`` when there is nothing to reuse (a partial run with the same key
-    stays, and ``run_train`` resumes it)."""
+    :func:`_run_key` (a re-run experiment reuses it); ``None`` otherwise.
+
+    ``run_dir/run_key.json`` is written before a run starts. A folder whose
+    key differs, or that has none (a crashed run of another request, or of
+    an older version), is deleted, so that Ray Train never resumes a
+    checkpoint of another request; a crashed run with the same key stays,
+    and ``run_train`` resumes it. A finished run that stopped before
+    reporting NE is redone."""
     import shutil
 
+    key_path = os.path.join(run_dir, "run_key.json")
     path = os.path.join(run_dir, "metrics.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as fh:
-        m = json.load(fh)
-    if m.get("run_key") == key and m.get("ne") is not None:
-        return m
-    shutil.rmtree(run_dir)
+    if os.path.isdir(run_dir):
+        same = False
+        if os.path.exists(key_path):
+            with open(key_path) as fh:
+                same = json.load(fh) == key
+        if same and os.path.exists(path):
+            with open(path) as fh:
+                m = json.load(fh)
+            if m.get("ne") is not None:
+                if m.get("checkpoint") and not os.path.isabs(m["checkpoint"]):
+                    m["checkpoint"] = os.path.join(run_dir, m["checkpoint"])
+                return m
+            same = False
+        if not same:
+            shutil.rmtree(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(key_path, "w") as fh:
+        json.dump(key, fh, indent=2, sort_keys=True)
     return None
 
 

@@ -1,118 +1,78 @@
 """Users' event histories as of an instant: what the user tower and the
-rankers read.
+rankers read (docs/data-path.md, "Histories").
+
+Everything here takes histories out of compact events (``gather.SourceEvents``)
+with the one rule of ``gather.history_window``:
 
 * :func:`user_histories`: plain numpy; one row per user with the last L events
-  of each source strictly before ``as_of`` (the sample builder's columns).
-* :func:`history_dataset`: the same over a whole dataset, one Ray Data task
-  per user bucket (used by ``dynamix embed`` and ``dynamix histories``).
-* :func:`run_histories` (``dynamix histories EVENTS OUT``): a snapshot of every
-  user's histories in ``OUT/histories/*.parquet`` plus ``OUT/histories/_meta.json``
-  (committed together): the serving feature store.
-* :class:`HistoryStore`: that snapshot in memory as (N, L) numpy arrays, with a
-  vectorised look-up by user id (unknown users get empty histories).
-
-Snapshot columns: ``user_id`` int64 (sorted), ``country`` int16 when the events
-have one, and per source ``<src>.<attr>`` int64, ``<src>.dwell`` float32,
-``<src>.ts_ms`` int64 and ``<src>.mask`` bool, each a fixed_size_list[L].
+  of each source strictly before ``as_of`` (the training batch's columns);
+* :func:`cut_histories`: the same in compact form (each user's last L events,
+  CSR), what a snapshot stores;
+* :func:`run_histories` (``dynamix histories EVENTS OUT``): every user's
+  compact histories as of ``as_of``, one Ray Data task per bucket of the event
+  store, each writing ``OUT/histories/<source>/bucket=K/part-0.parquet`` itself
+  (the driver holds nothing per user), plus ``OUT/histories/_meta.json``;
+* :class:`HistoryStore`: a snapshot loaded for serving, one
+  ``SourceEvents`` per source; :meth:`HistoryStore.rows` gathers requests'
+  histories exactly as the training loader does.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from dynamix_ray.events import EventStore, ensure_store
+from dynamix_ray.gather import (
+    SourceEvents,
+    gather,
+    history_window,
+)
 from dynamix_ray.io import (
     atomic_output,
-    read_parquet_folder,
+    is_process_local,
+    read_json,
     resolve,
     write_json,
     write_parquet,
 )
-from dynamix_ray.samples import (
-    HISTORY_SOURCES,
-    HISTORY_SOURCES_ALL,
-    SampleConfig,
-    build_samples,
-    read_bucket_events,
-)
+from dynamix_ray.samples import HISTORY_SOURCES, SampleConfig, attach_histories
 
 __all__ = [
     "HistoryStore",
-    "data_end_ms",
-    "history_dataset",
+    "cut_histories",
+    "mode_by_user",
     "read_histories",
     "run_histories",
     "user_histories",
+    "users_between",
 ]
 
 
-def user_histories(
-    events: dict[str, dict[str, np.ndarray]],
-    as_of_ms: int,
-    max_seq_len: int,
-    since_ms: int | None = None,
-) -> dict[str, np.ndarray]:
-    """One row per user: the last ``max_seq_len`` events of each source strictly
-    before ``as_of_ms`` (the sample builder's columns, without a candidate).
-
-    Args:
-        events: per source, valid rows of complete users (``user_id``,
-            ``ts_ms``, attributes, optional ``country``).
-        as_of_ms: the embedding instant.
-        since_ms: keep only users with an event in ``[since_ms, as_of_ms)``
-            (``None``: every user with an event before ``as_of_ms``).
-    Returns:
-        ``user_id``, ``t_ms`` (= as_of), ``segment`` (0), per source
-        ``<src>.<attr>`` / ``.dwell`` / ``.ts_ms`` / ``.mask`` (N, L), and
-        ``country`` when the ad impressions have one. Users sorted by id.
-    """
-    ids = []
-    for ev in events.values():
-        if not ev:
-            continue
-        ts = np.asarray(ev["ts_ms"], dtype=np.int64)
-        uid = np.asarray(ev["user_id"], dtype=np.int64)
-        lo = -(2**62) if since_ms is None else since_ms
-        ids.append(uid[(ts >= lo) & (ts < as_of_ms)])
-    users = np.unique(np.concatenate(ids)) if ids else np.zeros(0, np.int64)
-    if len(users) == 0:
-        return {"user_id": users}
-    cfg = SampleConfig(max_seq_len=max_seq_len)
-    t = as_of_ms + cfg.buffer_s * 1000  # history strictly before t - buffer
-    pseudo = {
-        "user_id": users,
-        "ts_ms": np.full(len(users), t, np.int64),
-        "ad_id": np.zeros(len(users), np.int64),
-    }
-    no_rows = {k: np.zeros(0, np.int64) for k in ("user_id", "ts_ms", "ad_id")}
-    no_segments: dict[str, np.ndarray] = {
-        "user_id": np.zeros(0, np.int64),
-        "window_end_ms": np.zeros(0, np.int64),
-        "segment": np.zeros(0, np.int8),
-    }
-    history = {s: events[s] for s in HISTORY_SOURCES if events.get(s)}
-    out = build_samples(pseudo, no_rows, history, no_segments, cfg)
-    out["t_ms"] = np.full(len(users), as_of_ms, np.int64)
-    for k in [k for k in out if k.startswith("cand.") or k == "label"]:
-        del out[k]
-    imp = events.get("ad_impressions") or {}
-    if "country" in imp:  # from the impressions before as_of only
-        seen = np.asarray(imp["ts_ms"]) < as_of_ms
-        out["country"] = _mode_by_user(
-            out["user_id"],
-            np.asarray(imp["user_id"])[seen],
-            np.asarray(imp["country"])[seen],
-        )
-    return out
+def cut_histories(ev: SourceEvents, as_of_ms: int, max_len: int) -> SourceEvents:
+    """Each user's last ``max_len`` events strictly before ``as_of_ms``, as
+    compact events (users without one are left out)."""
+    start, count = history_window(
+        ev, ev.user_id, np.full(len(ev.user_id), as_of_ms, np.int64), max_len
+    )
+    keep = count > 0
+    start, count = start[keep], count[keep]
+    idx = np.repeat(start - np.cumsum(count) + count, count) + np.arange(count.sum())
+    return SourceEvents(
+        ev.user_id[keep],
+        np.append(0, np.cumsum(count)).astype(np.int64),
+        ev.ts_ms[idx],
+        {k: v[idx] for k, v in ev.columns.items()},
+    )
 
 
-def _mode_by_user(users: np.ndarray, uid: np.ndarray, value: np.ndarray) -> np.ndarray:
+def mode_by_user(users: np.ndarray, uid: np.ndarray, value: np.ndarray) -> np.ndarray:
     """Most frequent ``value`` of each user (smallest on ties; -1 if none)."""
     out = np.full(len(users), -1, np.int16)
     if len(uid) == 0 or len(users) == 0:
@@ -133,226 +93,271 @@ def _mode_by_user(users: np.ndarray, uid: np.ndarray, value: np.ndarray) -> np.n
     return out
 
 
-def _bucket_histories(
-    batch: dict[str, np.ndarray],
-    url: str,
-    files: dict[str, list[str]],
-    num_buckets: int,
-    bucketed: bool,
+def _as_events(rows: Mapping[str, np.ndarray] | SourceEvents) -> SourceEvents:
+    from dynamix_ray.samples import events_of
+
+    return rows if isinstance(rows, SourceEvents) else events_of(rows)
+
+
+def user_histories(
+    events: Mapping[str, Mapping[str, np.ndarray] | SourceEvents],
     as_of_ms: int,
-    since_ms: int | None,
-    max_seq_len: int,
-) -> dict[str, np.ndarray]:
-    """Ray Data map: the histories of one user bucket's users."""
-    fs, _ = resolve(url)
-    out = []
-    for bucket in batch["bucket"].tolist():
-        ev = read_bucket_events(fs, files, bucket, num_buckets, bucketed)
-        h = user_histories(ev, as_of_ms, max_seq_len, since_ms)
-        if len(h["user_id"]):
-            out.append(h)
-    if not out:
-        return {}
-    return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
-
-
-def _data_end_ms(ds: Any) -> int:
-    """One ms after the last event of any source (from Parquet statistics when
-    the files are int64 ms, else by reading the column)."""
-    fs, _ = resolve(ds.url)
-    last = None
-    for paths in ds.files.values():
-        for p in paths:
-            with fs.open(p, "rb") as fh:
-                col = pq.read_table(fh, columns=["ts"]).column("ts")
-            if pa.types.is_timestamp(col.type):
-                col = pc.cast(pc.cast(col, pa.timestamp("ms", "UTC")), pa.int64())
-            m = pc.max(col).as_py()
-            if m is not None and (last is None or m > last):
-                last = int(m)
-    if last is None:
-        raise ValueError(f"{ds.url}: no events")
-    return last + 1
-
-
-def data_end_ms(events_url: str) -> int:
-    """One ms after the last event of any source of ``events_url``."""
-    from dynamix_ray.io import discover
-
-    return _data_end_ms(
-        discover(events_url, list(HISTORY_SOURCES_ALL), required=["ad_impressions"])
-    )
-
-
-def history_dataset(
-    events_url: str,
-    as_of: int,
     max_seq_len: int,
     since_ms: int | None = None,
-) -> Any:
-    """Ray Dataset of :func:`user_histories` rows as of ``as_of`` (epoch ms),
-    one task per user bucket.
+    buffer_s: int = SampleConfig.buffer_s,
+) -> dict[str, np.ndarray]:
+    """One row per user: the last ``max_seq_len`` events of each source strictly
+    before ``as_of_ms`` (the loader's columns, without a candidate).
 
-    Raises:
-        FileNotFoundError: no ad impressions under ``events_url``.
+    Args:
+        events: per source, compact events or raw rows (``user_id``,
+            ``ts_ms``, attributes, optional ``country``) of complete users.
+        as_of_ms: the embedding instant.
+        since_ms: keep only users with an event in ``[since_ms, as_of_ms)``
+            (``None``: every user with an event before ``as_of_ms``).
+    Returns:
+        ``user_id``, ``t_ms`` (= as_of), ``segment`` (0), per source
+        ``<src>.<attr>`` / ``.dwell`` / ``.ts_ms`` / ``.mask`` (N, L), and
+        ``country`` when the ad impressions have one. Users sorted by id.
     """
-    import ray
+    evs: dict[str, SourceEvents] = {}
+    for s, e in events.items():
+        ev = _as_events(e)
+        if len(ev):
+            evs[s] = ev
+    ids = [
+        ev.user_id[ev.ts_ms[ev.offsets[:-1]] < as_of_ms]  # first event before
+        if since_ms is None
+        else users_between(ev, since_ms, as_of_ms)
+        for ev in evs.values()
+    ]
+    users = np.unique(np.concatenate(ids)) if ids else np.zeros(0, np.int64)
+    n = len(users)
+    cols: dict[str, np.ndarray] = {
+        "user_id": users,
+        "t_ms": np.full(n, as_of_ms, np.int64),
+        "segment": np.zeros(n, np.int8),
+    }
+    if n == 0:
+        return {"user_id": users}
+    # the rule's bound is t - buffer: a pseudo request at as_of + buffer
+    cfg = SampleConfig(max_seq_len=max_seq_len, buffer_s=buffer_s)
+    pseudo = {"user_id": users, "t_ms": np.full(n, as_of_ms + cfg.buffer_ms, np.int64)}
+    hist = {s: ev for s, ev in evs.items() if s in HISTORY_SOURCES}
+    out = attach_histories(pseudo, hist, cfg)
+    cols.update({k: v for k, v in out.items() if "." in k})
+    imp = evs.get("ad_impressions")
+    if imp is not None and "country" in imp.columns:  # impressions before as_of
+        seen = imp.ts_ms < as_of_ms
+        owner = np.repeat(imp.user_id, np.diff(imp.offsets))
+        cols["country"] = mode_by_user(users, owner[seen], imp.columns["country"][seen])
+    return cols
 
-    from dynamix_ray.io import discover
-    from dynamix_ray.runtime import cluster_cpus, ensure_ray
 
-    ensure_ray()
-    ds = discover(events_url, list(HISTORY_SOURCES_ALL), required=["ad_impressions"])
-    bucketed = ds.num_buckets is not None
-    n = ds.num_buckets if bucketed else cluster_cpus()
-    assert n is not None
-    return ray.data.from_items(
-        [{"bucket": b} for b in range(n)], override_num_blocks=n
-    ).map_batches(
-        cast(Any, _bucket_histories),
-        fn_args=(ds.url, ds.files, n, bucketed, as_of, since_ms, max_seq_len),
-        batch_size=1,
-        batch_format="numpy",
-    )
+def users_between(ev: SourceEvents, lo_ms: int, hi_ms: int) -> np.ndarray:
+    """Users of ``ev`` with an event in ``[lo_ms, hi_ms)``."""
+    inside = (ev.ts_ms >= lo_ms) & (ev.ts_ms < hi_ms)
+    owner = np.repeat(ev.user_id, np.diff(ev.offsets))
+    return np.unique(owner[inside])
 
 
-def _to_arrow(cols: dict[str, np.ndarray]) -> pa.Table:
-    out: dict[str, pa.Array] = {}
-    for k, v in cols.items():
-        if k in ("t_ms", "segment"):
-            continue  # the snapshot's as_of is in _meta.json; segments are live
-        if v.ndim == 2:
-            out[k] = pa.FixedSizeListArray.from_arrays(
-                pa.array(np.ascontiguousarray(v).reshape(-1)), v.shape[1]
+# ----------------------------------------------------------------- snapshot
+
+
+def _snapshot_task(
+    item: dict[str, Any], tmp: str, as_of_ms: int, max_seq_len: int
+) -> dict[str, Any]:
+    """One bucket: each user's last L events per source before ``as_of``."""
+    store = EventStore(item["store"], item["num_buckets"], item["store_meta"])
+    b = item["bucket"]
+    fs, _ = resolve(tmp)
+    tables = store.read_bucket(b, dict.fromkeys(HISTORY_SOURCES))
+    users: set[int] = set()
+    events = {}
+    for src, table in tables.items():
+        cols = [a for a in HISTORY_SOURCES[src] if a in table.column_names]
+        cut = cut_histories(SourceEvents.from_table(table, cols), as_of_ms, max_seq_len)
+        events[src] = len(cut)
+        users.update(cut.user_id.tolist())
+        if len(cut):
+            owner = np.repeat(cut.user_id, np.diff(cut.offsets))
+            t = pa.table(
+                {
+                    "user_id": pa.array(owner, pa.int64()),
+                    "ts": pa.array(cut.ts_ms, pa.int64()),
+                    **{k: pa.array(v) for k, v in cut.columns.items()},
+                }
             )
-        else:
-            out[k] = pa.array(v)
-    return pa.table(out)
+            write_parquet(fs, f"{tmp}/histories/{src}/bucket={b:05d}/part-0.parquet", t)
+    return {"users": len(users), "events": events}
 
 
 def run_histories(
     events_url: str,
     out_url: str,
     as_of_ms: int | None = None,
-    max_seq_len: int = 64,
+    max_seq_len: int = SampleConfig.max_seq_len,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Write every user's histories as of ``as_of_ms`` (default: the end of the
-    data) to ``OUT/histories/`` atomically; returns ``OUT/histories/_meta.json``."""
-    import ray
+    """Write every user's compact histories as of ``as_of_ms`` (default: one ms
+    after the data's last event, from the store's meta) to ``OUT/histories/``
+    atomically; returns ``OUT/histories/_meta.json``.
+
+    Args:
+        events_url: an event store or a SPEC §1 dataset (bucketed once into
+            ``OUT/events`` when it is not a store).
+    """
+    from dynamix_ray.runtime import map_items
 
     t0 = time.perf_counter()
     if max_seq_len < 1:
         raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
-    from dynamix_ray.runtime import ensure_ray
-
-    ensure_ray()
-    as_of = as_of_ms if as_of_ms is not None else data_end_ms(events_url)
-    rows = history_dataset(events_url, as_of, max_seq_len)
-    ray.data.DataContext.get_current().enable_progress_bars = progress
-    parts = [
-        _to_arrow(b)
-        for b in rows.iter_batches(batch_size=None, batch_format="numpy")
-        if len(b.get("user_id", ()))
-    ]
-    if not parts:
-        raise ValueError(f"{events_url}: no user has an event before {as_of}")
-    table = pa.concat_tables(parts).sort_by("user_id")
+    out = out_url.rstrip("/")
+    store = ensure_store(
+        events_url, [f"{out}/events"], f"{out}/events", progress=progress
+    )
+    as_of = as_of_ms if as_of_ms is not None else store.ts_max_ms + 1
     fs, root = resolve(out_url)
-    meta = {
-        "as_of_ms": as_of,
-        "max_seq_len": max_seq_len,
-        "users": table.num_rows,
-        "events": events_url,
-    }
+    local = is_process_local(fs) or is_process_local(resolve(store.url)[0])
+    items = [
+        {
+            "bucket": b,
+            "store": store.url,
+            "num_buckets": store.num_buckets,
+            "store_meta": store.meta,
+        }
+        for b in range(store.num_buckets)
+    ]
+    users, events = 0, dict[str, int]()
     with atomic_output(fs, root, ["histories"]) as tmp:  # data and meta together
-        write_parquet(fs, f"{tmp}/histories/part-0.parquet", table)
-        meta["wall_s"] = round(time.perf_counter() - t0, 3)
+        for r in map_items(
+            _snapshot_task,
+            items,
+            (tmp, as_of, max_seq_len),
+            local=local,
+            name="histories",
+            progress=progress,
+        ):
+            users += r["users"]
+            for s, n in r["events"].items():
+                events[s] = events.get(s, 0) + n
+        if users == 0:
+            raise ValueError(f"{events_url}: no user has an event before {as_of}")
+        meta = {
+            "as_of_ms": as_of,
+            "max_seq_len": max_seq_len,
+            "users": users,
+            "events": events,
+            "num_buckets": store.num_buckets,
+            "store": store.url,
+            "input": events_url,
+            "wall_s": round(time.perf_counter() - t0, 3),
+        }
         write_json(fs, f"{tmp}/histories/_meta.json", meta)
     return meta
 
 
 @dataclass(frozen=True)
 class HistoryStore:
-    """Histories of every user of a snapshot, as (N + 1, L) arrays.
+    """A histories snapshot in memory: per source, every user's compact
+    events (at most ``max_seq_len`` each, all before ``as_of_ms``).
 
-    Row N is the empty history (all masks False) that unknown users get.
+    :meth:`rows` cuts a request's histories at its own ``ts - buffer`` with the
+    training loader's rule and gather, so serving sees what training saw.
     """
 
-    user_id: np.ndarray  # (N,) sorted
-    columns: dict[str, np.ndarray]  # name -> (N + 1, L) or (N + 1,)
+    events: dict[str, SourceEvents]
     as_of_ms: int
     max_seq_len: int
 
-    @classmethod
-    def from_columns(
-        cls, cols: dict[str, np.ndarray], as_of_ms: int, max_seq_len: int
-    ) -> HistoryStore:
-        uid = np.asarray(cols["user_id"], np.int64)
-        order = np.argsort(uid, kind="stable")
-        if len(uid) and (np.diff(uid[order]) == 0).any():
-            raise ValueError("a history snapshot holds a user twice")
-        columns = {}
-        for k, v in cols.items():
-            if k in ("user_id", "t_ms", "segment"):
-                continue
-            v = np.asarray(v)[order]
-            empty = np.zeros((1, *v.shape[1:]), v.dtype)
-            if k == "country":
-                empty[:] = -1
-            columns[k] = np.concatenate([v, empty])
-        return cls(uid[order], columns, as_of_ms, max_seq_len)
+    @property
+    def user_id(self) -> np.ndarray:
+        """(N,) every user with at least one event, sorted."""
+        ids = [e.user_id for e in self.events.values()]
+        return np.unique(np.concatenate(ids)) if ids else np.zeros(0, np.int64)
 
     def __len__(self) -> int:
         return len(self.user_id)
 
-    def _index(self, user_ids: np.ndarray) -> np.ndarray:
-        """Each user's row; ``len(self)`` (the empty row) for unknown users."""
-        q = np.asarray(user_ids, np.int64)
-        n = len(self.user_id)
-        if n == 0:
-            return np.zeros(len(q), np.int64)
-        pos = np.minimum(np.searchsorted(self.user_id, q), n - 1)
-        return np.where(self.user_id[pos] == q, pos, n)
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.events.values())
 
-    def rows(self, user_ids: np.ndarray) -> dict[str, np.ndarray]:
-        """Each user's history row (the empty one for unknown users)."""
-        idx = self._index(user_ids)
-        return {k: v[idx] for k, v in self.columns.items()}
+    def attributes(self) -> dict[str, tuple[str, ...]]:
+        """Per source, the attribute columns held (``dwell_ms`` included)."""
+        return {s: tuple(e.columns) for s, e in self.events.items()}
+
+    def rows(
+        self,
+        user_ids: np.ndarray,
+        ts_ms: np.ndarray | None = None,
+        features: Any = None,
+        buffer_ms: int = SampleConfig().buffer_ms,
+        max_seq_len: int | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Each user's histories, in the loader's columns (W = the longest of
+        the batch).
+
+        Args:
+            user_ids: (B,) users (unknown ones get empty histories).
+            ts_ms: (B,) request instants: only events before ``ts - buffer``
+                (default: the snapshot's ``as_of + buffer``, every event).
+            features: a ``FeatureSet``: gather only its sources and attributes
+                (default: everything held).
+            max_seq_len: L (default: the snapshot's).
+        """
+        q = np.asarray(user_ids, np.int64)
+        t = (
+            np.full(len(q), self.as_of_ms + buffer_ms, np.int64)
+            if ts_ms is None
+            else np.broadcast_to(np.asarray(ts_ms, np.int64), q.shape)
+        )
+        seq = min(max_seq_len or self.max_seq_len, self.max_seq_len)
+        out: dict[str, np.ndarray] = {}
+        for src, ev in self.events.items():
+            attrs = list(ev.columns) if features is None else list(features.attrs(src))
+            if features is not None and not attrs:
+                continue
+            start, count = history_window(ev, q, t - buffer_ms, seq)
+            g = gather(ev, start, count, [a for a in attrs if a in ev.columns])
+            out.update({f"{src}.{k}": v for k, v in g.items()})
+        return out
 
     def known(self, user_ids: np.ndarray) -> np.ndarray:
-        return self._index(user_ids) < len(self.user_id)
-
-    def last(self, seq: int) -> HistoryStore:
-        """The newest ``seq`` events per source (views, no copy)."""
-        if seq >= self.max_seq_len:
-            return self
-        cols = {k: v[:, -seq:] if v.ndim == 2 else v for k, v in self.columns.items()}
-        return HistoryStore(self.user_id, cols, self.as_of_ms, seq)
+        q = np.asarray(user_ids, np.int64)
+        out = np.zeros(len(q), bool)
+        for ev in self.events.values():
+            lo, hi = ev.user_slices(q)
+            out |= hi > lo
+        return out
 
 
 def read_histories(url: str) -> HistoryStore:
-    """The :class:`HistoryStore` of a ``dynamix histories`` output root."""
-    from dynamix_ray.io import read_json
+    """The :class:`HistoryStore` of a ``dynamix histories`` output root.
 
+    Raises:
+        FileNotFoundError: no committed snapshot there.
+    """
     fs, root = resolve(url)
     if not fs.exists(f"{root}/histories/_meta.json"):
         raise FileNotFoundError(
             f"{url}: no histories/_meta.json (run `dynamix histories`)"
         )
     meta = read_json(fs, f"{root}/histories/_meta.json")
-    table = read_parquet_folder(
-        fs, f"{root}/histories", f"{url}: histories/ holds no Parquet files"
-    )
-    cols: dict[str, np.ndarray] = {}
-    for name in table.column_names:
-        col = table.column(name).combine_chunks()
-        if pa.types.is_fixed_size_list(col.type):
-            width = col.type.list_size
-            flat = col.flatten().to_numpy(zero_copy_only=False)
-            cols[name] = flat.reshape(-1, width)
-        else:
-            cols[name] = col.to_numpy(zero_copy_only=False)
-    return HistoryStore.from_columns(
-        cols, int(meta["as_of_ms"]), int(meta["max_seq_len"])
-    )
+    events: dict[str, SourceEvents] = {}
+    for src in HISTORY_SOURCES:
+        folder = f"{root}/histories/{src}"
+        if not fs.exists(folder):
+            continue
+        files = sorted(p for p in fs.find(folder) if p.endswith(".parquet"))
+        tables = []
+        for p in files:
+            with fs.open(p, "rb") as fh:
+                tables.append(pq.read_table(fh))
+        if not tables:
+            continue
+        t = pa.concat_tables(tables)
+        # buckets hold disjoint users: one stable sort by user merges them
+        order = np.argsort(t.column("user_id").to_numpy(), kind="stable")
+        events[src] = SourceEvents.from_table(t.take(pa.array(order)))
+    return HistoryStore(events, int(meta["as_of_ms"]), int(meta["max_seq_len"]))

@@ -232,11 +232,22 @@ class atomic_output:  # noqa: N801 - used as a context manager, reads like a fun
     ``tmp/segments`` etc.; on success every part replaces ``out/<part>`` (the old
     one is removed only after the new one is in place); on failure the temporary
     folder is deleted and ``out/<part>`` is untouched, so a failed run never
-    leaves a table that looks complete.
+    leaves a table that looks complete. ``files`` (written by the caller as
+    ``tmp/<file>``) are marker files at ``out``'s top: the old ones are removed
+    before any part moves and the new ones placed after all parts, so a reader
+    that checks the marker (an event store's ``_bucketing.json``) never sees it
+    beside a mix of old and new parts.
     """
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, out: str, parts: list[str]):
+    def __init__(
+        self,
+        fs: fsspec.AbstractFileSystem,
+        out: str,
+        parts: list[str],
+        files: Iterable[str] = (),
+    ):
         self.fs, self.out, self.parts = fs, out.rstrip("/"), parts
+        self.files = tuple(files)
         self.tmp = f"{self.out}/.tmp-{uuid.uuid4().hex[:12]}"
 
     #: Temporary folders of runs that died (driver killed) older than this go.
@@ -267,6 +278,9 @@ class atomic_output:  # noqa: N801 - used as a context manager, reads like a fun
         if exc_type is not None:
             self.fs.rm(self.tmp, recursive=True)
             return
+        for name in self.files:
+            if self.fs.exists(f"{self.out}/{name}"):
+                self.fs.rm(f"{self.out}/{name}")
         for part in self.parts:
             final = f"{self.out}/{part}"
             old = f"{self.out}/.old-{part}-{uuid.uuid4().hex[:8]}"
@@ -275,4 +289,6 @@ class atomic_output:  # noqa: N801 - used as a context manager, reads like a fun
             self.fs.mv(f"{self.tmp}/{part}", final, recursive=True)
             if self.fs.exists(old):
                 self.fs.rm(old, recursive=True)
+        for name in self.files:
+            self.fs.mv(f"{self.tmp}/{name}", f"{self.out}/{name}")
         self.fs.rm(self.tmp, recursive=True)

@@ -300,7 +300,7 @@ def _dwell_data(
     import pandas as pd
 
     from dynamix_ray.alure.evaluate import read_events_frame
-    from dynamix_ray.segments.stats import _near_mask
+    from dynamix_ray.segments.stats import near_mask
 
     imp = read_events_frame(
         events_url, "ad_impressions", ["user_id", "ts_ms", "dwell_ms"]
@@ -324,7 +324,7 @@ def _dwell_data(
         i = imp[imp.user_id.isin(users)]
         c = conv[conv.user_id.isin(users)]
         uniq = pd.Index(users)
-        near = _near_mask(
+        near = near_mask(
             uniq.get_indexer(i.user_id).astype(np.int64),
             i.ts_ms.to_numpy(np.int64),
             uniq.get_indexer(c.user_id).astype(np.int64),

@@ -1,12 +1,19 @@
-"""Connecting to Ray: an existing cluster when ``RAY_ADDRESS`` is set, else a
-local one. Nothing here runs at import time."""
+"""Connecting to Ray, and running one small task per item (a bucket, an input
+piece) on Ray Data or in-process. Nothing here runs at import time."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import pickle
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, cast
 
-__all__ = ["ensure_ray", "cluster_cpus"]
+import numpy as np
+
+__all__ = ["ensure_ray", "cluster_cpus", "map_items"]
 
 log = logging.getLogger(__name__)
 
@@ -37,3 +44,61 @@ def cluster_cpus() -> int:
     import ray
 
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _run_one(batch: dict[str, np.ndarray], fn: Callable, fn_args: tuple) -> dict:
+    """Ray Data map: one JSON item in, one pickled result out."""
+    out = [pickle.dumps(fn(json.loads(str(s)), *fn_args)) for s in batch["item"]]
+    return {"result": np.array(out, dtype=object)}
+
+
+def map_items(
+    fn: Callable[..., Any],
+    items: Sequence[dict[str, Any]],
+    fn_args: tuple = (),
+    *,
+    local: bool = False,
+    name: str = "tasks",
+    progress: bool = True,
+) -> Iterator[Any]:
+    """``fn(item, *fn_args)`` once per item, one Ray Data task each; yields the
+    results in item order as they arrive, so the caller can fold them into a
+    running total instead of holding them all.
+
+    Items are JSON-able dicts (paths, bucket ids); results should be small
+    summaries (the work writes its output to storage itself). ``local`` runs
+    every item in this process instead (for ``memory://``, which Ray workers
+    cannot see). Ray Data retries a failed task; ``fn`` must therefore write
+    its output under names derived from its item only, so that a retry
+    overwrites instead of duplicating.
+    """
+    t0 = time.perf_counter()
+    say = log.info if progress else log.debug
+    if local or not items:
+        for i, item in enumerate(items):
+            yield fn(item, *fn_args)
+            say("%s: %d/%d (%.1f s)", name, i + 1, len(items), time.perf_counter() - t0)
+        return
+    import ray
+
+    ensure_ray()
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.execution_options.preserve_order, ctx.enable_progress_bars
+    # the context is captured when the dataset is created: set it first
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = progress
+    try:
+        ds = ray.data.from_items(
+            [{"item": json.dumps(it)} for it in items], override_num_blocks=len(items)
+        ).map_batches(
+            cast(Any, _run_one),
+            fn_args=(fn, fn_args),
+            batch_size=1,
+            batch_format="numpy",
+        )
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for blob in batch["result"]:
+                yield pickle.loads(blob)
+    finally:
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
+    say("%s: %d done (%.1f s)", name, len(items), time.perf_counter() - t0)

@@ -1,46 +1,72 @@
-"""Training samples (SPEC §6): the plain-numpy core.
+"""Training samples (SPEC §6; docs/data-path.md, "Compact samples").
 
 One sample per valid ad impression at time ``t`` of user ``u``:
 
 * ``label``: ``u`` has a conversion on the *same* ``ad_id`` in
   ``[t - buffer_s, t + horizon_s]``;
 * the candidate: the impression's own ad attributes;
-* per history source, the user's last ``max_seq_len`` events with
-  ``ts < t - buffer_s`` (strictly), newest last, right-aligned, with a mask;
 * ``segment``: that of the user's last window that *ended* at or before ``t``
-  (no look-ahead); users with none are passive (0).
+  (no look-ahead); users with none are passive (0);
+* per history source, the user's last ``max_seq_len`` events with
+  ``ts < t - buffer_s`` (strictly), newest last.
 
-Everything is vectorised over a set of complete users (a hash bucket): one
-``searchsorted`` per source on a ``(user, ts)`` composite key gives each
-sample's history slice, and a broadcast turns slices into ``(N, L)`` gather
-indices. :func:`reference_samples` is the per-sample loop the kernel must equal.
-The Ray Data shell that feeds Ray Train (bucketing, streaming, splits) builds on
-these functions.
+A stored sample is *compact*: ``(sample_id, user_id, t_ms, bucket, label,
+segment, cand.<attr>)``, about 90 bytes. Its histories are not stored: they are
+cut out of the bucket's events at batch time (``loader.py``) by the one rule of
+``gather.py``, so every policy, sequence length and epoch reads the same rows.
+
+Plain numpy core (:func:`compact_samples`, :func:`attach_histories`,
+:func:`build_samples`, :func:`reference_samples`), then the Ray shell
+(:func:`run_samples`): one task per bucket of the event store, joining that
+bucket's segments, writing ``OUT/samples/{train,eval}/bucket=K/part-0.parquet``
+(rows permuted by a seeded shuffle inside each bucket) and
+``OUT/samples/_meta.json``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, cast
+import hashlib
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from dynamix_ray.io import resolve, user_bucket
+from dynamix_ray.events import EventStore, ensure_store
+from dynamix_ray.gather import (
+    SourceEvents,
+    gather,
+    history_window,
+    segmented_searchsorted,
+)
+from dynamix_ray.io import (
+    atomic_output,
+    is_process_local,
+    read_json,
+    resolve,
+    write_json,
+    write_parquet,
+)
 from dynamix_ray.schema import SOURCES
-from dynamix_ray.segments.stats import _near_mask
+from dynamix_ray.segments.stats import near_mask
 
 __all__ = [
+    "CANDIDATE_ATTRIBUTES",
     "HISTORY_SOURCES",
+    "SAMPLE_SCHEMA",
     "SampleConfig",
+    "SampleTable",
+    "attach_histories",
     "build_samples",
+    "compact_samples",
     "eval_boundary_ms",
-    "read_segment_rows",
-    "sample_dataset",
-    "history_index",
+    "read_sample_table",
     "reference_samples",
+    "run_samples",
     "segment_at",
     "segment_rows",
     "time_split",
@@ -55,15 +81,35 @@ HISTORY_SOURCES: dict[str, tuple[str, ...]] = {
     for name, src in SOURCES.items()
 }
 CANDIDATE_ATTRIBUTES = tuple(SOURCES["ad_impressions"].attributes)
-HISTORY_SOURCES_ALL = tuple(HISTORY_SOURCES)
+
+#: A stored (compact) sample.
+SAMPLE_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.int64()),
+        ("user_id", pa.int64()),
+        ("t_ms", pa.int64()),
+        ("bucket", pa.int32()),
+        ("label", pa.float32()),
+        ("segment", pa.int8()),
+        *[(f"cand.{a}", t) for a, t in SOURCES["ad_impressions"].attributes.items()],
+    ]
+)
+_ID_BITS = 40  # sample_id = bucket << 40 | position in the bucket
 
 Arrays = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """Args: ``max_seq_len`` events per source; ``buffer_s``/``horizon_s`` as in
-    the statistic (SPEC §2); ``eval_days`` last days held out for evaluation."""
+    """The sample settings, one owner for all of them (a checkpoint records
+    them; serving and ALURE read them from there).
+
+    Args:
+        max_seq_len: L, events per history source.
+        buffer_s / horizon_s: the label's interval and the history bound, as
+            in the statistic (SPEC §2, §6).
+        eval_days: last full days held out for evaluation.
+    """
 
     max_seq_len: int = 64
     buffer_s: int = 60
@@ -73,80 +119,142 @@ class SampleConfig:
     def __post_init__(self) -> None:
         if self.max_seq_len < 1:
             raise ValueError(f"max_seq_len must be >= 1, got {self.max_seq_len}")
+        if self.buffer_s < 0 or self.horizon_s < 0:
+            raise ValueError(
+                f"buffer_s and horizon_s must be >= 0, got {self.buffer_s}, "
+                f"{self.horizon_s}"
+            )
+        if self.eval_days < 1:
+            raise ValueError(f"eval_days must be >= 1, got {self.eval_days}")
+
+    @property
+    def buffer_ms(self) -> int:
+        return int(self.buffer_s * 1000)
 
 
-def _codes(user_id: np.ndarray, uniques: pd.Index) -> np.ndarray:
-    return uniques.get_indexer(np.asarray(user_id, dtype=np.int64)).astype(np.int64)
-
-
-def history_index(
-    code: np.ndarray,
-    bound_ms: np.ndarray,
-    ev_code: np.ndarray,
-    ev_ts_ms: np.ndarray,
-    max_len: int,
-) -> np.ndarray:
-    """Gather indices of each query's last ``max_len`` events before its bound.
-
-    Args:
-        code: (N,) user code of each query.
-        bound_ms: (N,) exclusive upper bound on event time (``t - buffer``).
-        ev_code, ev_ts_ms: (M,) events, **sorted by (code, ts)**.
-        max_len: L.
-
-    Returns:
-        (N, L) int64 indices into the events, ``-1`` where padded; the events of
-        a row are in time order, newest last, right-aligned.
-    """
-    n = len(code)
-    if n == 0 or len(ev_code) == 0:
-        return np.full((n, max_len), -1, dtype=np.int64)
-    base = min(int(ev_ts_ms.min()), int(bound_ms.min()))
-    span = max(int(ev_ts_ms.max()), int(bound_ms.max())) - base + 1
-    if (int(max(code.max(), ev_code.max())) + 1) * span >= 1 << 62:
-        raise OverflowError("too many users x time span for one block; bucket finer")
-    keys = ev_code * span + (ev_ts_ms - base)
-    hi = np.searchsorted(keys, code * span + (bound_ms - base), side="left")
-    lo = np.searchsorted(keys, code * span, side="left")
-    count = np.minimum(hi - lo, max_len)
-    cols = np.arange(max_len)
-    idx = hi[:, None] - max_len + cols[None, :]
-    return np.where(cols[None, :] >= (max_len - count)[:, None], idx, -1)
+# ------------------------------------------------------------------ plain core
 
 
 def segment_at(
-    code: np.ndarray,
+    user_id: np.ndarray,
     t_ms: np.ndarray,
-    seg_code: np.ndarray,
+    seg_user_id: np.ndarray,
     seg_window_end_ms: np.ndarray,
     seg_value: np.ndarray,
     fill: float = 0,
 ) -> np.ndarray:
-    """Segment of the last window of the user that ended at or before ``t``.
+    """The value of each user's last window that ended at or before ``t``.
 
     Args:
-        code, t_ms: (N,) queries.
-        seg_code, seg_window_end_ms, seg_value: (S,) segment rows, any order;
-            ``seg_code`` -1 for users not among the queries' users.
-            ``seg_value`` may be any per-window column (e.g. ``corr``).
-        fill: the value where the user has no ended window.
+        user_id, t_ms: (N,) queries.
+        seg_user_id, seg_window_end_ms, seg_value: (S,) segment rows, any order;
+            ``seg_value`` may be any per-window column (``segment``, ``corr``).
+        fill: the value where the user has no ended window (0: passive).
     Returns:
-        (N,) of ``seg_value``'s dtype; ``fill`` (0: passive) where the user has
-        no ended window.
+        (N,) of ``seg_value``'s dtype. Exact for any ids and times (a search
+        inside each user's rows, no composite key).
     """
-    out = np.full(len(code), fill, dtype=np.asarray(seg_value).dtype)
-    keep = seg_code >= 0
-    if len(code) == 0 or not keep.any():
+    sv = np.asarray(seg_value)
+    out = np.full(len(user_id), fill, dtype=sv.dtype)
+    if len(user_id) == 0 or len(sv) == 0:
         return out
-    sc, se, sv = seg_code[keep], seg_window_end_ms[keep], seg_value[keep]
-    base = min(int(se.min()), int(t_ms.min()))
-    span = max(int(se.max()), int(t_ms.max())) - base + 1
-    keys = sc * span + (se - base)
-    order = np.argsort(keys, kind="stable")
-    keys, sv, sc = keys[order], sv[order], sc[order]
-    pos = np.searchsorted(keys, code * span + (t_ms - base), side="right") - 1
-    ok = (pos >= 0) & (sc[np.maximum(pos, 0)] == code)
+    su = np.asarray(seg_user_id, np.int64)
+    se = np.asarray(seg_window_end_ms, np.int64)
+    order = np.lexsort((se, su))
+    su, se, sv = su[order], se[order], sv[order]
+    q = np.asarray(user_id, np.int64)
+    lo = np.searchsorted(su, q, "left")
+    hi = np.searchsorted(su, q, "right")
+    pos = segmented_searchsorted(se, lo, hi, np.asarray(t_ms, np.int64), "right") - 1
+    ok = pos >= lo
     out[ok] = sv[pos[ok]]
+    return out
+
+
+def compact_samples(
+    impressions: Arrays, conversions: Arrays, segments: Arrays, cfg: SampleConfig
+) -> Arrays:
+    """Compact samples of a set of complete users (arrays of valid rows).
+
+    Args:
+        impressions: ``user_id``, ``ts_ms`` and the candidate attributes.
+        conversions: ``user_id``, ``ts_ms``, ``ad_id``.
+        segments: ``user_id``, ``window_end_ms``, ``segment``.
+    Returns:
+        ``user_id``, ``t_ms``, ``label`` (float32), ``segment`` (int8) and
+        ``cand.<attr>``, (N,) each, sorted by (user, t) (stable).
+    """
+    imp_user = np.asarray(impressions["user_id"], dtype=np.int64)
+    t_ms = np.asarray(impressions["ts_ms"], dtype=np.int64)
+    order = np.lexsort((t_ms, imp_user))
+    imp_user, t_ms = imp_user[order], t_ms[order]
+    out: Arrays = {"user_id": imp_user, "t_ms": t_ms}
+
+    # label: a conversion of the user on the same ad in [t - buffer, t + horizon]
+    uniques = pd.Index(pd.unique(imp_user))
+    code = uniques.get_indexer(imp_user).astype(np.int64)
+    ad = np.asarray(impressions["ad_id"], dtype=np.int64)[order]
+    conv_code = uniques.get_indexer(np.asarray(conversions["user_id"], np.int64))
+    conv_ad = np.asarray(conversions["ad_id"], dtype=np.int64)
+    has = conv_code >= 0
+    pair_imp, pair_uniques = pd.factorize(
+        pd.MultiIndex.from_arrays([code, ad]), sort=False
+    )
+    pair_conv = pd.MultiIndex.from_arrays([conv_code[has], conv_ad[has]])
+    pair_conv_code = pd.Index(pair_uniques).get_indexer(pair_conv).astype(np.int64)
+    hit = pair_conv_code >= 0
+    out["label"] = near_mask(
+        pair_imp.astype(np.int64),
+        t_ms,
+        pair_conv_code[hit],
+        np.asarray(conversions["ts_ms"], dtype=np.int64)[has][hit],
+        cfg.buffer_ms,
+        int(cfg.horizon_s * 1000),
+    ).astype(np.float32)
+    out["segment"] = segment_at(
+        imp_user,
+        t_ms,
+        segments["user_id"],
+        segments["window_end_ms"],
+        np.asarray(segments["segment"], np.int8),
+    )
+    for attr in CANDIDATE_ATTRIBUTES:
+        if attr in impressions:
+            out[f"cand.{attr}"] = np.asarray(impressions[attr])[order]
+    return out
+
+
+def events_of(rows: Mapping[str, np.ndarray]) -> SourceEvents:
+    """A :class:`SourceEvents` of raw rows in any order (``user_id``,
+    ``ts_ms`` and attribute columns)."""
+    uid = np.asarray(rows["user_id"], np.int64)
+    ts = np.asarray(rows["ts_ms"], np.int64)
+    order = np.lexsort((ts, uid))
+    cols = {
+        k: np.asarray(v)[order]
+        for k, v in rows.items()
+        if k not in ("user_id", "ts_ms")
+    }
+    return SourceEvents.from_arrays(uid[order], ts[order], cols)
+
+
+def attach_histories(
+    samples: Arrays,
+    history: Mapping[str, SourceEvents],
+    cfg: SampleConfig,
+    width: int | None = None,
+) -> Arrays:
+    """``samples`` plus, per source of ``history``, ``<src>.<attr>`` /
+    ``<src>.dwell`` / ``<src>.ts_ms`` / ``<src>.mask`` (N, W): the rule of
+    ``gather.history_window`` with bound ``t - buffer``. ``width`` defaults to
+    ``max_seq_len`` (a fixed shape)."""
+    out = dict(samples)
+    bound = np.asarray(samples["t_ms"], np.int64) - cfg.buffer_ms
+    for src, ev in history.items():
+        attrs = [a for a in HISTORY_SOURCES[src] if a in ev.columns]
+        start, count = history_window(ev, samples["user_id"], bound, cfg.max_seq_len)
+        g = gather(ev, start, count, attrs, width or cfg.max_seq_len)
+        out.update({f"{src}.{k}": v for k, v in g.items()})
     return out
 
 
@@ -157,99 +265,45 @@ def build_samples(
     segments: Arrays,
     cfg: SampleConfig,
 ) -> Arrays:
-    """Samples of a set of complete users (all arrays of valid rows, any order).
+    """Full samples (compact columns plus (N, L) histories) of a set of
+    complete users: what the loader hands the model, in one call.
 
     Args:
-        impressions: ``user_id``, ``ts_ms``, the candidate attributes (and
-            ``dwell_ms``, unused for the candidate: it is not known at request
-            time).
-        conversions: ``user_id``, ``ts_ms``, ``ad_id``.
-        history: per source of :data:`HISTORY_SOURCES` present, ``user_id``,
-            ``ts_ms`` and its attributes (``conversions`` may be passed here too).
-        segments: ``user_id``, ``window_end_ms``, ``segment`` of the segment table.
-        cfg: lengths and intervals.
-
+        history: per source, raw rows ``user_id``, ``ts_ms`` and attributes.
     Returns:
-        ``user_id``, ``t_ms``, ``label`` (float32), ``segment`` (int8), ``cand.<attr>``
-        (N,), and per source ``<src>.<attr>`` (N, L), ``<src>.ts_ms`` (N, L),
-        ``<src>.mask`` (N, L) bool. Rows are sorted by (user, t).
+        :func:`compact_samples`'s columns and :func:`attach_histories`'s.
     """
-    buffer_ms, horizon_ms = cfg.buffer_s * 1000, cfg.horizon_s * 1000
-    imp_user = np.asarray(impressions["user_id"], dtype=np.int64)
-    uniques = pd.Index(pd.unique(imp_user))
-    code = _codes(imp_user, uniques)
-    t_ms = np.asarray(impressions["ts_ms"], dtype=np.int64)
-    order = np.lexsort((t_ms, imp_user))  # by (user_id, t)
-    code, t_ms = code[order], t_ms[order]
-    out: Arrays = {"user_id": imp_user[order], "t_ms": t_ms}
-
-    # label: a conversion of the user on the same ad in [t - buffer, t + horizon]
-    ad = np.asarray(impressions["ad_id"], dtype=np.int64)[order]
-    conv_code = _codes(conversions["user_id"], uniques)
-    conv_ad = np.asarray(conversions["ad_id"], dtype=np.int64)
-    has = conv_code >= 0
-    pair_imp, pair_uniques = pd.factorize(
-        pd.MultiIndex.from_arrays([code, ad]), sort=False
+    compact = compact_samples(impressions, conversions, segments, cfg)
+    return attach_histories(
+        compact, {s: events_of(ev) for s, ev in history.items()}, cfg
     )
-    pair_conv = pd.MultiIndex.from_arrays([conv_code[has], conv_ad[has]])
-    pair_conv_code = pd.Index(pair_uniques).get_indexer(pair_conv).astype(np.int64)
-    hit = pair_conv_code >= 0
-    out["label"] = _near_mask(
-        pair_imp.astype(np.int64),
-        t_ms,
-        pair_conv_code[hit],
-        np.asarray(conversions["ts_ms"], dtype=np.int64)[has][hit],
-        buffer_ms,
-        horizon_ms,
-    ).astype(np.float32)
-
-    out["segment"] = segment_at(
-        code,
-        t_ms,
-        _codes(segments["user_id"], uniques),
-        np.asarray(segments["window_end_ms"], dtype=np.int64),
-        np.asarray(segments["segment"], dtype=np.int8),
-    )
-    for attr in CANDIDATE_ATTRIBUTES:
-        if attr in impressions:
-            out[f"cand.{attr}"] = np.asarray(impressions[attr])[order]
-
-    L = cfg.max_seq_len
-    for src, attrs in HISTORY_SOURCES.items():
-        if src not in history:
-            continue
-        ev = history[src]
-        ev_code = _codes(ev["user_id"], uniques)
-        ev_ts = np.asarray(ev["ts_ms"], dtype=np.int64)
-        keep = np.flatnonzero(ev_code >= 0)
-        ev_order = keep[np.lexsort((ev_ts[keep], ev_code[keep]))]
-        idx = history_index(
-            code, t_ms - buffer_ms, ev_code[ev_order], ev_ts[ev_order], L
-        )
-        mask = idx >= 0
-        safe = np.where(mask, idx, 0)
-        out[f"{src}.mask"] = mask
-        sorted_ts = ev_ts[ev_order]
-        out[f"{src}.ts_ms"] = np.where(
-            mask, sorted_ts[safe] if len(sorted_ts) else 0, 0
-        )
-        for attr in attrs:
-            if attr not in ev:
-                continue
-            col = np.asarray(ev[attr])[ev_order]
-            if attr == "dwell_ms":
-                vals = np.log1p(col[safe]).astype(np.float32) if len(col) else 0.0
-                out[f"{src}.dwell"] = np.where(mask, vals, 0.0).astype(np.float32)
-            else:
-                vals = col[safe] if len(col) else 0
-                out[f"{src}.{attr}"] = np.where(mask, vals, 0).astype(np.int64)
-    return out
 
 
 def time_split(t_ms: np.ndarray, last_day_start_ms: int) -> np.ndarray:
     """True for evaluation rows: ``t`` on or after the start of the held-out days
     (train on earlier days, evaluate on the last; never a random row split)."""
     return np.asarray(t_ms) >= last_day_start_ms
+
+
+def eval_boundary_from_days(days: Mapping[int, int], eval_days: int) -> int:
+    """UTC midnight starting the last ``eval_days`` *full* days, from rows per
+    day (day = epoch ms // 86,400,000). A last day holding under half the
+    median rows per day (events spilling past midnight after the data's last
+    day) is not a day to evaluate on."""
+    if not days:
+        raise ValueError("no rows: no day to evaluate on")
+    counts = np.array([days[d] for d in sorted(days)], np.float64)
+    keys = np.array(sorted(days), np.int64)
+    full = keys[counts >= 0.5 * np.median(counts[counts > 0])]
+    return int((int(full.max()) - eval_days + 1) * 86_400_000)
+
+
+def eval_boundary_ms(t_ms: np.ndarray, eval_days: int) -> int:
+    """:func:`eval_boundary_from_days` of the rows' times."""
+    day, n = np.unique(np.asarray(t_ms) // 86_400_000, return_counts=True)
+    return eval_boundary_from_days(
+        dict(zip(day.tolist(), n.tolist(), strict=True)), eval_days
+    )
 
 
 def reference_samples(
@@ -260,147 +314,68 @@ def reference_samples(
     cfg: SampleConfig,
 ) -> list[dict]:
     """The per-sample loop :func:`build_samples` must equal (rows sorted by
-    (user, t), as the kernel returns them)."""
-    buffer_ms, horizon_ms = cfg.buffer_s * 1000, cfg.horizon_s * 1000
+    (user, t), as the kernel returns them): label, segment, candidate, and per
+    source the history events' timestamps and attribute values."""
+    buffer_ms, horizon_ms = cfg.buffer_ms, cfg.horizon_s * 1000
+    n = len(impressions["user_id"])
     rows = sorted(
+        range(n),
+        key=lambda i: (int(impressions["user_id"][i]), int(impressions["ts_ms"][i])),
+    )
+    convs = list(
         zip(
-            impressions["user_id"].tolist(),
-            impressions["ts_ms"].tolist(),
-            impressions["ad_id"].tolist(),
+            conversions["user_id"].tolist(),
+            conversions["ts_ms"].tolist(),
+            conversions["ad_id"].tolist(),
             strict=True,
-        ),
-        key=lambda r: (r[0], r[1]),
+        )
+    )
+    segs = list(
+        zip(
+            segments["user_id"].tolist(),
+            segments["window_end_ms"].tolist(),
+            segments["segment"].tolist(),
+            strict=True,
+        )
     )
     out = []
-    for u, t, ad in rows:
+    for i in rows:
+        u, t = int(impressions["user_id"][i]), int(impressions["ts_ms"][i])
+        ad = int(impressions["ad_id"][i])
         label = any(
             cu == u and ca == ad and t - buffer_ms <= ct <= t + horizon_ms
-            for cu, ct, ca in zip(
-                conversions["user_id"].tolist(),
-                conversions["ts_ms"].tolist(),
-                conversions["ad_id"].tolist(),
-                strict=True,
-            )
+            for cu, ct, ca in convs
         )
-        ended = [
-            (we, s)
-            for su, we, s in zip(
-                segments["user_id"].tolist(),
-                segments["window_end_ms"].tolist(),
-                segments["segment"].tolist(),
-                strict=True,
-            )
-            if su == u and we <= t
-        ]
-        seg = max(ended)[1] if ended else 0
-        hist = {}
+        ended = [(we, s) for su, we, s in segs if su == u and we <= t]
+        hist: dict[str, dict[str, list]] = {}
         for src, ev in history.items():
-            times = sorted(
-                et
-                for eu, et in zip(
-                    ev["user_id"].tolist(), ev["ts_ms"].tolist(), strict=True
-                )
-                if eu == u and et < t - buffer_ms
-            )
-            hist[src] = times[-cfg.max_seq_len :]
+            mine = sorted(
+                (
+                    (int(ev["ts_ms"][j]), j)
+                    for j in range(len(ev["user_id"]))
+                    if int(ev["user_id"][j]) == u
+                    and int(ev["ts_ms"][j]) < t - buffer_ms
+                ),
+            )[-cfg.max_seq_len :]
+            hist[src] = {"ts_ms": [ts for ts, _ in mine]}
+            for a in ev:
+                if a not in ("user_id", "ts_ms"):
+                    hist[src][a] = [ev[a][j].item() for _, j in mine]
         out.append(
             {
                 "user_id": u,
                 "t_ms": t,
                 "label": float(label),
-                "segment": seg,
-                "hist_ts": hist,
+                "segment": max(ended)[1] if ended else 0,
+                "cand": {
+                    a: impressions[a][i].item()
+                    for a in CANDIDATE_ATTRIBUTES
+                    if a in impressions
+                },
+                "hist": hist,
             }
         )
     return out
-
-
-# ---------------------------------------------------------------- Ray Data shell
-
-
-def _read_bucket(
-    fs: Any, paths: list[str], source: str, bucket: int, num_buckets: int
-) -> dict[str, np.ndarray]:
-    """Valid rows of ``source`` whose user falls in ``bucket``: its columns
-    and the optional ``country``."""
-    from dynamix_ray.schema import validate
-
-    parts = []
-    for p in paths:
-        with fs.open(p, "rb") as fh:
-            table = pq.read_table(fh)
-        v = validate(
-            table, SOURCES[source], p, [*SOURCES[source].attributes, "country"]
-        )
-        keep = user_bucket(v.valid.column("user_id").to_numpy(), num_buckets) == bucket
-        parts.append(v.valid.filter(pa.array(keep)))
-    if not parts:
-        return {}
-    table = pa.concat_tables(parts, promote_options="permissive")
-    return {
-        c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names
-    }
-
-
-def read_bucket_events(
-    fs: Any, files: dict[str, list[str]], bucket: int, num_buckets: int, bucketed: bool
-) -> dict[str, dict[str, np.ndarray]]:
-    """Valid rows of every source for the users of one bucket (a bucketed layout
-    reads only that bucket's files; a plain one reads all and filters)."""
-    from dynamix_ray.io import group_by_bucket
-
-    ev = {}
-    for src, paths in files.items():
-        if bucketed:
-            paths = group_by_bucket(paths).get(bucket, [])
-        ev[src] = _read_bucket(fs, paths, src, bucket, num_buckets)
-    return ev
-
-
-def _bucket_samples(
-    batch: dict[str, np.ndarray],
-    url: str,
-    files: dict[str, list[str]],
-    segments: dict[str, np.ndarray],
-    num_buckets: int,
-    bucketed: bool,
-    cfg: SampleConfig,
-) -> dict[str, np.ndarray]:
-    """Ray Data map: the samples of one user bucket (SPEC §6)."""
-    fs, _ = resolve(url)
-    out = []
-    for bucket in batch["bucket"].tolist():
-        ev = read_bucket_events(fs, files, bucket, num_buckets, bucketed)
-        if not ev.get("ad_impressions"):
-            continue
-        seg_keep = user_bucket(segments["user_id"], num_buckets) == bucket
-        history = {s: ev[s] for s in HISTORY_SOURCES if ev.get(s)}
-        out.append(
-            build_samples(
-                ev["ad_impressions"],
-                ev.get("conversions") or _NO_CONVERSIONS,
-                history,
-                {k: v[seg_keep] for k, v in segments.items()},
-                cfg,
-            )
-        )
-    if not out:
-        return {}
-    return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
-
-
-_NO_CONVERSIONS = {
-    "user_id": np.zeros(0, np.int64),
-    "ts_ms": np.zeros(0, np.int64),
-    "ad_id": np.zeros(0, np.int64),
-}
-
-
-def read_segment_rows(segments_url: str) -> dict[str, np.ndarray]:
-    """``user_id``, ``window_end_ms``, ``segment`` of a committed segment table."""
-    from dynamix_ray.segments.pipeline import read_segments
-
-    return segment_rows(read_segments(segments_url))
 
 
 def segment_rows(t: pa.Table) -> dict[str, np.ndarray]:
@@ -412,69 +387,221 @@ def segment_rows(t: pa.Table) -> dict[str, np.ndarray]:
     }
 
 
-#: Ad impressions (= samples) per user bucket of a plain (unbucketed) input:
-#: blocks small enough to stream and to shuffle between.
-SAMPLES_PER_BUCKET = 20_000
+# ---------------------------------------------------------------- Ray shell
 
 
-def default_sample_buckets(impressions: int) -> int:
-    """User buckets of a plain input: at least one per CPU, about
-    :data:`SAMPLES_PER_BUCKET` samples each."""
-    from dynamix_ray.runtime import cluster_cpus
+@dataclass(frozen=True)
+class SampleTable:
+    """A written sample table (``OUT/samples/``): its meta and files."""
 
-    return max(cluster_cpus(), -(-impressions // SAMPLES_PER_BUCKET))
+    url: str
+    meta: dict[str, Any]
+
+    def files(self, split: str) -> list[str]:
+        """The split's Parquet files (``train`` or ``eval``), one per bucket."""
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        fs, root = resolve(self.url)
+        return [
+            f"{root}/{split}/bucket={b:05d}/part-0.parquet"
+            for b in self.meta["buckets"][split]
+        ]
+
+    @property
+    def boundary_ms(self) -> int:
+        return int(self.meta["eval_boundary_ms"])
+
+    @property
+    def store_url(self) -> str:
+        return str(self.meta["store"])
+
+    def rows(self, split: str) -> int:
+        return int(self.meta["rows"][split])
 
 
-def sample_dataset(
+def _bucket_arrays(table: pa.Table | None, cols: list[str]) -> Arrays:
+    if table is None:
+        return {c: np.zeros(0, np.int64) for c in cols}
+    out = {
+        c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names
+    }
+    out["ts_ms"] = out.pop("ts")
+    return out
+
+
+def _samples_task(
+    item: dict[str, Any], tmp: str, cfg: SampleConfig, boundary_ms: int, seed: int
+) -> dict[str, Any]:
+    """One bucket: its compact samples, split by time, permuted, written."""
+    from dynamix_ray.segments.pipeline import read_segment_bucket
+
+    b = item["bucket"]
+    store = EventStore(item["store"], item["num_buckets"], item["store_meta"])
+    ev = store.read_bucket(
+        b,
+        {
+            "ad_impressions": ["user_id", "ts", *CANDIDATE_ATTRIBUTES],
+            "conversions": ["user_id", "ts", "ad_id"],
+        },
+    )
+    imps = _bucket_arrays(ev.get("ad_impressions"), ["user_id", "ts", "ad_id"])
+    conv = _bucket_arrays(ev.get("conversions"), ["user_id", "ts", "ad_id"])
+    seg = segment_rows(read_segment_bucket(item["segments"], b))
+    s = compact_samples(imps, conv, seg, cfg)
+    n = len(s["t_ms"])
+    s["sample_id"] = (np.int64(b) << _ID_BITS) + np.arange(n, dtype=np.int64)
+    s["bucket"] = np.full(n, b, np.int32)
+    perm = np.random.default_rng([seed, b]).permutation(n)
+    fs, _ = resolve(tmp)
+    out: dict[str, Any] = {"bucket": b, "rows": {}, "positives": {}, "active": {}}
+    is_eval = s["t_ms"] >= boundary_ms
+    for split, sel in (("train", ~is_eval[perm]), ("eval", is_eval[perm])):
+        idx = perm[sel]
+        table = pa.table(
+            {f.name: pa.array(s[f.name][idx], f.type) for f in SAMPLE_SCHEMA},
+            schema=SAMPLE_SCHEMA,
+        )
+        if table.num_rows:
+            write_parquet(fs, f"{tmp}/{split}/bucket={b:05d}/part-0.parquet", table)
+        out["rows"][split] = table.num_rows
+        out["positives"][split] = int(s["label"][idx].sum())
+        out["active"][split] = int(s["segment"][idx].sum())
+    return out
+
+
+def _sample_key(
+    store: EventStore, segments_meta: dict[str, Any], cfg: SampleConfig, seed: int
+) -> str:
+    """What identifies a sample table: the events, the segments, the label's
+    interval, the split and the shuffle seed (not ``max_seq_len``: histories
+    are gathered at batch time)."""
+    key = {
+        "store": store.fingerprint,
+        "segments": {
+            k: segments_meta.get(k)
+            for k in ("input_fingerprint", "epsilon", "params", "store_fingerprint")
+        },
+        "buffer_s": cfg.buffer_s,
+        "horizon_s": cfg.horizon_s,
+        "eval_days": cfg.eval_days,
+        "seed": seed,
+    }
+    return hashlib.sha1(
+        json.dumps(key, sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
+
+
+def read_sample_table(url: str) -> SampleTable:
+    """The :class:`SampleTable` of ``URL/samples/``.
+
+    Raises:
+        FileNotFoundError: none is committed there.
+    """
+    fs, root = resolve(url)
+    path = f"{root}/samples/_meta.json"
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{url}: no samples/_meta.json")
+    return SampleTable(f"{url.rstrip('/')}/samples", read_json(fs, path))
+
+
+def run_samples(
     events_url: str,
     segments_url: str,
+    out_url: str,
     cfg: SampleConfig | None = None,
-    num_buckets: int | None = None,
-) -> Any:
-    """A Ray Dataset of training samples, one Ray Data task per user bucket.
+    seed: int = 0,
+    *,
+    progress: bool = True,
+) -> SampleTable:
+    """Build (or reuse) the compact sample table at ``OUT/samples/``.
 
-    Bucketed inputs (``generate --bucketed``) are read bucket by bucket; plain
-    inputs are read by every bucket task and filtered to its users (fine for
-    small data; bucket large inputs first).
+    The events are the segment run's event store when it was built from the
+    same input (else a store is built at ``OUT/events``); the segments must be
+    bucketed like it. A table made from the same inputs and settings is
+    reused.
 
-    Returns:
-        The (unmaterialised) dataset with the columns of :func:`build_samples`.
+    Raises:
+        ValueError: the segment table was made on another bucketing.
     """
-    import ray
-
-    from dynamix_ray.io import discover
-    from dynamix_ray.runtime import ensure_ray
+    from dynamix_ray.runtime import map_items
+    from dynamix_ray.segments.pipeline import read_segments_meta
 
     cfg = cfg or SampleConfig()
-    ensure_ray()
-    ds = discover(events_url, list(HISTORY_SOURCES_ALL), required=["ad_impressions"])
-    bucketed = ds.num_buckets is not None
-    n = (
-        ds.num_buckets
-        if bucketed
-        else (num_buckets or default_sample_buckets(ds.rows["ad_impressions"]))
+    t0 = time.perf_counter()
+    seg_meta = read_segments_meta(segments_url)
+    store = ensure_store(
+        events_url,
+        reuse=[str(seg_meta.get("store", "")), f"{out_url.rstrip('/')}/events"],
+        default_out=f"{out_url.rstrip('/')}/events",
+        progress=progress,
     )
-    assert n is not None
-    segments = read_segment_rows(segments_url)
-    return ray.data.from_items(
-        [{"bucket": b} for b in range(n)], override_num_blocks=n
-    ).map_batches(
-        cast(Any, _bucket_samples),
-        fn_args=(ds.url, ds.files, segments, n, bucketed, cfg),
-        batch_size=1,
-        batch_format="numpy",
-    )
-
-
-def eval_boundary_ms(t_ms: np.ndarray, eval_days: int) -> int:
-    """UTC midnight starting the last ``eval_days`` *full* days of ``t_ms``.
-
-    A last day holding under half the median rows per day (events spilling past
-    midnight after the data's last day) is not a day to evaluate on.
-    """
-    day = np.asarray(t_ms) // 86_400_000
-    first = int(day.min())
-    counts = np.bincount(day - first)
-    full = np.flatnonzero(counts >= 0.5 * np.median(counts[counts > 0]))
-    last_full = first + int(full.max())
-    return (last_full - eval_days + 1) * 86_400_000
+    if seg_meta.get("store_fingerprint") not in (None, store.fingerprint):
+        raise ValueError(
+            f"{segments_url}: its segment table was made from another event store "
+            f"({seg_meta.get('store')}, {seg_meta.get('num_buckets')} buckets) than "
+            f"{store.url} ({store.num_buckets} buckets): re-run `dynamix segment` on "
+            "these events"
+        )
+    key = _sample_key(store, seg_meta, cfg, seed)
+    fs, root = resolve(out_url)
+    try:
+        old = read_sample_table(out_url)
+        if old.meta.get("key") == key:
+            return old
+    except FileNotFoundError:
+        pass
+    days = {
+        int(k): int(v)
+        for k, v in store.meta["sources"]["ad_impressions"]["days"].items()
+    }
+    boundary = eval_boundary_from_days(days, cfg.eval_days)
+    items = [
+        {
+            "bucket": b,
+            "store": store.url,
+            "num_buckets": store.num_buckets,
+            "store_meta": store.meta,
+            "segments": segments_url,
+        }
+        for b in range(store.num_buckets)
+    ]
+    local = is_process_local(fs) or is_process_local(resolve(store.url)[0])
+    rows = {"train": 0, "eval": 0}
+    pos = {"train": 0, "eval": 0}
+    active = {"train": 0, "eval": 0}
+    buckets: dict[str, list[int]] = {"train": [], "eval": []}
+    with atomic_output(fs, root, ["samples"]) as tmp:
+        for r in map_items(
+            _samples_task,
+            items,
+            (f"{tmp}/samples", cfg, boundary, seed),
+            local=local,
+            name="samples",
+            progress=progress,
+        ):
+            for split in rows:
+                rows[split] += r["rows"][split]
+                pos[split] += r["positives"][split]
+                active[split] += r["active"][split]
+                if r["rows"][split]:
+                    buckets[split].append(r["bucket"])
+        on_disk = sum(
+            fs.size(p) for p in fs.find(f"{tmp}/samples") if p.endswith(".parquet")
+        )
+        meta = {
+            "key": key,
+            "store": store.url,
+            "segments": segments_url,
+            "config": asdict(cfg),
+            "seed": seed,
+            "eval_boundary_ms": boundary,
+            "rows": rows,
+            "positives": pos,
+            "active": active,
+            "buckets": buckets,
+            "bytes_on_disk": int(on_disk),
+            "bytes_per_sample_on_disk": on_disk / max(1, sum(rows.values())),
+            "wall_s": round(time.perf_counter() - t0, 3),
+        }
+        write_json(fs, f"{tmp}/samples/_meta.json", meta)
+    return SampleTable(f"{out_url.rstrip('/')}/samples", meta)

@@ -31,10 +31,13 @@ __all__ = [
 TS_MIN_MS = 946_684_800_000  # 2000-01-01T00:00:00Z, inclusive
 TS_MAX_MS = 4_102_444_800_000  # 2100-01-01T00:00:00Z, exclusive
 
+#: Why a row is rejected, in order of precedence (a row gets the first that
+#: applies). Code maps reasons by name; the order only sets the precedence.
 REJECT_REASONS = (
     "null_user_id",
     "null_ts",
-    "ts_out_of_range",
+    "user_id_out_of_range",  # an unsigned id above 2**63 - 1 (does not fit int64)
+    "ts_out_of_range",  # outside [TS_MIN_MS, TS_MAX_MS), incl. ts_ms beyond int64
     "dwell_not_finite",
     "dwell_negative",
 )
@@ -120,6 +123,8 @@ SOURCES: dict[str, Source] = {
 AD_ATTRIBUTES: tuple[str, ...] = ("dwell_ms", *SOURCES["ad_impressions"].attributes)
 
 _TS_UNIT_TO_MS = {"s": (1000, 1), "ms": (1, 1), "us": (1, 1000), "ns": (1, 1_000_000)}
+_INT64_MIN = int(np.iinfo(np.int64).min)
+_INT64_MAX = int(np.iinfo(np.int64).max)
 
 
 def check_columns(schema: pa.Schema, source: Source, file: str) -> None:
@@ -153,24 +158,72 @@ def check_columns(schema: pa.Schema, source: Source, file: str) -> None:
             )
 
 
+def _int64_values(
+    col: pa.Array | pa.ChunkedArray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An integer column (or a timestamp's raw ticks) as int64, without wrapping.
+
+    Returns:
+        ``(values, null, unfit)``, each of shape ``(n,)``: ``values`` int64 (0 where
+        null or unfit), ``null`` the null mask, ``unfit`` where an unsigned value
+        exceeds ``2**63 - 1`` and so has no int64 value.
+    """
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if pa.types.is_timestamp(col.type):
+        col = col.view(pa.int64())  # ticks since the epoch, UTC whatever the zone
+    null = np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    raw = np.asarray(col.fill_null(0).to_numpy(zero_copy_only=False))
+    if raw.dtype == np.uint64:
+        unfit = raw > np.uint64(_INT64_MAX)
+        raw = np.where(unfit, np.uint64(0), raw)
+    else:
+        unfit = np.zeros(len(raw), dtype=bool)
+    return raw.astype(np.int64), null, unfit
+
+
+def _ts_ms(
+    ts: pa.Array | pa.ChunkedArray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``ts`` (timestamp of any unit, or integer epoch ms) to epoch ms, exactly.
+
+    Range and overflow are decided on the raw ticks against bounds converted to
+    the unit with Python ints, so nothing wraps: ``ms = floor(raw * mul / div)``
+    lies in ``[TS_MIN_MS, TS_MAX_MS)`` iff ``ceil(TS_MIN_MS * div / mul) <= raw <
+    ceil(TS_MAX_MS * div / mul)``.
+
+    Returns:
+        ``(ts_ms, null, unfit, out_of_range)``, each of shape ``(n,)``: ``ts_ms``
+        int64, floor-rounded (0 where null or unfit); ``null``; ``unfit`` where
+        the ms value does not fit int64; ``out_of_range`` where it lies outside
+        ``[TS_MIN_MS, TS_MAX_MS)`` (unfit values included; nulls excluded).
+    """
+    mul, div = (
+        _TS_UNIT_TO_MS[ts.type.unit] if pa.types.is_timestamp(ts.type) else (1, 1)
+    )
+    raw, null, unfit = _int64_values(ts)
+    if mul != 1:  # a coarser unit: raw * mul must stay within int64
+        unfit |= (raw < -(-_INT64_MIN // mul)) | (raw > _INT64_MAX // mul)
+    lo, hi = -(-TS_MIN_MS * div // mul), -(-TS_MAX_MS * div // mul)  # ceil
+    lo, hi = max(lo, _INT64_MIN), min(hi, _INT64_MAX)
+    out_of_range = ~null & (unfit | (raw < lo) | (raw >= hi))
+    raw = np.where(unfit, 0, raw)
+    ts_ms = raw * mul if mul != 1 else raw // div
+    return ts_ms.astype(np.int64, copy=False), null, unfit, out_of_range
+
+
 def ts_to_ms(ts: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """``ts`` column (timestamp of any unit, naive = UTC, or integer epoch ms) to
-    int64 epoch ms, floor-rounded; nulls become ``INT64_MIN`` (see :func:`validate`)."""
-    if isinstance(ts, pa.ChunkedArray):
-        ts = ts.combine_chunks()
-    if pa.types.is_timestamp(ts.type):
-        mul, div = _TS_UNIT_TO_MS[ts.type.unit]
-        raw = ts.view(pa.int64()) if ts.type.tz is None else ts.cast(pa.int64())
-        values = raw.fill_null(np.iinfo(np.int64).min).to_numpy(zero_copy_only=False)
-        nulls = np.asarray(ts.is_null().to_numpy(zero_copy_only=False))
-        out = values * mul if mul != 1 else values // div
-        out = np.where(nulls, np.iinfo(np.int64).min, out)
-        return out.astype(np.int64, copy=False)
-    return (
-        ts.cast(pa.int64())
-        .fill_null(np.iinfo(np.int64).min)
-        .to_numpy(zero_copy_only=False)
-        .astype(np.int64, copy=False)
+    int64 epoch ms, floor-rounded, without wrapping; nulls, and values whose ms
+    do not fit int64, become ``INT64_MIN``. :func:`validate` rejects both (as
+    ``null_ts`` and ``ts_out_of_range``)."""
+    ts_ms, null, unfit, _ = _ts_ms(ts)
+    return np.where(null | unfit, _INT64_MIN, ts_ms).astype(np.int64, copy=False)
+
+
+def _column_error(file: str, source: Source, col: str, exc: Exception) -> SchemaError:
+    return SchemaError(
+        f"{file}: column '{col}' of '{source.name}' could not be read: {exc}"
     )
 
 
@@ -204,34 +257,37 @@ def validate(
         ``Validated`` whose ``valid`` has ``user_id`` int64, ``ts_ms`` int64,
         ``dwell_ms`` float64 (sources with dwell) and the kept attributes.
     """
-    check_columns(table.schema, source, file or "<table>")
+    where = file or "<table>"
+    check_columns(table.schema, source, where)
     n = table.num_rows
-    user = table.column("user_id")
-    user_null = np.asarray(user.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-    user_np = (
-        user.cast(pa.int64())
-        .fill_null(0)
-        .to_numpy(zero_copy_only=False)
-        .astype(np.int64)
-    )
-    ts_ms = ts_to_ms(table.column("ts"))
-    ts_null = ts_ms == np.iinfo(np.int64).min
+    try:
+        user_np, user_null, user_unfit = _int64_values(table.column("user_id"))
+    except (pa.ArrowException, ValueError, TypeError) as exc:
+        raise _column_error(where, source, "user_id", exc) from exc
+    try:
+        ts_ms, ts_null, ts_unfit, ts_out = _ts_ms(table.column("ts"))
+    except (pa.ArrowException, ValueError, TypeError) as exc:
+        raise _column_error(where, source, "ts", exc) from exc
 
     reason = np.full(n, -1, dtype=np.int8)
 
-    def mark(mask: np.ndarray, code: int) -> None:
-        reason[(reason < 0) & mask] = code
+    def mark(mask: np.ndarray, name: str) -> None:
+        reason[(reason < 0) & mask] = REJECT_REASONS.index(name)
 
-    mark(user_null, 0)
-    mark(ts_null, 1)
-    mark((ts_ms < TS_MIN_MS) | (ts_ms >= TS_MAX_MS), 2)
+    mark(user_null, "null_user_id")
+    mark(ts_null, "null_ts")
+    mark(user_unfit, "user_id_out_of_range")
+    mark(ts_out, "ts_out_of_range")
     dwell_np: np.ndarray | None = None
     if source.has_dwell:
-        dwell = table.column("dwell_ms").cast(pa.float64())
+        try:  # safe=False: an int dwell above 2**53 rounds to the nearest float
+            dwell = table.column("dwell_ms").cast(pa.float64(), safe=False)
+        except (pa.ArrowException, ValueError, TypeError) as exc:
+            raise _column_error(where, source, "dwell_ms", exc) from exc
         dwell_np = dwell.fill_null(np.nan).to_numpy(zero_copy_only=False)
         with np.errstate(invalid="ignore"):
-            mark(~np.isfinite(dwell_np), 3)
-            mark(dwell_np < 0, 4)
+            mark(~np.isfinite(dwell_np), "dwell_not_finite")
+            mark(dwell_np < 0, "dwell_negative")
 
     ok = reason < 0
     keep_attrs = [
@@ -256,8 +312,9 @@ def validate(
         {
             "source": pa.array([source.name] * len(bad), pa.string()),
             "reason": pa.array(np.asarray(REJECT_REASONS, dtype=object)[reason[bad]]),
-            "user_id": pa.array(user_np[bad], mask=user_null[bad]),
-            "ts_ms": pa.array(ts_ms[bad], mask=ts_null[bad]),
+            # null where the value as read has no int64 value (or was null)
+            "user_id": pa.array(user_np[bad], mask=(user_null | user_unfit)[bad]),
+            "ts_ms": pa.array(ts_ms[bad], mask=(ts_null | ts_unfit)[bad]),
             "dwell_ms": pa.array(
                 dwell_np[bad] if dwell_np is not None else np.full(len(bad), np.nan),
                 mask=None if dwell_np is not None else np.ones(len(bad), dtype=bool),

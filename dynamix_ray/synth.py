@@ -41,7 +41,7 @@ from dynamix_ray.io import (
     write_json,
     write_parquet,
 )
-from dynamix_ray.segments.stats import _near_mask
+from dynamix_ray.segments.stats import near_mask
 
 __all__ = [
     "NO_SIGNAL_ATTRIBUTES",
@@ -204,7 +204,7 @@ def _chunk(
     delay = rng.uniform(-_BUFFER_MS, _HORIZON_MS, len(ci)).astype(np.int64)
     conv_user, conv_ts, conv_ad = iu[ci], its[ci] + delay, ad_idx[ci]
 
-    near = _near_mask(iu, its, conv_user, conv_ts, _BUFFER_MS, _HORIZON_MS)
+    near = near_mask(iu, its, conv_user, conv_ts, _BUFFER_MS, _HORIZON_MS)
     hour = (its // _HOUR_MS) % 24
     kind = users["kind"][iu]
     on = (kind == 1) | (

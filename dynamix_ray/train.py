@@ -1,23 +1,29 @@
-"""Segment-conditional training on Ray Train (SPEC §4, §6, §7).
+"""Segment-conditional training on Ray Train (SPEC §4, §6, §7;
+docs/data-path.md, "Streamed, deterministic, resumable").
 
-``run_train`` builds the sample dataset (``samples.sample_dataset``), splits it
-by time (train on the earlier days, evaluate on the last), and runs a
-``TorchTrainer`` whose workers read their shard with
-``ray.train.get_dataset_shard``. Every batch is split by segment, and each part
-runs the model with its policy's ``FeatureSet`` (``features.policy_features``),
-so a policy that removes features does less work for that segment. The loss of
-the parts is summed into one backward pass per step, so DDP workers stay in
-lock-step whatever segments their batches hold.
+``run_train`` builds (or reuses) the compact sample table
+(``samples.run_samples``: one Parquet file per user bucket and split), and
+runs a ``TorchTrainer`` whose workers stream their shard of it with
+``ray.train.get_dataset_shard``: a seeded block order, a seeded local shuffle
+buffer, then per batch the worker's :class:`loader.SegmentBatcher` cuts each
+row's histories out of its bucket's events, per segment only for the
+attributes that segment's policy uses. Nothing is materialised; memory per
+node is a shuffle buffer of compact rows plus a few buckets of events.
 
-Each epoch reports NE overall and per segment, AUC and the steady-state
-training examples/s (the first ``warmup_steps`` excluded), with a checkpoint
-(weights, optimizer, epoch) that a resumed or restarted run continues from.
-It also reports a progressive-validation NE curve: every batch's loss is taken
-before the step that learns from it, so the NE of each ``curve_steps`` window
-is an out-of-sample figure at no extra cost (the paper's Fig. 5 analog).
+Every batch's parts (one per segment present) run the model with their
+policy's ``FeatureSet``; their losses are summed into one backward pass per
+step, so DDP workers stay in lock-step whatever segments their batches hold.
 
-:func:`prepare_train_data` builds and splits the samples once; several runs
-(the experiment's arms and seeds) can share them through ``run_train(data=)``.
+The same seed on the same data gives the same run (bitwise on CPU with one
+worker): Ray Data keeps block order (``preserve_order``), the shuffles are
+seeded, and a mid-epoch resume skips exactly the batches done (their compact
+rows are read but not gathered). Each epoch reports NE overall and per
+segment, AUC from mergeable binned counts (with its error bound), the
+steady-state training examples/s, the loader's rows/s and bytes per batch,
+and the count and id sums of the rows trained (every row exactly once).
+
+:func:`prepare_train_data` builds the samples once; several runs (the
+experiment's arms and seeds) share them through ``run_train(data=)``.
 """
 
 from __future__ import annotations
@@ -27,10 +33,11 @@ import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
+from dynamix_ray.events import EventStore
 from dynamix_ray.features import (
     available_features,
     flops_by_segment,
@@ -40,23 +47,33 @@ from dynamix_ray.features import (
     split_by_segment,
     to_model_batch,
 )
+from dynamix_ray.loader import LoaderSpec, SegmentBatcher, store_features
 from dynamix_ray.model import DynamixCTR, ModelConfig
-from dynamix_ray.model.metrics import ne_from_sums
+from dynamix_ray.model.checkpoint import (
+    load_checkpoint,
+    model_config_dict,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from dynamix_ray.model.metrics import ScoreHistogram, ne_from_sums
+from dynamix_ray.samples import SampleConfig, SampleTable
 
 __all__ = [
     "TrainConfig",
     "TrainData",
-    "prepare_train_data",
-    "train_step",
     "baseline_importance",
+    "evaluate",
+    "fit_epoch",
     "load_checkpoint",
     "model_config_dict",
-    "resolve_checkpoint",
+    "prepare_train_data",
     "removed_from_baseline",
+    "resolve_checkpoint",
     "run_train",
     "save_checkpoint",
     "score_by_segment",
     "train_loop_per_worker",
+    "train_step",
 ]
 
 
@@ -65,7 +82,9 @@ class TrainConfig:
     """Args:
     policy: one of ``features.POLICIES``.
     removed: ad-impression attributes the ``remove-*`` policies drop.
-    epochs / batch_size / lr / seed: the optimisation.
+    epochs / batch_size / lr / seed: the optimisation. The seed fixes the
+        weights' initialisation, the block order and the shuffle buffer: the
+        same seed on the same samples gives the same run.
     num_workers / use_gpu: ``ScalingConfig`` (DDP when num_workers > 1).
     cpus_per_worker: CPUs each training worker reserves. Ray Data needs CPUs
         left over to feed the workers: on a 2-CPU machine two workers take
@@ -75,11 +94,13 @@ class TrainConfig:
         the last checkpoint).
     warmup_steps: steps per epoch excluded from examples/s.
     checkpoint_steps: also checkpoint every this many steps inside an epoch
-        (0: only at epoch ends); a resumed run skips the batches already done.
-    eval_days: last days held out for evaluation.
-    shuffle_buffer: rows of Ray Data's local shuffle buffer when reading
-        training batches (samples come sorted by user and time; without it a
-        batch holds a handful of users). 0: no shuffle.
+        (0: only at epoch ends); a resumed run skips exactly the batches done.
+    samples: the sample settings (sequence length, buffer, horizon, evaluation
+        days): their one owner. ``model.max_seq_len`` follows
+        ``samples.max_seq_len``; the checkpoint records both.
+    shuffle_buffer: compact rows in Ray Data's local shuffle buffer (rows come
+        one user bucket after another, each bucket already permuted). 0: none.
+    cache_bytes: budget of each worker's cache of buckets' events.
     alure: a ``dynamix embed --daily`` OUT: feed each sample's ALURE user
         embedding (as of the last midnight before it) to the head
         (``ModelConfig.ext_dim`` is set from it); ``None``: no such feature.
@@ -87,6 +108,8 @@ class TrainConfig:
         permutation importance of the ad-impression attributes (0: skip).
     curve_steps: steps per point of the progressive NE curve (``curve`` in the
         metrics: ``[examples seen, NE of that window's batches]``).
+    torch_threads: intra-op threads per worker (0: torch's default). One
+        thread makes CPU runs bitwise repeatable whatever the machine's load.
     """
 
     policy: str = "baseline"
@@ -102,12 +125,38 @@ class TrainConfig:
     max_failures: int = 0
     warmup_steps: int = 3
     checkpoint_steps: int = 0
-    eval_days: int = 1
+    samples: SampleConfig = field(default_factory=SampleConfig)
     alure: str | None = None
     importance_rows: int = 20_000
     shuffle_buffer: int = 50_000
+    cache_bytes: int = 1 << 30
     curve_steps: int = 10
+    torch_threads: int = 1
     model: ModelConfig = field(default_factory=ModelConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.max_seq_len != self.samples.max_seq_len:
+            # one owner: the sample settings decide the model's positions
+            object.__setattr__(
+                self, "model", replace(self.model, max_seq_len=self.samples.max_seq_len)
+            )
+
+    @property
+    def eval_days(self) -> int:
+        return self.samples.eval_days
+
+
+# ----------------------------------------------------------------- plain core
+
+Parts = dict[int, dict[str, np.ndarray]]
+
+
+def _as_parts(batch: Any) -> Parts:
+    """A batch as ``{segment: columns}``: the loader's parts as they are, flat
+    sample columns split by segment."""
+    if batch and all(isinstance(k, int) for k in batch):
+        return dict(batch)
+    return split_by_segment(batch)
 
 
 def _segment_sums(
@@ -136,34 +185,38 @@ def _ne(sums: dict[str, float], name: str) -> float | None:
 def train_step(
     model: Any,
     opt: Any,
-    batch: dict[str, np.ndarray],
+    batch: Any,
     policy: str,
     removed: tuple[str, ...],
     device: Any = "cpu",
     use_amp: bool = False,
 ) -> float:
-    """One optimisation step on a batch of sample columns; returns the mean loss.
+    """One optimisation step; returns the mean loss.
 
-    The batch is split by segment and each part runs with its policy's
-    ``FeatureSet``; the summed loss gets one backward pass and one optimizer
-    step (DDP workers stay in lock-step whatever segments they hold).
+    Args:
+        batch: the loader's ``{segment: columns}`` parts, or flat sample
+            columns (split by segment here).
+    Each part runs with its policy's ``FeatureSet``; the summed loss gets one
+    backward pass and one optimizer step (DDP workers stay in lock-step
+    whatever segments they hold).
     """
     import torch
     import torch.nn.functional as F
 
     dev = torch.device(device)
-    available = available_features(batch)
     loss = torch.zeros((), device=dev)
-    for seg, part in split_by_segment(batch).items():
-        feats = policy_features(policy, seg, removed, available)
+    rows = 0
+    for seg, part in _as_parts(batch).items():
+        feats = policy_features(policy, seg, removed, available_features(part))
         mb = to_model_batch(part, dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
             logits = model(mb, feats)
         loss = loss + F.binary_cross_entropy_with_logits(
             logits.float(), mb["label"], reduction="sum"
         )
+        rows += len(part["label"])
     opt.zero_grad(set_to_none=True)
-    mean = loss / len(batch["label"])
+    mean = loss / max(rows, 1)
     mean.backward()
     opt.step()
     return float(mean.detach())
@@ -171,23 +224,152 @@ def train_step(
 
 def score_by_segment(
     model: Any,
-    batch: dict[str, np.ndarray],
+    batch: Any,
     policy: str,
     removed: tuple[str, ...],
     device: Any = "cpu",
 ) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """Logits of a batch, each segment with its policy's ``FeatureSet`` (no
-    gradients): ``[(segment, logits, labels)]``, one entry per segment present."""
+    """Logits of a batch (parts or flat columns), each segment with its
+    policy's ``FeatureSet`` (no gradients): ``[(segment, logits, labels)]``."""
     import torch
 
-    available = available_features(batch)
     out = []
     with torch.no_grad():
-        for seg, part in split_by_segment(batch).items():
-            feats = policy_features(policy, seg, removed, available)
+        for seg, part in _as_parts(batch).items():
+            feats = policy_features(policy, seg, removed, available_features(part))
             logits = model(to_model_batch(part, device), feats).float().cpu().numpy()
             out.append((seg, logits, part["label"]))
     return out
+
+
+@dataclass
+class EpochProgress:
+    """What an epoch has trained so far (kept in mid-epoch checkpoints): rows,
+    and the sum and sum of squares of their ``sample_id`` (a resumed epoch
+    that trains every row exactly once ends with the same three numbers as an
+    uninterrupted one)."""
+
+    rows: int = 0
+    id_sum: int = 0
+    id_sq_sum: int = 0
+
+    def add(self, ids: np.ndarray) -> None:
+        ids = np.asarray(ids, np.int64)
+        self.rows += len(ids)
+        exact = [int(i) for i in ids]  # Python ints: the sums never overflow
+        self.id_sum += sum(exact)
+        self.id_sq_sum += sum(i * i for i in exact)
+
+
+@dataclass
+class EpochStats:
+    """Timings and sizes of one epoch of :func:`fit_epoch`."""
+
+    steps: int = 0
+    steady_rows: int = 0
+    steady_s: float = 0.0
+    load_rows: int = 0
+    load_s: float = 0.0
+    batch_bytes: int = 0
+    batches: int = 0
+
+
+def fit_epoch(
+    model: Any,
+    opt: Any,
+    batches: Any,
+    batcher: Any,
+    tcfg: TrainConfig,
+    device: Any,
+    *,
+    skip: int = 0,
+    progress: EpochProgress | None = None,
+    on_step: Any = None,
+    use_amp: bool = False,
+) -> EpochStats:
+    """One pass over ``batches`` (compact sample rows): gather, step.
+
+    Args:
+        batches: iterable of compact sample batches (numpy columns).
+        batcher: rows -> ``{segment: columns}`` (a :class:`SegmentBatcher`).
+        skip: batches already trained (a mid-epoch resume): their rows are
+            skipped before any gather.
+        progress: the epoch's :class:`EpochProgress` (updated).
+        on_step: ``on_step(step, loss, rows)`` after every trained step (the
+            progressive NE curve, mid-epoch checkpoints).
+    """
+    st = EpochStats()
+    steady_t0 = None
+    for step, rows in enumerate(batches):
+        st.steps = step + 1
+        if step < skip:
+            continue
+        if step == skip + tcfg.warmup_steps:
+            steady_t0 = time.perf_counter()
+        t0 = time.perf_counter()
+        parts = batcher(rows)
+        st.load_s += time.perf_counter() - t0
+        n = len(rows["label"])
+        st.load_rows += n
+        st.batch_bytes += getattr(batcher, "last_nbytes", 0)
+        st.batches += 1
+        loss = train_step(model, opt, parts, tcfg.policy, tcfg.removed, device, use_amp)
+        if progress is not None and "sample_id" in rows:
+            progress.add(rows["sample_id"])
+        if steady_t0 is not None:
+            st.steady_rows += n
+        if on_step is not None:
+            on_step(step + 1, loss, rows)
+    st.steady_s = time.perf_counter() - steady_t0 if steady_t0 else 0.0
+    return st
+
+
+def evaluate(
+    model: Any,
+    batches: Any,
+    batcher: Any,
+    policy: str,
+    removed: tuple[str, ...],
+    device: Any,
+) -> tuple[dict[str, float], ScoreHistogram]:
+    """NE sums per segment and the binned scores of every evaluation row."""
+    sums = _segment_sums(np.zeros(0), np.zeros(0), np.zeros(0, np.int8))
+    hist = ScoreHistogram()
+    for rows in batches:
+        for seg, logits, lab in score_by_segment(
+            model, batcher(rows), policy, removed, device
+        ):
+            part = _segment_sums(logits, lab, np.full(len(lab), seg, np.int8))
+            sums = {k: sums[k] + part[k] for k in sums}
+            hist.add(logits, lab)
+    return sums, hist
+
+
+# ----------------------------------------------------------------- Ray shell
+
+
+def _restore(model: Any, opt: Any) -> tuple[int, int, EpochProgress]:
+    """Weights and optimizer from Ray Train's latest checkpoint; returns
+    (epoch to start, batches of it done, its progress)."""
+    import ray.train
+    import torch
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return 0, 0, EpochProgress()
+    with ckpt.as_directory() as d:
+        state = torch.load(
+            os.path.join(d, "state.pt"), weights_only=True, map_location="cpu"
+        )
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    if state.get("resume_step"):  # saved in the middle of an epoch
+        return (
+            int(state["resume_epoch"]),
+            int(state["resume_step"]),
+            EpochProgress(**state.get("resume_progress", {})),
+        )
+    return int(state["epoch"]) + 1, 0, EpochProgress()
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -196,49 +378,47 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
     from ray.train.torch import get_device, prepare_model
 
-    from dynamix_ray.model import auc
-
     tcfg: TrainConfig = config["tcfg"]
+    if tcfg.torch_threads:
+        torch.set_num_threads(tcfg.torch_threads)
     torch.manual_seed(tcfg.seed)
     device = get_device()
     model: Any = DynamixCTR(tcfg.model)
     opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
-    start_epoch, skip_steps = 0, 0
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = torch.load(
-                os.path.join(d, "state.pt"), weights_only=True, map_location="cpu"
-            )
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        start_epoch = int(state["epoch"]) + 1
-        if state.get("resume_step"):  # saved in the middle of an epoch
-            start_epoch, skip_steps = (
-                int(state["resume_epoch"]),
-                int(state["resume_step"]),
-            )
+    start_epoch, skip_steps, resumed = _restore(model, opt)
     model = prepare_model(
         model, parallel_strategy_kwargs={"find_unused_parameters": True}
     )
     raw: Any = model.module if hasattr(model, "module") else model
-    world = ray.train.get_context().get_world_size()
+    ctx = ray.train.get_context()
+    world, rank = ctx.get_world_size(), ctx.get_world_rank()
     use_amp = tcfg.mixed_precision and device.type == "cuda"
+    batcher = SegmentBatcher(config["loader"])
 
     def report(
-        metrics: dict[str, Any], done_epoch: int, resume: tuple[int, int] | None
+        metrics: dict[str, Any],
+        done_epoch: int,
+        resume: tuple[int, int, EpochProgress] | None,
     ) -> None:
         """Report ``metrics`` with a checkpoint (rank 0 writes it): weights,
         optimizer, the last completed epoch and, mid-epoch, where to resume."""
         with tempfile.TemporaryDirectory() as d:
-            if ray.train.get_context().get_world_rank() != 0:
+            if rank != 0:
                 ray.train.report(metrics)
                 return
             extra: dict[str, Any] = {"opt": opt.state_dict()}
             if resume is not None:
-                extra["resume_epoch"], extra["resume_step"] = resume
+                extra["resume_epoch"], extra["resume_step"] = resume[:2]
+                extra["resume_progress"] = asdict(resume[2])
             save_checkpoint(
-                d, raw, tcfg.model, tcfg.policy, tcfg.removed, done_epoch, **extra
+                d,
+                raw,
+                tcfg.model,
+                tcfg.policy,
+                tcfg.removed,
+                done_epoch,
+                samples=tcfg.samples,
+                **extra,
             )
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
@@ -248,61 +428,76 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     seen = 0
     for epoch in range(start_epoch, tcfg.epochs):
         model.train()
-        steady_n, steady_t0, steps = 0, None, 0
+        progress = resumed if epoch == start_epoch else EpochProgress()
         win = [0.0, 0.0, 0.0]  # summed loss, rows, positives of the window
+
+        def on_step(
+            step: int,
+            loss: float,
+            rows: dict[str, np.ndarray],
+            epoch: int = epoch,
+            progress: EpochProgress = progress,
+        ) -> None:
+            nonlocal seen, win
+            n = len(rows["label"])
+            seen += n * world
+            win = [win[0] + loss * n, win[1] + n, win[2] + float(rows["label"].sum())]
+            if tcfg.curve_steps and step % tcfg.curve_steps == 0:
+                ne = ne_from_sums(*win)
+                if ne is not None:
+                    curve.append([seen, ne])
+                win = [0.0, 0.0, 0.0]
+            if tcfg.checkpoint_steps and step % tcfg.checkpoint_steps == 0:
+                report(
+                    {"epoch": epoch, "step": step, "partial": True},
+                    epoch - 1,
+                    (epoch, step, progress),
+                )
+
         batches = train_shard.iter_batches(
             batch_size=tcfg.batch_size,
             batch_format="numpy",
             local_shuffle_buffer_size=tcfg.shuffle_buffer or None,
             local_shuffle_seed=tcfg.seed + epoch if tcfg.shuffle_buffer else None,
         )
-        skip = skip_steps if epoch == start_epoch else 0
-        for step, batch in enumerate(batches):
-            steps = step + 1
-            if step < skip:  # done before the checkpoint this run resumed from
-                continue
-            if step == skip + tcfg.warmup_steps:
-                steady_t0 = time.perf_counter()
-            loss = train_step(
-                model, opt, batch, tcfg.policy, tcfg.removed, device, use_amp
-            )
-            n = len(batch["label"])
-            seen += n * world
-            win = [win[0] + loss * n, win[1] + n, win[2] + float(batch["label"].sum())]
-            if tcfg.curve_steps and steps % tcfg.curve_steps == 0:
-                ne = ne_from_sums(*win)
-                if ne is not None:
-                    curve.append([seen, ne])
-                win = [0.0, 0.0, 0.0]
-            if tcfg.checkpoint_steps and steps % tcfg.checkpoint_steps == 0:
-                report(
-                    {"epoch": epoch, "step": steps, "partial": True},
-                    epoch - 1,
-                    (epoch, steps),
-                )
-            if steady_t0 is not None:
-                steady_n += len(batch["label"])
-        steady_s = time.perf_counter() - steady_t0 if steady_t0 else 0.0
+        st = fit_epoch(
+            model,
+            opt,
+            batches,
+            batcher,
+            tcfg,
+            device,
+            skip=skip_steps if epoch == start_epoch else 0,
+            progress=progress,
+            on_step=on_step,
+            use_amp=use_amp,
+        )
         last = ne_from_sums(*win)  # the epoch's last, partial window
         if last is not None:
             curve.append([seen, last])
 
         model.eval()
-        scores, labels, segs = [], [], []
-        for batch in eval_shard.iter_batches(
-            batch_size=4 * tcfg.batch_size, batch_format="numpy"
-        ):
-            for seg, logits, lab in score_by_segment(
-                raw, batch, tcfg.policy, tcfg.removed, device
-            ):
-                scores.append(logits)
-                labels.append(lab)
-                segs.append(np.full(len(lab), seg, np.int8))
-        s = np.concatenate(scores) if scores else np.zeros(0)
-        y = np.concatenate(labels) if labels else np.zeros(0)
-        g = np.concatenate(segs) if segs else np.zeros(0, np.int8)
-        sums = _segment_sums(s, y, g)
-        sums["steady_n"], sums["steady_s"] = float(steady_n), steady_s
+        sums, hist = evaluate(
+            raw,
+            eval_shard.iter_batches(
+                batch_size=4 * tcfg.batch_size, batch_format="numpy"
+            ),
+            batcher,
+            tcfg.policy,
+            tcfg.removed,
+            device,
+        )
+        sums.update(
+            steady_n=float(st.steady_rows),
+            steady_s=st.steady_s,
+            load_rows=float(st.load_rows),
+            load_s=st.load_s,
+            batch_bytes=float(st.batch_bytes),
+            batches=float(st.batches),
+            epoch_rows=float(progress.rows),
+        )
+        counts = hist.to_array()
+        ids = [progress.id_sum, progress.id_sq_sum]
         if world > 1:
             import torch.distributed as dist
 
@@ -310,10 +505,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             t = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
             dist.all_reduce(t)
             sums = dict(zip(keys, t.tolist(), strict=True))
+            c = torch.as_tensor(counts)
+            dist.all_reduce(c)
+            counts = c.numpy()
             gathered: list[Any] = [None] * world
-            dist.all_gather_object(gathered, (s, y))  # AUC over every eval row
-            s = np.concatenate([g[0] for g in gathered])
-            y = np.concatenate([g[1] for g in gathered])
+            dist.all_gather_object(gathered, ids)  # two Python ints per worker
+            ids = [sum(g[0] for g in gathered), sum(g[1] for g in gathered)]
+        auc, auc_err = ScoreHistogram.from_array(counts).auc()
         metrics = {
             "epoch": epoch,
             "resumed_at_epoch": start_epoch,
@@ -321,113 +519,49 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "ne": _ne(sums, "all"),
             "ne_active": _ne(sums, "active"),
             "ne_passive": _ne(sums, "passive"),
-            "auc": auc(s, y) if len(y) and 0 < y.sum() < len(y) else None,
+            "auc": auc,
+            "auc_max_error": auc_err,
             "eval_rows": int(sums["all.n"]),
-            "train_steps": steps,
+            "train_steps": st.steps,
+            "epoch_rows": int(sums["epoch_rows"]),
+            "epoch_id_sum": str(ids[0]),
+            "epoch_id_sq_sum": str(ids[1]),
             "curve": curve,  # rank 0's batches; resumed runs restart it
             "train_examples_per_s": (
                 sums["steady_n"] / (sums["steady_s"] / world)
                 if sums["steady_s"]
                 else None
             ),
+            "loader_rows_per_s": (
+                sums["load_rows"] / (sums["load_s"] / world) if sums["load_s"] else None
+            ),
+            "loader_bytes_per_batch": (
+                sums["batch_bytes"] / sums["batches"] if sums["batches"] else None
+            ),
+            "loader_bytes_per_row": (
+                sums["batch_bytes"] / sums["load_rows"] if sums["load_rows"] else None
+            ),
         }
         report(metrics, epoch, None)
 
 
-def _take_columns(ds: Any, n: int) -> dict[str, np.ndarray]:
-    """The first ``n`` rows of a Ray Dataset as numpy columns."""
+def _take_rows(ds: Any, n: int, batcher: Any) -> dict[str, np.ndarray]:
+    """The first ``n`` rows of a compact sample dataset with full baseline
+    histories (flat columns; both segments' rows)."""
     parts: dict[str, list[np.ndarray]] = {}
-    for b in ds.limit(n).iter_batches(batch_size=4096, batch_format="numpy"):
-        for k, v in b.items():
+    for rows in ds.limit(n).iter_batches(batch_size=4096, batch_format="numpy"):
+        cols = batcher.part(rows, batcher.feature_sets[0])  # baseline: both alike
+        for k, v in cols.items():
             parts.setdefault(k, []).append(v)
-    return {k: np.concatenate(v) for k, v in parts.items()}
-
-
-def model_config_dict(cfg: ModelConfig) -> dict[str, Any]:
-    """``cfg`` as plain containers (what a weights-only checkpoint may hold)."""
-    d = asdict(cfg)
-    d["sources"] = {k: list(v) for k, v in cfg.sources.items()}
-    d["num_buckets"] = dict(cfg.num_buckets)
-    return d
-
-
-def _model_config(d: dict[str, Any]) -> ModelConfig:
-    tuples = ("candidate_attrs", "direct_attrs")
-    return ModelConfig(
-        **{
-            **d,
-            "sources": {k: tuple(v) for k, v in d["sources"].items()},
-            **{k: tuple(d[k]) for k in tuples},
-        }
-    )
-
-
-def save_checkpoint(
-    folder: str,
-    model: Any,
-    cfg: ModelConfig,
-    policy: str = "baseline",
-    removed: tuple[str, ...] = (),
-    epoch: int = 0,
-    **extra: Any,
-) -> str:
-    """Write ``folder/state.pt`` in the format :func:`load_checkpoint` reads
-    (weights-only loadable: tensors and plain containers)."""
-    import torch
-
-    os.makedirs(folder, exist_ok=True)
-    state = {
-        "model": model.state_dict(),
-        "epoch": epoch,
-        "model_config": model_config_dict(cfg),
-        "policy": policy,
-        "removed": list(removed),
-        **extra,
+    width = {
+        k: max(v.shape[1] for v in vs) for k, vs in parts.items() if vs[0].ndim == 2
     }
-    torch.save(state, os.path.join(folder, "state.pt"))
-    return folder
-
-
-def resolve_checkpoint(path: str) -> str:
-    """The checkpoint folder of ``path``: a folder holding ``state.pt``, or a
-    ``dynamix train`` OUT folder (its ``metrics.json`` names the last one)."""
-    if os.path.exists(os.path.join(path, "state.pt")):
-        return path
-    metrics = os.path.join(path, "metrics.json")
-    if os.path.exists(metrics):
-        with open(metrics) as fh:
-            ckpt = json.load(fh).get("checkpoint")
-        if ckpt and os.path.exists(os.path.join(ckpt, "state.pt")):
-            return str(ckpt)
-    raise FileNotFoundError(
-        f"{path}: neither a checkpoint folder (state.pt) nor a `dynamix train` "
-        "output folder whose metrics.json names one"
-    )
-
-
-def load_checkpoint(
-    path: str, cfg: ModelConfig | None = None
-) -> tuple[Any, ModelConfig, dict[str, Any]]:
-    """``(model in eval mode, its ModelConfig, {"policy", "removed", "epoch"})``.
-
-    Weights-only loading. ``cfg`` is needed only for checkpoints that predate
-    the saved ``model_config``.
-    """
-    import torch
-
-    d = resolve_checkpoint(path)
-    state = torch.load(
-        os.path.join(d, "state.pt"), weights_only=True, map_location="cpu"
-    )
-    if "model_config" in state:
-        cfg = _model_config(state["model_config"])
-    elif cfg is None:
-        raise ValueError(f"{d}/state.pt records no model_config; pass cfg")
-    model = DynamixCTR(cfg)
-    model.load_state_dict(state["model"])
-    meta = {k: state.get(k) for k in ("policy", "removed", "epoch")}
-    meta["path"] = d
-    return model.eval(), cfg, meta
+    out = {}
+    for k, vs in parts.items():
+        if k in width:  # right-aligned: pad on the left to the widest batch
+            vs = [np.pad(v, ((0, 0), (width[k] - v.shape[1], 0))) for v in vs]
+        out[k] = np.concatenate(vs)
+    return out
 
 
 def baseline_importance(
@@ -498,73 +632,78 @@ def removed_from_baseline(baseline_out: str, k: int = 4) -> tuple[str, ...]:
 
 @dataclass
 class TrainData:
-    """Samples built and split once (:func:`prepare_train_data`).
+    """Samples built once (:func:`prepare_train_data`) and what they need.
 
     Attributes:
-        train / eval: Ray Datasets (materialised samples, split by time).
-        boundary_ms: first instant of the evaluation days.
-        available: the feature names the samples carry.
-        ext_dim: width of the ALURE embedding column (0: none).
+        table: the compact sample table (train and eval files per bucket).
+        store: the event store their histories are gathered from.
+        samples: the sample settings they were built with.
+        available: the feature names the store and samples can give.
+        alure: the daily ALURE embeddings' folder, and their width (0: none).
     """
 
-    train: Any
-    eval: Any
-    boundary_ms: int
+    table: SampleTable
+    store: EventStore
+    samples: SampleConfig
     available: Any
+    alure: str | None = None
     ext_dim: int = 0
+
+    @property
+    def boundary_ms(self) -> int:
+        return self.table.boundary_ms
+
+    def dataset(self, split: str) -> Any:
+        """A Ray Dataset streaming the split's compact rows (file by file)."""
+        import ray
+
+        from dynamix_ray.io import pyarrow_fs, resolve
+
+        fs, _ = resolve(self.table.url)
+        files = self.table.files(split)
+        if not files:
+            raise ValueError(f"{self.table.url}: no {split} samples")
+        return ray.data.read_parquet(files, filesystem=pyarrow_fs(fs))
+
+    def loader_spec(self, tcfg: TrainConfig) -> LoaderSpec:
+        return LoaderSpec.of(
+            self.store,
+            policy=tcfg.policy,
+            removed=tcfg.removed,
+            max_seq_len=self.samples.max_seq_len,
+            buffer_ms=self.samples.buffer_ms,
+            cache_bytes=tcfg.cache_bytes,
+            alure=self.alure,
+        )
 
 
 def prepare_train_data(
     events_url: str,
     segments_url: str,
-    max_seq_len: int = 64,
-    eval_days: int = 1,
+    out_url: str,
+    samples: SampleConfig | None = None,
     alure: str | None = None,
+    progress: bool = True,
 ) -> TrainData:
-    """Build the samples (SPEC §6) on Ray Data, materialise them, and split by
-    time: the last ``eval_days`` full days are evaluated on."""
-    from ray.data.expressions import col
-
+    """Build (or reuse) the compact samples (SPEC §6) at ``OUT/samples/``, split
+    by time: the last ``samples.eval_days`` full days are evaluated on."""
     from dynamix_ray.runtime import ensure_ray
-    from dynamix_ray.samples import SampleConfig, eval_boundary_ms, sample_dataset
+    from dynamix_ray.samples import run_samples
 
+    samples = samples or SampleConfig()
     ensure_ray()
-    samples = sample_dataset(
-        events_url, segments_url, SampleConfig(max_seq_len=max_seq_len)
-    )
+    table = run_samples(events_url, segments_url, out_url, samples, progress=progress)
+    from dynamix_ray.events import open_store
+
+    store = open_store(table.store_url)
+    if store is None:
+        raise FileNotFoundError(f"{table.store_url}: the samples' event store is gone")
     ext_dim = 0
     if alure:
-        from dynamix_ray.alure.feature import attach_batch, read_daily
+        from dynamix_ray.alure.feature import read_daily_meta
 
-        daily = read_daily(alure)
-        ext_dim = daily.dim
-        samples = samples.map_batches(
-            cast(Any, attach_batch),
-            fn_args=(
-                daily.user_id,
-                daily.days_ms,
-                daily.emb,
-                int(SampleConfig().buffer_s * 1000),
-            ),
-            batch_format="numpy",
-        )
-    samples = samples.materialize()
-    t_ms = np.concatenate(
-        [
-            b["t_ms"]
-            for b in samples.select_columns(["t_ms"]).iter_batches(
-                batch_size=None, batch_format="numpy"
-            )
-        ]
-    )
-    boundary = eval_boundary_ms(t_ms, eval_days)
-    return TrainData(
-        train=samples.filter(expr=col("t_ms") < boundary),
-        eval=samples.filter(expr=col("t_ms") >= boundary),
-        boundary_ms=boundary,
-        available=available_features(samples.take_batch(1, batch_format="numpy")),
-        ext_dim=ext_dim,
-    )
+        ext_dim = int(read_daily_meta(alure)["dim"])
+    return TrainData(table, store, samples, store_features(store), alure, ext_dim)
 
 
 def run_train(
@@ -572,10 +711,10 @@ def run_train(
     segments_url: str,
     out_dir: str,
     tcfg: TrainConfig | None = None,
-    max_seq_len: int = 64,
     name: str | None = None,
     extra_meta: dict[str, Any] | None = None,
     data: TrainData | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Train one policy; write checkpoints under ``out_dir`` and ``metrics.json``.
 
@@ -586,14 +725,20 @@ def run_train(
     ``lowest_importance``) for the ``remove-*`` policies
     (:func:`removed_from_baseline`). ``extra_meta`` is merged into
     ``metrics.json``. ``data``: samples already built by
-    :func:`prepare_train_data` from the same inputs (``tcfg.eval_days`` and
-    ``tcfg.alure`` must match how they were built).
+    :func:`prepare_train_data` (``tcfg.samples`` and ``tcfg.alure`` must match
+    how they were built); else they are built into ``out_dir/samples``.
 
     Raises:
         ValueError: a ``remove-*`` policy without ``tcfg.removed``.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchTrainer
 
     tcfg = tcfg or TrainConfig()
@@ -604,17 +749,21 @@ def run_train(
             "importance) or --removed a,b,c,d"
         )
     t0 = time.perf_counter()
+    out_dir = os.path.abspath(out_dir)
     if data is None:
         data = prepare_train_data(
-            events_url, segments_url, max_seq_len, tcfg.eval_days, tcfg.alure
+            events_url, segments_url, out_dir, tcfg.samples, tcfg.alure, progress
+        )
+    if data.samples != tcfg.samples:
+        raise ValueError(
+            f"the samples were built with {data.samples}, the run asks for "
+            f"{tcfg.samples}"
         )
     if data.ext_dim:
         tcfg = replace(tcfg, model=replace(tcfg.model, ext_dim=data.ext_dim))
-    boundary, available = data.boundary_ms, data.available
-    train_ds, eval_ds = data.train, data.eval
+    train_ds = data.dataset("train")
     if tcfg.shuffle_buffer:
         train_ds = train_ds.randomize_block_order(seed=tcfg.seed)
-    out_dir = os.path.abspath(out_dir)
     name = name or f"train-{tcfg.policy}"
     run_config = RunConfig(
         name=name,
@@ -622,37 +771,49 @@ def run_train(
         failure_config=FailureConfig(max_failures=tcfg.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=2),
     )
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # the same seed gives the same batches
     # Same name and storage path: Ray Train hands the loop the run's latest
     # checkpoint (ray.train.get_checkpoint), so an interrupted run resumes.
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"tcfg": tcfg},
+        train_loop_config={"tcfg": tcfg, "loader": data.loader_spec(tcfg)},
         scaling_config=ScalingConfig(
             num_workers=tcfg.num_workers,
             use_gpu=tcfg.use_gpu,
             resources_per_worker={"CPU": tcfg.cpus_per_worker},
         ),
-        datasets={"train": train_ds, "eval": eval_ds},
+        datasets={"train": train_ds, "eval": data.dataset("eval")},
+        dataset_config=DataConfig(execution_options=ingest),
         run_config=run_config,
     )
     result = trainer.fit()
-    seq = {s: max_seq_len for s in tcfg.model.sources}
+    seq = {s: tcfg.samples.max_seq_len for s in tcfg.model.sources}
+    ckpt = result.checkpoint.path if result.checkpoint else None
     metrics = {
         **(result.metrics or {}),
         "policy": tcfg.policy,
         "removed": list(tcfg.removed),
         "flops_per_sample": flops_by_segment(
-            tcfg.model, tcfg.policy, tcfg.removed, available, seq
+            tcfg.model, tcfg.policy, tcfg.removed, data.available, seq
         ),
-        "eval_boundary_ms": boundary,
-        "train_config": {k: v for k, v in asdict(tcfg).items() if k != "model"},
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "eval_boundary_ms": data.boundary_ms,
+        "samples": os.path.relpath(data.table.url, out_dir)
+        if "://" not in data.table.url
+        else data.table.url,
+        "train_config": {
+            k: v for k, v in asdict(tcfg).items() if k not in ("model", "samples")
+        },
+        "sample_config": asdict(tcfg.samples),
+        # relative to OUT: a moved OUT still resolves (resolve_checkpoint)
+        "checkpoint": os.path.relpath(ckpt, out_dir) if ckpt else None,
         "wall_s": time.perf_counter() - t0,
         "ray_version": ray.__version__,
         **(extra_meta or {}),
     }
     if tcfg.policy == "baseline" and tcfg.importance_rows > 0 and result.checkpoint:
-        cols = _take_columns(eval_ds, tcfg.importance_rows)
+        batcher = SegmentBatcher(data.loader_spec(tcfg))
+        cols = _take_rows(data.dataset("eval"), tcfg.importance_rows, batcher)
         with result.checkpoint.as_directory() as d:
             importance = baseline_importance(d, tcfg.model, cols, tcfg.seed)
         metrics["importance"] = importance
@@ -660,4 +821,5 @@ def run_train(
         metrics["lowest_importance"] = list(lowest_importance(importance))
     with open(os.path.join(out_dir, "metrics.json"), "w") as fh:
         json.dump(metrics, fh, indent=2, default=str)
-    return metrics
+    # callers get the checkpoint as a usable path
+    return {**metrics, "checkpoint": ckpt}

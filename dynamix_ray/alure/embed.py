@@ -5,46 +5,61 @@ no candidate, one forward per user, on a schedule rather than per request.
 
 ::
 
-    buckets of users ─(task per bucket: read, validate, last L events per
-        source strictly before as_of)─► histories
+    buckets of the event store ─(task per bucket: users with events in the
+        window, their last L events per source strictly before as_of:
+        histories.user_histories, the loader's rule)─► user rows
       ─(actor pool: one checkpoint load per actor, GPU when asked)─► (user, E)
-      ─ driver: merge with the previous run's rows ─► OUT/embeddings/*.parquet
+      ─ workers write OUT/embeddings/bucket=K/*.parquet
+      ─ per bucket: the previous run's rows of users not re-embedded are kept
+        (a worker rewrites them beside the new ones)
 
 Incremental: a re-run with a later ``as_of`` and the same model embeds only
-users with events in ``[previous as_of, as_of)`` (and users new since then);
-every other user keeps the row (and ``as_of``) of the previous run. A new model
-version re-embeds everyone.
+users with events in ``[previous as_of, as_of)``; every other user keeps the
+row (and ``as_of``) of the previous run. A new model version re-embeds
+everyone. The driver holds no row.
 
 Output columns: ``user_id`` int64, ``embedding`` fixed_size_list<float32>[E]
 (L2-normalised), ``as_of`` timestamp[ms, UTC], ``model_version`` string, and
-``country`` int16 when the events carry one (the user's most frequent value).
+``country`` int16 (-1 where the events carry none; the user's most frequent
+value otherwise).
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from dynamix_ray.histories import data_end_ms, history_dataset, user_histories
+from dynamix_ray.events import EventStore, ensure_store
+from dynamix_ray.gather import SourceEvents
+from dynamix_ray.histories import user_histories, users_between
 from dynamix_ray.io import (
     atomic_output,
+    is_process_local,
+    pyarrow_fs,
+    read_json,
     read_parquet_folder,
     resolve,
     write_json,
     write_parquet,
 )
+from dynamix_ray.model.checkpoint import (
+    load_checkpoint,
+    model_version,
+    resolve_checkpoint,
+)
+from dynamix_ray.samples import HISTORY_SOURCES
 
 __all__ = [
+    "EMBEDDING_SCHEMA",
     "EmbedConfig",
     "model_version",
     "read_embeddings",
+    "read_embeddings_meta",
     "run_embed",
     "user_histories",
 ]
@@ -74,22 +89,11 @@ class EmbedConfig:
             raise ValueError(f"need batch_size >= 1 and actors >= 1, got {self}")
 
 
-def model_version(checkpoint_dir: str) -> str:
-    """A short content hash of the checkpoint's weights file."""
-    h = hashlib.sha1()
-    with open(os.path.join(checkpoint_dir, "state.pt"), "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 class UserTower:
     """Ray Data actor: loads the checkpoint once, embeds batches of histories."""
 
     def __init__(self, checkpoint: str, use_gpu: bool) -> None:
         import torch
-
-        from dynamix_ray.train import load_checkpoint
 
         self.model, _, _ = load_checkpoint(checkpoint)
         self.device = torch.device(
@@ -107,10 +111,28 @@ class UserTower:
             emb = self.model.user_tower(
                 to_model_batch(batch, self.device), fs, normalize=True
             )
-        out = {"user_id": batch["user_id"], "embedding": emb.float().cpu().numpy()}
-        if "country" in batch:
-            out["country"] = batch["country"]
-        return out
+        return {
+            "user_id": batch["user_id"],
+            "embedding": emb.float().cpu().numpy(),
+            "country": batch["country"],
+            "bucket": batch["bucket"],
+        }
+
+
+EMBEDDING_SCHEMA_BASE = [
+    ("user_id", pa.int64()),
+    ("as_of", pa.timestamp("ms", "UTC")),
+    ("model_version", pa.string()),
+    ("country", pa.int16()),
+]
+
+
+def EMBEDDING_SCHEMA(dim: int) -> pa.Schema:  # noqa: N802 - a schema per width
+    """The embeddings table's schema for width ``dim``."""
+    return pa.schema(
+        [EMBEDDING_SCHEMA_BASE[0], ("embedding", pa.list_(pa.float32(), dim))]
+        + EMBEDDING_SCHEMA_BASE[1:]
+    )
 
 
 def read_embeddings(url: str) -> pa.Table:
@@ -119,16 +141,123 @@ def read_embeddings(url: str) -> pa.Table:
     path = f"{root}/embeddings"
     if not fs.exists(path):
         raise FileNotFoundError(f"{url}: no embeddings/ (run `dynamix embed`)")
-    return read_parquet_folder(fs, path, f"{url}: embeddings/ holds no Parquet files")
+    t = read_parquet_folder(fs, path, f"{url}: embeddings/ holds no Parquet files")
+    return t.sort_by("user_id")
 
 
-def _previous(fs: Any, root: str) -> tuple[dict[str, Any] | None, pa.Table | None]:
-    from dynamix_ray.io import read_json
+def read_embeddings_meta(url: str) -> dict[str, Any]:
+    """``_meta.json`` of a ``dynamix embed`` output folder."""
+    fs, root = resolve(url)
+    if not fs.exists(f"{root}/_meta.json"):
+        raise FileNotFoundError(f"{url}: no _meta.json (run `dynamix embed`)")
+    return dict(read_json(fs, f"{root}/_meta.json"))
 
-    meta_path = f"{root}/_meta.json"
-    if not fs.exists(meta_path):
-        return None, None
-    return read_json(fs, meta_path), read_embeddings(root)
+
+def _bucket_events(store: EventStore, bucket: int) -> dict[str, SourceEvents]:
+    tables = store.read_bucket(bucket, dict.fromkeys(HISTORY_SOURCES))
+    out = {}
+    for src, t in tables.items():
+        keep = [
+            c for c in t.column_names if c in HISTORY_SOURCES[src] or c == "country"
+        ]
+        out[src] = SourceEvents.from_table(t, keep)
+    return out
+
+
+def _user_rows(
+    batch: dict[str, np.ndarray],
+    store_args: tuple,
+    as_of_ms: int,
+    since_ms: int | None,
+    seq: int,
+    buffer_s: int,
+) -> dict[str, np.ndarray]:
+    """Ray Data map: the history rows of one bucket's users to embed."""
+    store = EventStore(*store_args)
+    out = []
+    for b in batch["bucket"].tolist():
+        h = user_histories(_bucket_events(store, b), as_of_ms, seq, since_ms, buffer_s)
+        if len(h["user_id"]):
+            h.setdefault("country", np.full(len(h["user_id"]), -1, np.int16))
+            h["bucket"] = np.full(len(h["user_id"]), b, np.int32)
+            out.append(h)
+    if not out:
+        return {}
+    return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
+
+
+def _kept_task(
+    item: dict[str, Any], prev_root: str, tmp: str, as_of_ms: int, since_ms: int
+) -> dict[str, int]:
+    """One bucket: the previous run's rows of users without new events, kept."""
+    store = EventStore(*item["store"])
+    b = item["bucket"]
+    fs, _ = resolve(tmp)
+    prev_fs, _ = resolve(prev_root)
+    folder = f"{prev_root}/embeddings/bucket={b}"
+    found = prev_fs.find(folder) if prev_fs.exists(folder) else []
+    files = sorted(p for p in found if p.endswith(".parquet"))
+    if not files:
+        return {"kept": 0}
+    tables = []
+    for p in files:
+        with prev_fs.open(p, "rb") as fh:
+            tables.append(pq.read_table(fh))
+    old = pa.concat_tables(tables, promote_options="permissive")
+    if "country" not in old.column_names:  # a run before the events had one
+        old = old.append_column(
+            "country", pa.array(np.full(old.num_rows, -1), pa.int16())
+        )
+    fresh = [
+        users_between(ev, since_ms, as_of_ms)
+        for ev in _bucket_events(store, b).values()
+    ]
+    fresh_ids = np.unique(np.concatenate(fresh)) if fresh else np.zeros(0, np.int64)
+    keep = ~np.isin(old.column("user_id").to_numpy(), fresh_ids)
+    kept = old.filter(pa.array(keep)).select(
+        ["user_id", "embedding", "as_of", "model_version", "country"]
+    )
+    if kept.num_rows:
+        write_parquet(fs, f"{tmp}/embeddings/bucket={b}/kept-0.parquet", kept)
+    return {"kept": kept.num_rows}
+
+
+def _to_arrow(
+    batch: dict[str, np.ndarray], as_of_ms: int, version: str, dim: int
+) -> pa.Table:
+    """Ray Data map: the tower's output in the embeddings schema (+ bucket)."""
+    n = len(batch["user_id"])
+    emb = np.asarray(batch["embedding"], np.float32).reshape(n, dim)
+    t = pa.table(
+        {
+            "user_id": pa.array(batch["user_id"], pa.int64()),
+            "embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array(emb.reshape(-1), pa.float32()), dim
+            ),
+            "as_of": pa.array(np.full(n, as_of_ms, np.int64)).cast(
+                pa.timestamp("ms", "UTC")
+            ),
+            "model_version": pa.array([version] * n, pa.string()),
+            "country": pa.array(batch["country"], pa.int16()),
+        },
+        schema=EMBEDDING_SCHEMA(dim),
+    )
+    return t.append_column("bucket", pa.array(batch["bucket"], pa.int32()))
+
+
+def _embed_local(
+    store: EventStore, tmp: str, args: tuple, ckpt: str, cfg: EmbedConfig, meta: tuple
+) -> None:
+    """The same stages in this process (a ``memory://`` output or input)."""
+    fs, _ = resolve(tmp)
+    tower = UserTower(ckpt, cfg.use_gpu)
+    for b in range(store.num_buckets):
+        rows = _user_rows({"bucket": np.array([b])}, *args)
+        n = len(rows.get("user_id", ()))
+        for i in range(0, n, cfg.batch_size):
+            part = tower({k: v[i : i + cfg.batch_size] for k, v in rows.items()})
+            t = _to_arrow(part, *meta).drop_columns(["bucket"])
+            write_parquet(fs, f"{tmp}/embeddings/bucket={b}/part-{i:09d}.parquet", t)
 
 
 def run_embed(
@@ -149,20 +278,28 @@ def run_embed(
     """
     import ray
 
-    from dynamix_ray.runtime import ensure_ray
-    from dynamix_ray.train import load_checkpoint, resolve_checkpoint
+    from dynamix_ray.runtime import ensure_ray, map_items
 
     cfg = cfg or EmbedConfig()
     t0 = time.perf_counter()
     ckpt = resolve_checkpoint(checkpoint)
-    _, mcfg, _ = load_checkpoint(ckpt)
+    _, mcfg, ck = load_checkpoint(ckpt)
     version = model_version(ckpt)
-    seq = cfg.max_seq_len or mcfg.max_seq_len
-    ensure_ray()
-    ray.data.DataContext.get_current().enable_progress_bars = progress
-    as_of = cfg.as_of_ms if cfg.as_of_ms is not None else data_end_ms(events_url)
+    seq = cfg.max_seq_len or ck["samples"].max_seq_len
+    buffer_s = ck["samples"].buffer_s
+    out = out_url.rstrip("/")
+    store = ensure_store(
+        events_url, [f"{out}/events"], f"{out}/events", progress=progress
+    )
+    as_of = cfg.as_of_ms if cfg.as_of_ms is not None else store.ts_max_ms + 1
     fs, root = resolve(out_url)
-    prev_meta, prev = _previous(fs, root) if cfg.incremental else (None, None)
+    local = is_process_local(fs) or is_process_local(resolve(store.url)[0])
+    if not local:
+        ensure_ray()
+        ray.data.DataContext.get_current().enable_progress_bars = progress
+    prev_meta = None
+    if cfg.incremental and fs.exists(f"{root}/_meta.json"):
+        prev_meta = read_json(fs, f"{root}/_meta.json")
     since = None
     if prev_meta is not None and prev_meta.get("model_version") == version:
         if as_of < int(prev_meta["as_of_ms"]):
@@ -171,66 +308,75 @@ def run_embed(
                 f"in {out_url}; pass --full to re-embed from scratch"
             )
         since = int(prev_meta["as_of_ms"])
-    else:
-        prev = None  # first run, or a new model: everyone
-
-    histories = history_dataset(events_url, as_of, seq, since)
-    embedded = histories.map_batches(
-        UserTower,
-        fn_constructor_args=(ckpt, cfg.use_gpu),
-        batch_size=cfg.batch_size,
-        batch_format="numpy",
-        concurrency=cfg.actors,
-        num_gpus=1 if cfg.use_gpu else 0,
-    )
-    parts: dict[str, list[np.ndarray]] = {}
-    for b in embedded.iter_batches(batch_size=None, batch_format="numpy"):
-        for k, v in b.items():
-            parts.setdefault(k, []).append(v)
-    new = {k: np.concatenate(v) for k, v in parts.items()}
-    n_new = len(new.get("user_id", []))
-    table = _to_table(new, as_of, version, mcfg.user_dim)
+    store_args = (store.url, store.num_buckets, store.meta)
+    args = (store_args, as_of, since, seq, buffer_s)
+    row_meta = (as_of, version, mcfg.user_dim)
     kept = 0
-    if prev is not None:
-        stale = pa.array(np.isin(prev.column("user_id").to_numpy(), new["user_id"]))
-        old = prev.filter(pc.invert(stale)).select(table.column_names)
-        kept = old.num_rows
-        table = pa.concat_tables([old, table.cast(old.schema)])
-    table = table.sort_by("user_id")
-    meta = {
-        "as_of_ms": as_of,
-        "model_version": version,
-        "checkpoint": ckpt,
-        "max_seq_len": seq,
-        "embedded_this_run": n_new,
-        "kept_from_previous": kept,
-        "users": table.num_rows,
-        "dim": mcfg.user_dim,
-        "incremental_since_ms": since,
-        "config": asdict(cfg),
-        "wall_s": round(time.perf_counter() - t0, 3),
-    }
-    with atomic_output(fs, root, ["embeddings"]) as tmp:
-        write_parquet(fs, f"{tmp}/embeddings/part-0.parquet", table)
-    write_json(fs, f"{root}/_meta.json", meta)
+    # the meta is placed after the table it describes (atomic_output's files)
+    with atomic_output(fs, root, ["embeddings"], files=["_meta.json"]) as tmp:
+        if local:
+            _embed_local(store, tmp, args, ckpt, cfg, row_meta)
+        else:
+            (
+                ray.data.from_items(
+                    [{"bucket": b} for b in range(store.num_buckets)],
+                    override_num_blocks=store.num_buckets,
+                )
+                .map_batches(
+                    cast(Any, _user_rows),
+                    fn_args=args,
+                    batch_size=1,
+                    batch_format="numpy",
+                )
+                .map_batches(
+                    UserTower,
+                    fn_constructor_args=(ckpt, cfg.use_gpu),
+                    batch_size=cfg.batch_size,
+                    batch_format="numpy",
+                    concurrency=cfg.actors,
+                    num_gpus=1 if cfg.use_gpu else 0,
+                )
+                .map_batches(
+                    cast(Any, _to_arrow), fn_args=row_meta, batch_format="numpy"
+                )
+                .write_parquet(
+                    f"{tmp}/embeddings",
+                    partition_cols=["bucket"],
+                    filesystem=pyarrow_fs(fs),
+                )
+            )
+        if since is not None:  # workers keep the previous rows of the others
+            items = [
+                {"bucket": b, "store": store_args} for b in range(store.num_buckets)
+            ]
+            for r in map_items(
+                _kept_task,
+                items,
+                (root, tmp, as_of, since),
+                local=local,
+                name="embed: keep previous rows",
+                progress=progress,
+            ):
+                kept += r["kept"]
+        total = 0
+        for p in fs.find(f"{tmp}/embeddings"):
+            if p.endswith(".parquet"):
+                with fs.open(p, "rb") as fh:
+                    total += pq.ParquetFile(fh).metadata.num_rows
+        meta = {
+            "as_of_ms": as_of,
+            "model_version": version,
+            "checkpoint": ckpt,
+            "max_seq_len": seq,
+            "embedded_this_run": total - kept,
+            "kept_from_previous": kept,
+            "users": total,
+            "dim": mcfg.user_dim,
+            "num_buckets": store.num_buckets,
+            "store": store.url,
+            "incremental_since_ms": since,
+            "config": asdict(cfg),
+            "wall_s": round(time.perf_counter() - t0, 3),
+        }
+        write_json(fs, f"{tmp}/_meta.json", meta)
     return meta
-
-
-def _to_table(
-    cols: dict[str, np.ndarray], as_of_ms: int, version: str, dim: int
-) -> pa.Table:
-    n = len(cols.get("user_id", []))
-    emb = np.asarray(cols.get("embedding", np.zeros((0, dim))), np.float32)
-    arrays = {
-        "user_id": pa.array(cols.get("user_id", np.zeros(0, np.int64)), pa.int64()),
-        "embedding": pa.FixedSizeListArray.from_arrays(
-            pa.array(emb.reshape(-1), pa.float32()), dim
-        ),
-        "as_of": pa.array(np.full(n, as_of_ms, np.int64)).cast(
-            pa.timestamp("ms", "UTC")
-        ),
-        "model_version": pa.array([version] * n, pa.string()),
-    }
-    if "country" in cols:
-        arrays["country"] = pa.array(cols["country"], pa.int16())
-    return pa.table(arrays)

@@ -32,15 +32,44 @@ def read_events_frame(
     events_url: str, source: str, columns: list[str] | None = None
 ) -> pd.DataFrame:
     """Valid rows of one source (``ts`` as ``ts_ms``) as a pandas frame
-    (``columns``: those of them it has; ``None``: all)."""
-    from dynamix_ray.io import discover, resolve
-    from dynamix_ray.samples import read_bucket_events
+    (``columns``: those of them it has; ``None``: all), in one process.
 
-    ds = discover(events_url, [source], required=[source])
-    fs, _ = resolve(ds.url)
-    # one bucket holding every user: the samples' reader, unfiltered
-    rows = read_bucket_events(fs, {source: ds.files[source]}, 0, 1, False)[source]
-    frame = pd.DataFrame(rows)
+    For evaluations and catalogs on small data: an event store is read bucket
+    by bucket; any other input is validated whole (``schema.validate``).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dynamix_ray.events import open_store
+    from dynamix_ray.io import discover
+    from dynamix_ray.schema import SOURCES, validate
+
+    store = open_store(events_url)
+    if store is not None:
+        parts = [
+            t
+            for b in range(store.num_buckets)
+            for t in store.read_bucket(b, {source: None}).values()
+        ]
+        table = pa.concat_tables(parts, promote_options="permissive") if parts else None
+        if table is not None:
+            table = table.rename_columns(
+                ["ts_ms" if c == "ts" else c for c in table.column_names]
+            )
+    else:
+        ds = discover(events_url, [source], required=[source])
+        tables = []
+        for p in ds.files[source]:
+            with ds.fs.open(p, "rb") as fh:
+                t = pq.read_table(fh)
+            keep = [*SOURCES[source].attributes, "country"]
+            tables.append(validate(t, SOURCES[source], p, keep).valid)
+        table = (
+            pa.concat_tables(tables, promote_options="permissive") if tables else None
+        )
+    if table is None:
+        raise FileNotFoundError(f"{events_url}: no rows of '{source}'")
+    frame = table.to_pandas()
     return frame if columns is None else frame[[c for c in columns if c in frame]]
 
 

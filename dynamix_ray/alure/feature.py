@@ -11,8 +11,8 @@ Users without an embedding that day get zeros.
 ::
 
     events + checkpoint ─ run_embed per midnight ─► OUT/day=YYYY-MM-DD/embeddings/
-    samples ─ map_batches(attach) ─► "alure" (N, E) ─► head input of a model with
-                                                       ModelConfig.ext_dim = E
+    samples ─ loader.SegmentBatcher (attach_daily) ─► "alure" (N, E) ─► head input
+                                        of a model with ModelConfig.ext_dim = E
 """
 
 from __future__ import annotations
@@ -26,7 +26,13 @@ import numpy as np
 
 from dynamix_ray.io import read_json, resolve, write_json
 
-__all__ = ["DailyEmbeddings", "attach_daily", "read_daily", "run_daily_embed"]
+__all__ = [
+    "DailyEmbeddings",
+    "attach_daily",
+    "read_daily",
+    "read_daily_meta",
+    "run_daily_embed",
+]
 
 DAY_MS = 86_400_000
 
@@ -47,15 +53,18 @@ def run_daily_embed(
     from dataclasses import replace
 
     from dynamix_ray.alure.embed import EmbedConfig, run_embed
-    from dynamix_ray.alure.evaluate import read_events_frame
-    from dynamix_ray.histories import data_end_ms
+    from dynamix_ray.events import ensure_store
 
     t0 = time.perf_counter()
     cfg = cfg or EmbedConfig()
-    first = int(
-        read_events_frame(events_url, "ad_impressions", ["ts_ms"])["ts_ms"].min()
+    out = out_url.rstrip("/")
+    # one event store for every day's run (the input itself when it is one)
+    store = ensure_store(
+        events_url, [f"{out}/events"], f"{out}/events", progress=progress
     )
-    end = data_end_ms(events_url)
+    events_url = store.url
+    first = int(store.meta["sources"]["ad_impressions"]["ts_min_ms"])
+    end = store.ts_max_ms + 1
     days = list(range((first // DAY_MS + 1) * DAY_MS, end + 1, DAY_MS))
     if not days:
         raise ValueError(f"{events_url}: the data spans no midnight")
@@ -99,8 +108,8 @@ def attach_daily(
     t_ms: np.ndarray,
 ) -> np.ndarray:
     """(N, E): the embedding as of the last midnight <= ``t_ms`` (pass the
-    history's bound ``t - buffer``, as :func:`attach_batch` does), zeros where
-    none."""
+    history's bound ``t - buffer``, as ``loader.SegmentBatcher`` does), zeros
+    where none."""
     q = np.asarray(user_id, np.int64)
     day = np.searchsorted(days_ms, np.asarray(t_ms, np.int64), "right") - 1
     pos = np.searchsorted(users, q)
@@ -109,6 +118,19 @@ def attach_daily(
     out = np.zeros((len(q), emb.shape[2]), np.float32)
     out[hit] = emb[day[hit], pos[hit]]
     return out
+
+
+def read_daily_meta(url: str) -> dict[str, Any]:
+    """``_daily.json`` of a ``dynamix embed --daily`` OUT, with ``dim``."""
+    from dynamix_ray.alure.embed import read_embeddings_meta
+
+    fs, root = resolve(url)
+    if not fs.exists(f"{root}/_daily.json"):
+        raise FileNotFoundError(f"{url}: no _daily.json (run `dynamix embed --daily`)")
+    meta = dict(read_json(fs, f"{root}/_daily.json"))
+    first = read_embeddings_meta(f"{url.rstrip('/')}/{meta['folders'][0]}")
+    meta["dim"] = int(first["dim"])
+    return meta
 
 
 def read_daily(url: str) -> DailyEmbeddings:
@@ -127,17 +149,3 @@ def read_daily(url: str) -> DailyEmbeddings:
         x = t.column("embedding").combine_chunks().values.to_numpy().reshape(-1, dim)
         emb[d, np.searchsorted(users, t.column("user_id").to_numpy())] = x
     return DailyEmbeddings(users, np.asarray(meta["days_ms"], np.int64), emb)
-
-
-def attach_batch(
-    batch: dict[str, np.ndarray],
-    users: np.ndarray,
-    days_ms: np.ndarray,
-    emb: np.ndarray,
-    buffer_ms: int,
-) -> dict[str, np.ndarray]:
-    """Ray Data map: add the ``alure`` column to a batch of samples (as of the
-    last midnight before the samples' history bound ``t - buffer``)."""
-    bound = np.asarray(batch["t_ms"], np.int64) - buffer_ms
-    batch["alure"] = attach_daily(users, days_ms, emb, batch["user_id"], bound)
-    return batch

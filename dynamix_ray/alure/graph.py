@@ -7,7 +7,13 @@ Per country (or for everyone when the embeddings carry none):
    L2-normalised embeddings) whose coarse quantizer holds those centroids,
 3. every user's ``k2`` nearest other users, searching the ``k1_probe``
    nearest clusters. Queries are independent: a Ray Data ``map_batches``
-   shards them over the cluster, each task deserialising the index once.
+   over the embedding files shards them over a pool of actors, each loading
+   every group's index once (memory-mapped from local disk), and the workers
+   write the edges themselves.
+
+Each group's index is built in a Ray task of its own (it reads the group's
+embeddings, trains k-means, measures recall) and written to
+``OUT/u2u_index/group=G.faiss``; the driver holds no embedding and no edge.
 
 The paper uses k1 = 400, k1' = 50, k2 = 15 per country on billions of users;
 the defaults here scale k1 with the users of a country (about 4 sqrt(n), at
@@ -29,9 +35,12 @@ from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from dynamix_ray.io import (
     atomic_output,
+    is_process_local,
+    pyarrow_fs,
     read_parquet_folder,
     resolve,
     write_json,
@@ -158,35 +167,151 @@ def neighbor_recall(approx: np.ndarray, exact: np.ndarray) -> float:
     return hits / total if total else 1.0
 
 
-def _search_batch(
+class _Searcher:
+    """Ray Data actor: loads every group's index once, searches batches."""
+
+    def __init__(self, index_paths: dict[int, str], nprobes: dict[int, int], k2: int):
+        import faiss
+
+        faiss.omp_set_num_threads(1)
+        self.indexes = {g: _load_index(p) for g, p in index_paths.items()}
+        self.nprobes, self.k2 = nprobes, k2
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return search_batch(batch, self.indexes, self.k2, self.nprobes)
+
+
+def _load_index(url: str) -> Any:
+    """A faiss index file: memory-mapped when local, else read whole."""
+    import faiss
+
+    fs, path = resolve(url)
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        return faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    with fs.open(path, "rb") as fh:
+        return faiss.deserialize_index(np.frombuffer(fh.read(), np.uint8))
+
+
+def _group_of(country: np.ndarray | None, n: int, per_country: bool) -> np.ndarray:
+    if per_country and country is not None:
+        return np.nan_to_num(np.asarray(country, np.float64), nan=-1).astype(np.int64)
+    return np.zeros(n, np.int64)
+
+
+def search_batch(
     batch: dict[str, np.ndarray],
     indexes: dict[int, Any],
     k2: int,
     nprobes: dict[int, int],
+    per_country: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Ray Data map: neighbours of a batch of users (any countries)."""
-    import faiss
-
-    faiss.omp_set_num_threads(1)
-    uid = batch["user_id"]
-    x = np.asarray(list(batch["embedding"]), dtype=np.float32)
-    group = batch["group"]
+    """Neighbours of a batch of users (any groups): the edges' columns."""
+    uid = np.asarray(batch["user_id"], np.int64)
+    x = np.asarray(list(batch["embedding"]), dtype=np.float32).reshape(len(uid), -1)
+    group = _group_of(batch.get("country"), len(uid), per_country)
     out_u, out_n, out_s, out_r = [], [], [], []
     for g in np.unique(group):
         sel = group == g
-        index = faiss.deserialize_index(indexes[int(g)])
-        ids, sims = search(index, x[sel], uid[sel], k2, nprobes[int(g)])
+        ids, sims = search(indexes[int(g)], x[sel], uid[sel], k2, nprobes[int(g)])
         rank = np.broadcast_to(np.arange(1, k2 + 1, dtype=np.int16), ids.shape)
         ok = ids >= 0
         out_u.append(np.broadcast_to(uid[sel][:, None], ids.shape)[ok])
         out_n.append(ids[ok])
         out_s.append(sims[ok])
         out_r.append(rank[ok])
+    cat = lambda a, t: np.concatenate(a).astype(t) if a else np.zeros(0, t)  # noqa: E731
     return {
-        "user_id": np.concatenate(out_u).astype(np.int64),
-        "neighbor_id": np.concatenate(out_n).astype(np.int64),
-        "similarity": np.concatenate(out_s).astype(np.float32),
-        "rank": np.concatenate(out_r).astype(np.int16),
+        "user_id": cat(out_u, np.int64),
+        "neighbor_id": cat(out_n, np.int64),
+        "similarity": cat(out_s, np.float32),
+        "rank": cat(out_r, np.int16),
+    }
+
+
+def _embedding_files(url: str) -> list[str]:
+    fs, root = resolve(url)
+    files = sorted(p for p in fs.find(f"{root}/embeddings") if p.endswith(".parquet"))
+    if not files:
+        raise FileNotFoundError(f"{url}: embeddings/ holds no Parquet files")
+    return files
+
+
+def _tables(source: str | pa.Table) -> list[pa.Table]:
+    """The embedding tables of a ``dynamix embed`` OUT (one per file), or the
+    table itself."""
+    if isinstance(source, pa.Table):
+        return [source]
+    fs, _ = resolve(source)
+    tables = []
+    for p in _embedding_files(source):
+        with fs.open(p, "rb") as fh:
+            tables.append(pq.read_table(fh))
+    return tables
+
+
+def _read_group(
+    source: str | pa.Table, group: int | None, per_country: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """(user ids, (n, E) float32) of one group (``None``: everyone)."""
+    ids, xs = [], []
+    for t in _tables(source):
+        uid = t.column("user_id").to_numpy()
+        country = (
+            t.column("country").to_numpy(zero_copy_only=False)
+            if "country" in t.column_names
+            else None
+        )
+        g = _group_of(country, len(uid), per_country)
+        sel = np.ones(len(uid), bool) if group is None else g == group
+        emb = t.column("embedding").combine_chunks()
+        dim = emb.type.list_size
+        x = emb.values.to_numpy().reshape(-1, dim)
+        ids.append(uid[sel])
+        xs.append(x[sel].astype(np.float32))
+    return np.concatenate(ids), np.concatenate(xs)
+
+
+def _groups_task(item: dict[str, Any], per_country: bool) -> list[int]:
+    """The groups (countries) present in one embeddings file."""
+    fs, _ = resolve(item["file"])
+    with fs.open(item["file"], "rb") as fh:
+        names = pq.ParquetFile(fh).schema_arrow.names
+        if not per_country or "country" not in names:
+            return [0]
+        col = pq.read_table(fh, columns=["country"]).column("country")
+    c = col.to_numpy(zero_copy_only=False)
+    return np.unique(_group_of(c, len(c), True)).tolist()
+
+
+def _build_group(
+    item: dict[str, Any], source: str | pa.Table, cfg: U2UConfig, index_root: str
+) -> dict[str, Any]:
+    """One group's index: k-means, IVF, measured recall; written to storage."""
+    import faiss
+
+    g = item["group"]
+    uid, x = _read_group(source, g, cfg.per_country)
+    n = len(uid)
+    k1 = min(cfg.k1 or default_k1(n), n)
+    probe = min(k1, cfg.k1_probe or max(8, k1 // 8))
+    index = ivf_index(x, uid, k1, cfg.niter, cfg.seed)
+    rng = np.random.default_rng([cfg.seed, g + (1 << 20)])
+    sample = rng.choice(n, min(cfg.recall_sample, n), replace=False)
+    approx, _ = search(index, x[sample], uid[sample], cfg.k2, probe)
+    exact, _ = exact_neighbors(x, uid, x[sample], uid[sample], cfg.k2)
+    fs, _ = resolve(index_root)
+    path = f"{index_root}/group={g}.faiss"
+    fs.makedirs(index_root, exist_ok=True)
+    with fs.open(path, "wb") as fh:
+        fh.write(faiss.serialize_index(index).tobytes())
+    return {
+        "group": g,
+        "users": n,
+        "k1": k1,
+        "k1_probe": probe,
+        "recall_at_k2": neighbor_recall(approx, exact),
+        "recall_queries": len(sample),
+        "path": path,
     }
 
 
@@ -200,98 +325,147 @@ def read_u2u(url: str) -> pa.Table:
 
 
 def build_u2u(
-    embeddings: pa.Table,
+    embeddings: str | pa.Table,
     out_url: str,
     cfg: U2UConfig | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Build the graph of ``embeddings`` (``user_id``, ``embedding``, optional
-    ``country``) into ``out_url/u2u/`` and ``out_url/u2u/_meta.json``.
+    """Build the graph of ``embeddings`` (a ``dynamix embed`` OUT, or a table
+    of ``user_id``, ``embedding``, optional ``country``) into
+    ``out_url/u2u/`` and ``out_url/u2u/_meta.json``, with each group's index
+    in ``out_url/u2u_index/``.
 
     Returns:
         The ``_meta.json`` contents: parameters and measured recall per group,
         users, edges, timings.
     """
-    import faiss
     import ray
 
-    from dynamix_ray.runtime import cluster_cpus, ensure_ray
+    from dynamix_ray.runtime import cluster_cpus, ensure_ray, map_items
 
     cfg = cfg or U2UConfig()
     t0 = time.perf_counter()
-    ensure_ray()
-    ray.data.DataContext.get_current().enable_progress_bars = progress
-    uid = embeddings.column("user_id").to_numpy()
-    emb = embeddings.column("embedding")
-    dim = emb.type.list_size
-    x = emb.combine_chunks().values.to_numpy().reshape(-1, dim).astype(np.float32)
-    if cfg.per_country and "country" in embeddings.column_names:
-        group = embeddings.column("country").to_numpy().astype(np.int64)
-    else:
-        group = np.zeros(len(uid), np.int64)
-    rng = np.random.default_rng(cfg.seed)
-    indexes, nprobes, groups_meta = {}, {}, {}
-    recalls, weights = [], []
-    t_build = time.perf_counter()
-    for g in np.unique(group):
-        sel = np.flatnonzero(group == g)
-        n = len(sel)
-        k1 = min(cfg.k1 or default_k1(n), n)
-        probe = min(k1, cfg.k1_probe or max(8, k1 // 8))
-        index = ivf_index(x[sel], uid[sel], k1, cfg.niter, cfg.seed)
-        sample = rng.choice(sel, min(cfg.recall_sample, n), replace=False)
-        approx, _ = search(index, x[sample], uid[sample], cfg.k2, probe)
-        exact, _ = exact_neighbors(x[sel], uid[sel], x[sample], uid[sample], cfg.k2)
-        recall = neighbor_recall(approx, exact)
-        recalls.append(recall)
-        weights.append(len(sample))
-        indexes[int(g)] = faiss.serialize_index(index)
-        nprobes[int(g)] = probe
-        groups_meta[str(int(g))] = {
-            "users": n,
-            "k1": k1,
-            "k1_probe": probe,
-            "recall_at_k2": recall,
-            "recall_queries": len(sample),
-        }
-    build_s = time.perf_counter() - t_build
-
-    t_query = time.perf_counter()
-    n_blocks = max(1, min(4 * cluster_cpus(), len(uid) // 2000 or 1))
-    table = pa.table(
-        {
-            "user_id": pa.array(uid, pa.int64()),
-            "embedding": emb,
-            "group": pa.array(group, pa.int64()),
-        }
-    )
-    ds = ray.data.from_arrow(table).repartition(n_blocks)
-    edges_ds = ds.map_batches(
-        cast(Any, _search_batch),
-        fn_args=(indexes, cfg.k2, nprobes),
-        batch_size=4096,
-        batch_format="numpy",
-    )
     fs, root = resolve(out_url)
-    edges = 0
-    with atomic_output(fs, root, ["u2u"]) as tmp:
-        for i, b in enumerate(
-            edges_ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    in_memory = isinstance(embeddings, pa.Table)
+    local = (
+        in_memory or is_process_local(fs) or is_process_local(resolve(embeddings)[0])
+    )
+    if not local:
+        ensure_ray()
+        ray.data.DataContext.get_current().enable_progress_bars = progress
+    if isinstance(embeddings, pa.Table):
+        uid_all = embeddings.column("user_id").to_numpy()
+        c = (
+            embeddings.column("country").to_numpy(zero_copy_only=False)
+            if "country" in embeddings.column_names
+            else None
+        )
+        groups = sorted(
+            set(np.unique(_group_of(c, len(uid_all), cfg.per_country)).tolist())
+        )
+        dim = embeddings.column("embedding").type.list_size
+    else:
+        files = _embedding_files(embeddings)
+        found: set[int] = set()
+        for r in map_items(
+            _groups_task,
+            [{"file": f} for f in files],
+            (cfg.per_country,),
+            local=local,
+            name="u2u: groups",
+            progress=False,
         ):
-            t = cast(pa.Table, b).cast(U2U_SCHEMA)
-            edges += t.num_rows
-            write_parquet(fs, f"{tmp}/u2u/part-{i:05d}.parquet", t)
+            found.update(r)
+        groups = sorted(found)
+        with resolve(files[0])[0].open(files[0], "rb") as fh:
+            dim = pq.ParquetFile(fh).schema_arrow.field("embedding").type.list_size
+    with atomic_output(fs, root, ["u2u", "u2u_index"]) as tmp:
+        t_build = time.perf_counter()
+        built = list(
+            map_items(
+                _build_group,
+                [{"group": g} for g in groups],
+                (embeddings, cfg, f"{tmp}/u2u_index"),
+                local=local,
+                name="u2u: index per group",
+                progress=progress,
+            )
+        )
+        build_s = time.perf_counter() - t_build
+        nprobes = {b["group"]: b["k1_probe"] for b in built}
+        # the committed index paths (the searchers run before the commit)
+        paths = {b["group"]: b["path"] for b in built}
+        t_query = time.perf_counter()
+        if local:
+            indexes = {g: _load_index(p) for g, p in paths.items()}
+            for i, t in enumerate(_tables(embeddings)):
+                for j in range(0, t.num_rows, 4096):
+                    part = t.slice(j, 4096)
+                    batch = {
+                        c: part.column(c).to_numpy(zero_copy_only=False)
+                        for c in part.column_names
+                    }
+                    edges = search_batch(
+                        batch, indexes, cfg.k2, nprobes, cfg.per_country
+                    )
+                    write_parquet(
+                        fs,
+                        f"{tmp}/u2u/part-{i:05d}-{j // 4096:05d}.parquet",
+                        pa.table(edges, schema=U2U_SCHEMA),
+                    )
+        else:
+            assert isinstance(embeddings, str)
+            actors = max(1, min(cluster_cpus(), len(files)))
+            (
+                ray.data.read_parquet(
+                    files,
+                    columns=["user_id", "embedding", "country"]
+                    if cfg.per_country and any_country(files)
+                    else ["user_id", "embedding"],
+                    filesystem=pyarrow_fs(resolve(files[0])[0]),
+                )
+                .map_batches(
+                    _Searcher,
+                    fn_constructor_args=(paths, nprobes, cfg.k2),
+                    batch_size=4096,
+                    batch_format="numpy",
+                    concurrency=actors,
+                )
+                .write_parquet(f"{tmp}/u2u", filesystem=pyarrow_fs(fs))
+            )
         query_s = time.perf_counter() - t_query
+        users = edges_n = 0
+        for p in fs.find(f"{tmp}/u2u"):
+            if p.endswith(".parquet"):
+                with fs.open(p, "rb") as fh:
+                    edges_n += pq.ParquetFile(fh).metadata.num_rows
+        users = sum(b["users"] for b in built)
+        recalls = [b["recall_at_k2"] for b in built]
+        weights = [b["recall_queries"] for b in built]
         meta = {
             "config": asdict(cfg),
-            "users": len(uid),
-            "edges": edges,
+            "users": users,
+            "edges": edges_n,
             "dim": dim,
-            "groups": groups_meta,
-            "recall_at_k2": float(np.average(recalls, weights=weights)),
+            "groups": {
+                str(b["group"]): {
+                    k: v for k, v in b.items() if k not in ("group", "path")
+                }
+                for b in built
+            },
+            "recall_at_k2": float(np.average(recalls, weights=weights))
+            if built
+            else 1.0,
             "build_s": round(build_s, 3),
             "query_s": round(query_s, 3),
             "wall_s": round(time.perf_counter() - t0, 3),
         }
         write_json(fs, f"{tmp}/u2u/_meta.json", meta)
     return meta
+
+
+def any_country(files: list[str]) -> bool:
+    """Whether the embedding files carry a ``country`` column."""
+    fs, _ = resolve(files[0])
+    with fs.open(files[0], "rb") as fh:
+        return "country" in pq.ParquetFile(fh).schema_arrow.names

@@ -32,6 +32,7 @@ __all__ = [
     "compute_stats",
     "finalize",
     "merge_stats",
+    "near_mask",
     "reference_stats",
     "window_origin_ms",
 ]
@@ -72,7 +73,7 @@ def _empty_stats() -> Stats:
     return out
 
 
-def _near_mask(
+def near_mask(
     code: np.ndarray,
     ts_ms: np.ndarray,
     conv_code: np.ndarray,
@@ -81,6 +82,9 @@ def _near_mask(
     horizon_ms: int,
 ) -> np.ndarray:
     """``near[i]``: user ``code[i]`` has a conversion in ``[ts-buffer, ts+horizon]``.
+
+    The one near/far rule (SPEC §2 step 2): the statistic, the samples' label
+    (with codes of (user, ad) pairs) and the generator all call it.
 
     One composite key ``code * span + (ts - base)`` orders conversions by user then
     time; one ``searchsorted`` per impression finds the first conversion at or
@@ -126,7 +130,7 @@ def _near_by_slots(
     buffer_ms: int,
     horizon_ms: int,
 ) -> np.ndarray | None:
-    """:func:`_near_mask` with two hash probes per impression instead of a binary
+    """:func:`near_mask` with two hash probes per impression instead of a binary
     search (about twice as fast); ``None`` where it does not apply.
 
     Time is cut into slots of width ``G = buffer + horizon`` from ``base``. The
@@ -210,7 +214,7 @@ def compute_stats(
     conv_code = pd.Index(uniques).get_indexer(conv_user_id).astype(np.int64)
     has_user = conv_code >= 0
     k_idx = np.flatnonzero(keep)
-    near = _near_mask(
+    near = near_mask(
         code[k_idx],
         ts_ms[k_idx],
         conv_code[has_user],

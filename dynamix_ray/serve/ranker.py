@@ -25,10 +25,15 @@ from typing import Any, cast
 import numpy as np
 from ray import serve
 
-from dynamix_ray.features import available_features, policy_features, to_model_batch
+from dynamix_ray.features import policy_features, to_model_batch
 from dynamix_ray.histories import HistoryStore
+from dynamix_ray.loader import features_of
+from dynamix_ray.model.checkpoint import (
+    load_checkpoint,
+    model_version,
+    resolve_checkpoint,
+)
 from dynamix_ray.model.config import CANDIDATE_ATTRIBUTES
-from dynamix_ray.samples import SampleConfig
 
 __all__ = ["CANDIDATE_ATTRIBUTES", "Ranker", "RankerDeployment"]
 
@@ -55,9 +60,6 @@ class Ranker:
         removed: Sequence[str] | None = None,
         device: str = "cpu",
     ) -> None:
-        from dynamix_ray.alure.embed import model_version
-        from dynamix_ray.train import load_checkpoint, resolve_checkpoint
-
         ckpt = resolve_checkpoint(checkpoint)
         self.model, self.model_cfg, meta = load_checkpoint(ckpt)
         self.device = device
@@ -72,16 +74,20 @@ class Ranker:
                 f"policy {self.policy} needs the removed attributes; the checkpoint "
                 f"{ckpt} records none, so pass `removed`"
             )
-        self.histories = histories.last(self.model_cfg.max_seq_len)
-        names = {
-            **self.histories.columns,
-            **{f"cand.{a}": np.zeros(1) for a in CANDIDATE_ATTRIBUTES},
-        }
+        # the sample settings the model was trained with, from its checkpoint
+        self.samples = meta["samples"]
+        if histories.max_seq_len < self.samples.max_seq_len:
+            raise ValueError(
+                f"the histories hold {histories.max_seq_len} events per source, "
+                f"the checkpoint {ckpt} was trained on {self.samples.max_seq_len}: "
+                "re-run `dynamix histories` with --max-seq-len "
+                f"{self.samples.max_seq_len} or more"
+            )
+        self.histories = histories
         self.features = policy_features(
-            self.policy, segment, self.removed, available_features(names)
+            self.policy, segment, self.removed, features_of(histories.attributes())
         )
         self.model_version = model_version(ckpt)
-        self.buffer_ms = int(SampleConfig().buffer_s * 1000)
 
     def score(
         self,
@@ -99,13 +105,17 @@ class Ranker:
         import torch
 
         counts = np.array([len(c) for c in candidates], np.int64)
-        cols = self.histories.rows(np.asarray(user_ids, np.int64))
-        cols["t_ms"] = np.asarray(ts_ms, np.int64)
-        # as in training (SPEC §6): only events before t - buffer, also when a
-        # request's ts is earlier than the snapshot's as_of
-        bound = cols["t_ms"][:, None] - self.buffer_ms
-        for k in [k for k in cols if k.endswith(".mask")]:
-            cols[k] = cols[k] & (cols[k[: -len("mask")] + "ts_ms"] < bound)
+        t_ms = np.asarray(ts_ms, np.int64)
+        # as in training (SPEC §6, gather.history_window): the last L events
+        # before t - buffer, also when a request's ts is before the snapshot's
+        cols = self.histories.rows(
+            np.asarray(user_ids, np.int64),
+            t_ms,
+            self.features,
+            self.samples.buffer_ms,
+            self.samples.max_seq_len,
+        )
+        cols["t_ms"] = t_ms
         cand = np.concatenate(candidates).astype(np.int64, copy=False)
         for j, a in enumerate(CANDIDATE_ATTRIBUTES):
             cols[f"cand.{a}"] = cand[:, j]

@@ -119,12 +119,13 @@ def read_segment_store(url: str) -> SegmentStore:
         FileNotFoundError: no committed segment table.
         RuntimeError: the table changed while it was read (retry later).
     """
-    from dynamix_ray.samples import read_segment_rows
+    from dynamix_ray.samples import segment_rows
+    from dynamix_ray.segments.pipeline import read_segments
 
     before = segments_version(url)
     if before is None:
         raise FileNotFoundError(f"{url}: no committed segment table (no _meta.json)")
-    rows = read_segment_rows(url)
+    rows = segment_rows(read_segments(url))
     after = segments_version(url)
     if after != before:
         raise RuntimeError(f"{url}: the segment table changed while it was read")

@@ -1,0 +1,590 @@
+"""The event store: every user's events once, bucketed by user hash, validated
+and sorted (``dynamix bucket``; docs/data-path.md, "Bucket once").
+
+Every stage that needs whole users (segment, samples, histories, embed,
+retrieval evaluation) reads one bucket of the store per task, and nothing else.
+The store is itself a valid SPEC §1 dataset, so any reader can read it::
+
+    ROOT/_bucketing.json          num_buckets, hash "splitmix64", layout "compact-v1",
+                                  rows and ts range per source, input fingerprint,
+                                  rejects per reason
+    ROOT/<source>/bucket=KKKKK/part-0.parquet
+                                  the bucket's valid rows sorted by (user_id, ts),
+                                  ``ts`` int64 epoch ms, attributes in their SPEC
+                                  types (int8 enums, int16 position, int32 category)
+    ROOT/rejects/*.parquet        every invalid input row, with its reason
+
+Building it from unbucketed input is one shuffle through storage:
+
+* **map** (one task per input piece of ~1M rows: whole Parquet row groups):
+  read, validate (rejects written under a name derived from the piece, so a
+  retried task overwrites its own file), sort the valid rows by (bucket, user,
+  ts) and write ONE file per piece: the bucket slices as consecutive Arrow IPC
+  streams, with a small offsets index beside it;
+* **reduce** (one task per bucket): read its byte range of every piece (two
+  ranged reads per piece), merge, write ``<source>/bucket=K/part-0.parquet``.
+
+Files: O(pieces + buckets), not their product. Memory per task: one piece or
+one bucket. Input that is already hash-bucketed (``generate --bucketed N``)
+skips the map: each reduce task reads its bucket's files directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import posixpath
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dynamix_ray import __version__
+from dynamix_ray.io import (
+    BUCKETING_FILE,
+    Dataset,
+    atomic_output,
+    discover,
+    fingerprint,
+    is_process_local,
+    read_json,
+    resolve,
+    user_bucket,
+    write_json,
+    write_parquet,
+)
+from dynamix_ray.runtime import cluster_cpus, map_items
+from dynamix_ray.schema import REJECT_REASONS, SOURCES, SchemaError, validate
+
+__all__ = [
+    "EVENTS_PER_BUCKET",
+    "LAYOUT",
+    "EventStore",
+    "default_num_buckets",
+    "ensure_store",
+    "open_store",
+    "run_bucket",
+    "store_schema",
+]
+
+log = logging.getLogger(__name__)
+
+#: ``_bucketing.json`` ``layout`` of a store written by ``dynamix bucket``.
+LAYOUT = "compact-v1"
+#: Events (all sources) per bucket the default bucket count aims at: a kernel
+#: task then holds ~1-4M events.
+EVENTS_PER_BUCKET = 2_000_000
+#: Rows per map task of the shuffle (whole Parquet row groups are kept together).
+PIECE_ROWS = 1 << 20
+_DAY_MS = 86_400_000
+_INDEX_HEADER = 128  # bytes before the int64 offsets in a piece's .idx file
+
+
+def store_schema(source: str, present: Iterable[str]) -> pa.Schema:
+    """Columns of ``source`` in the store: ``user_id``, ``ts`` (int64 ms),
+    ``dwell_ms`` (float64 for ad impressions, where the statistic reads it;
+    float32 elsewhere, where only the model does), the attributes in their SPEC
+    types, and ``country`` (int16) when the input has it."""
+    src = SOURCES[source]
+    fields = [pa.field("user_id", pa.int64()), pa.field("ts", pa.int64())]
+    if src.has_dwell:
+        dwell = pa.float64() if source == "ad_impressions" else pa.float32()
+        fields.append(pa.field("dwell_ms", dwell))
+    present = set(present)
+    fields += [pa.field(a, t) for a, t in src.attributes.items() if a in present]
+    if "country" in present:
+        fields.append(pa.field("country", pa.int16()))
+    return pa.schema(fields)
+
+
+def default_num_buckets(total_events: int, cpus: int) -> int:
+    """At least one bucket per CPU, about :data:`EVENTS_PER_BUCKET` events each."""
+    return max(cpus, math.ceil(total_events / EVENTS_PER_BUCKET))
+
+
+@dataclass(frozen=True)
+class EventStore:
+    """A ``dynamix bucket`` output root (see the module docstring)."""
+
+    url: str
+    num_buckets: int
+    meta: dict[str, Any]
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return tuple(s for s in SOURCES if s in self.meta["sources"])
+
+    def rows(self, source: str) -> int:
+        return int(self.meta["sources"].get(source, {}).get("rows", 0))
+
+    def rejected(self, sources: Iterable[str]) -> dict[str, int]:
+        """Rejected input rows per reason, summed over ``sources``."""
+        out: dict[str, int] = {}
+        for s in sources:
+            for k, n in self.meta["rejected"].get(s, {}).items():
+                out[k] = out.get(k, 0) + int(n)
+        return out
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies this store's content (its input and bucketing)."""
+        m = self.meta
+        return hashlib.sha1(
+            f"{m['input_fingerprint']}/{m['num_buckets']}/{m['layout']}".encode()
+        ).hexdigest()[:16]
+
+    def columns(self, source: str) -> tuple[str, ...]:
+        """The store's columns of ``source`` (input names: ``ts``, ``dwell_ms``,
+        attributes, ``country``); empty when the store lacks the source."""
+        if source not in self.meta["sources"]:
+            return ()
+        return tuple(self.meta["columns"][source])
+
+    @property
+    def ts_max_ms(self) -> int:
+        return max(int(m["ts_max_ms"]) for m in self.meta["sources"].values())
+
+    @property
+    def ts_min_ms(self) -> int:
+        return min(int(m["ts_min_ms"]) for m in self.meta["sources"].values())
+
+    def bucket_path(self, source: str, bucket: int) -> str:
+        _, root = resolve(self.url)
+        return f"{root}/{source}/bucket={bucket:05d}/part-0.parquet"
+
+    def read_bucket(
+        self, bucket: int, columns: dict[str, list[str] | None]
+    ) -> dict[str, pa.Table]:
+        """The bucket's rows of each requested source (``None``: all columns);
+        sources the store lacks, or without rows in this bucket, are absent."""
+        fs, _ = resolve(self.url)
+        out: dict[str, pa.Table] = {}
+        for src, cols in columns.items():
+            if src not in self.meta["sources"]:
+                continue
+            path = self.bucket_path(src, bucket)
+            if not fs.exists(path):
+                continue
+            with fs.open(path, "rb") as fh:
+                out[src] = pq.read_table(fh, columns=cols)
+        return out
+
+
+def open_store(url: str) -> EventStore | None:
+    """The store at ``url``, or ``None`` when ``url`` is not one (plain or
+    generator-bucketed input)."""
+    fs, root = resolve(url)
+    path = f"{root}/{BUCKETING_FILE}"
+    if not fs.exists(path):
+        return None
+    meta = read_json(fs, path)
+    if meta.get("layout") != LAYOUT:
+        return None
+    return EventStore(url, int(meta["num_buckets"]), meta)
+
+
+def ensure_store(
+    events_url: str,
+    reuse: Iterable[str],
+    default_out: str,
+    num_buckets: int | None = None,
+    progress: bool = True,
+) -> EventStore:
+    """``events_url`` itself when it is a store; else the first of ``reuse``
+    that is a store built from the same input (same fingerprint); else a new
+    store built at ``default_out``. So an unbucketed input is bucketed once and
+    the next stage reuses it (e.g. ``train`` reuses ``segment``'s store)."""
+    store = open_store(events_url)
+    if store is not None:
+        return store
+    ds = discover(events_url, list(SOURCES), required=["ad_impressions"])
+    fp = fingerprint(ds)
+    for url in reuse:
+        cand = open_store(url)
+        if cand is None or cand.meta.get("input_fingerprint") != fp:
+            continue
+        if num_buckets is None or cand.num_buckets == num_buckets:
+            log.info("reusing the event store at %s", url)
+            return cand
+    return run_bucket(events_url, default_out, num_buckets, progress=progress)
+
+
+# ------------------------------------------------------------------- map side
+
+
+def _wanted(source: str, names: Iterable[str]) -> list[str]:
+    """The columns of ``source`` the store keeps, of those a file has."""
+    src = SOURCES[source]
+    have = set(names)
+    return [c for c in (*src.required, *src.attributes, "country") if c in have]
+
+
+def _conform(
+    table: pa.Table, source: str, present: Iterable[str], file: str
+) -> pa.Table:
+    """Valid rows (``ts_ms``) in the store's columns and types; a missing
+    attribute (some files lack it) reads as 0."""
+    schema = store_schema(source, present)
+    cols = []
+    for f in schema:
+        name = "ts_ms" if f.name == "ts" else f.name
+        if name not in table.column_names:
+            fill = -1 if f.name == "country" else 0
+            cols.append(pa.array(np.full(table.num_rows, fill), f.type))
+            continue
+        col = table.column(name)
+        try:
+            col = col.cast(f.type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            raise SchemaError(
+                f"{file}: column '{f.name}' of '{source}' does not fit {f.type}: {e}"
+            ) from e
+        if col.null_count:
+            col = col.fill_null(pa.scalar(0, f.type) if f.name != "country" else -1)
+        cols.append(col)
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def _reject_counts(rejects: pa.Table) -> dict[str, int]:
+    if rejects.num_rows == 0:
+        return {}
+    names, counts = np.unique(
+        rejects.column("reason").to_numpy(zero_copy_only=False), return_counts=True
+    )
+    return {str(n): int(c) for n, c in zip(names, counts, strict=True)}
+
+
+def _sort_rows(table: pa.Table, bucket: np.ndarray | None = None) -> pa.Table:
+    """Rows sorted by (bucket,) user, ts; stable, so equal keys keep their order."""
+    keys = [table.column("ts").to_numpy(), table.column("user_id").to_numpy()]
+    if bucket is not None:
+        keys.append(bucket)
+    order = np.lexsort(keys)
+    return table.take(pa.array(order))
+
+
+def _ts_range(table: pa.Table) -> tuple[int | None, int | None]:
+    if table.num_rows == 0:
+        return None, None
+    ts = table.column("ts").to_numpy()
+    return int(ts.min()), int(ts.max())
+
+
+def _map_piece(item: dict[str, Any], in_url: str, tmp: str, num_buckets: int) -> dict:
+    """Shuffle map: one input piece -> one sorted file of bucket slices."""
+    fs, _ = resolve(in_url)
+    out_fs, _ = resolve(tmp)
+    source, path, groups = item["source"], item["path"], item["row_groups"]
+    with fs.open(path, "rb") as fh:
+        table = pq.ParquetFile(fh).read_row_groups(groups, columns=item["columns"])
+    name = f"{path}#row_groups={groups[0]}-{groups[-1]}"
+    v = validate(table, SOURCES[source], name, columns=item["columns"])
+    if v.rejects.num_rows:
+        write_parquet(
+            out_fs, f"{tmp}/rejects/{source}-{item['piece']:06d}.parquet", v.rejects
+        )
+    valid = _conform(v.valid, source, item["present"], name)
+    bucket = user_bucket(valid.column("user_id").to_numpy(), num_buckets)
+    valid = _sort_rows(valid, bucket)
+    bucket = np.sort(bucket)
+    bounds = np.searchsorted(bucket, np.arange(num_buckets + 1))
+    offsets = np.zeros(num_buckets + 1, np.int64)
+    data = f"{tmp}/_shuffle/{source}/piece-{item['piece']:06d}"
+    out_fs.makedirs(posixpath.dirname(data), exist_ok=True)
+    with out_fs.open(f"{data}.arrows", "wb") as fh:
+        pos = 0
+        for b in range(num_buckets):
+            offsets[b] = pos
+            part = valid.slice(bounds[b], bounds[b + 1] - bounds[b])
+            if part.num_rows == 0:
+                continue
+            sink = pa.BufferOutputStream()
+            opts = pa.ipc.IpcWriteOptions(compression="lz4")
+            with pa.ipc.new_stream(sink, part.schema, options=opts) as w:
+                w.write_table(part)
+            buf = sink.getvalue()
+            fh.write(buf.to_pybytes())
+            pos += buf.size
+        offsets[num_buckets] = pos
+    with out_fs.open(f"{data}.idx", "wb") as fh:
+        fh.write(b"dynamix-shuffle-index-v1".ljust(_INDEX_HEADER, b"\0"))
+        fh.write(offsets.tobytes())
+    lo, hi = _ts_range(valid)
+    return {
+        "source": source,
+        "rows": valid.num_rows,
+        "rejects": _reject_counts(v.rejects),
+        "ts_min_ms": lo,
+        "ts_max_ms": hi,
+    }
+
+
+def _read_slice(fs: Any, data: str, bucket: int) -> pa.Table | None:
+    """Bucket ``bucket``'s slice of one piece (two ranged reads)."""
+    with fs.open(f"{data}.idx", "rb") as fh:
+        fh.seek(_INDEX_HEADER + 8 * bucket)
+        start, end = np.frombuffer(fh.read(16), np.int64)
+    if end <= start:
+        return None
+    with fs.open(f"{data}.arrows", "rb") as fh:
+        fh.seek(int(start))
+        raw = fh.read(int(end - start))
+    return pa.ipc.open_stream(pa.py_buffer(raw)).read_all()
+
+
+# ----------------------------------------------------------------- reduce side
+
+
+def _write_bucket(
+    fs: Any, tmp: str, source: str, bucket: int, parts: list[pa.Table]
+) -> dict:
+    parts = [p for p in parts if p.num_rows]
+    if not parts:
+        return {"rows": 0, "users": 0, "ts_min_ms": None, "ts_max_ms": None, "days": {}}
+    table = _sort_rows(pa.concat_tables(parts, promote_options="permissive"))
+    write_parquet(fs, f"{tmp}/{source}/bucket={bucket:05d}/part-0.parquet", table)
+    uid = table.column("user_id").to_numpy()
+    lo, hi = _ts_range(table)
+    day, n = np.unique(table.column("ts").to_numpy() // _DAY_MS, return_counts=True)
+    return {
+        "rows": table.num_rows,
+        "users": int(np.count_nonzero(np.diff(uid)) + 1),
+        "ts_min_ms": lo,
+        "ts_max_ms": hi,
+        "days": dict(zip(day.tolist(), n.tolist(), strict=True)),
+    }
+
+
+def _reduce_shuffled(item: dict[str, Any], tmp: str) -> dict:
+    """Shuffle reduce: bucket ``item['bucket']``'s slice of every piece."""
+    fs, _ = resolve(tmp)
+    b = item["bucket"]
+    out: dict[str, Any] = {"bucket": b, "sources": {}}
+    for source, pieces in item["pieces"].items():
+        parts = [
+            t
+            for p in pieces
+            if (t := _read_slice(fs, f"{tmp}/_shuffle/{source}/piece-{p:06d}", b))
+            is not None
+        ]
+        out["sources"][source] = _write_bucket(fs, tmp, source, b, parts)
+    return out
+
+
+def _reduce_bucketed(item: dict[str, Any], in_url: str, tmp: str) -> dict:
+    """Bucketed input (``generate --bucketed``): validate and sort one bucket's
+    files; the rows' hash bucket is checked, not trusted."""
+    fs, _ = resolve(in_url)
+    out_fs, _ = resolve(tmp)
+    b, nb = item["bucket"], item["num_buckets"]
+    out: dict[str, Any] = {"bucket": b, "sources": {}, "rejects": {}, "misplaced": 0}
+    for source, files in item["files"].items():
+        parts = []
+        for path in files:
+            with fs.open(path, "rb") as fh:
+                pf = pq.ParquetFile(fh)
+                cols = _wanted(source, pf.schema_arrow.names)
+                table = pf.read(columns=cols)
+            v = validate(table, SOURCES[source], path, columns=cols)
+            if v.rejects.num_rows:
+                digest = hashlib.sha1(path.encode()).hexdigest()[:12]
+                write_parquet(
+                    out_fs,
+                    f"{tmp}/rejects/{source}-b{b:05d}-{digest}.parquet",
+                    v.rejects,
+                )
+            counts = out["rejects"].setdefault(source, {})
+            for k, n in _reject_counts(v.rejects).items():
+                counts[k] = counts.get(k, 0) + n
+            valid = _conform(v.valid, source, item["present"][source], path)
+            wrong = user_bucket(valid.column("user_id").to_numpy(), nb) != b
+            if wrong.any():
+                raise ValueError(
+                    f"{path}: {int(wrong.sum())} rows of users outside bucket {b} "
+                    f"(the {BUCKETING_FILE} hash is splitmix64 mod {nb}); re-bucket "
+                    "the input with `dynamix bucket`"
+                )
+            parts.append(valid)
+        out["sources"][source] = _write_bucket(out_fs, tmp, source, b, parts)
+    return out
+
+
+# ------------------------------------------------------------------- the stage
+
+
+def _scan(ds: Dataset, rows: int) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
+    """Input pieces of about ``rows`` rows (whole row groups of one file, numbered,
+    with the file's columns), and per source the columns any of its files has."""
+    pieces: list[dict[str, Any]] = []
+    present: dict[str, dict[str, None]] = {}
+    for source in ds.files:
+        present[source] = {}
+        for path in ds.files[source]:
+            with ds.fs.open(path, "rb") as fh:
+                pf = pq.ParquetFile(fh)
+                meta, cols = pf.metadata, _wanted(source, pf.schema_arrow.names)
+            present[source].update(dict.fromkeys(cols))
+            group: list[int] = []
+            n = 0
+            for i in range(meta.num_row_groups):
+                group.append(i)
+                n += meta.row_group(i).num_rows
+                if n >= rows or i == meta.num_row_groups - 1:
+                    pieces.append(
+                        {"source": source, "path": path, "row_groups": group}
+                        | {"columns": cols}
+                    )
+                    group, n = [], 0
+    for i, item in enumerate(pieces):
+        item["piece"] = i
+    return pieces, {s: list(c) for s, c in present.items()}
+
+
+def _merge_range(acc: dict[str, Any], lo: int | None, hi: int | None) -> None:
+    if lo is not None:
+        acc["ts_min_ms"] = lo if acc["ts_min_ms"] is None else min(acc["ts_min_ms"], lo)
+    if hi is not None:
+        acc["ts_max_ms"] = hi if acc["ts_max_ms"] is None else max(acc["ts_max_ms"], hi)
+
+
+def run_bucket(
+    events_url: str,
+    out_url: str,
+    num_buckets: int | None = None,
+    *,
+    progress: bool = True,
+) -> EventStore:
+    """Build the event store of ``events_url`` at ``out_url`` (see the module
+    docstring); the store and its rejects are committed atomically.
+
+    Args:
+        events_url: a SPEC §1 dataset root (plain or ``generate --bucketed``).
+        out_url: the store's root (any fsspec URL).
+        num_buckets: user-hash buckets (``None``: :func:`default_num_buckets`;
+            bucketed input keeps its own count).
+
+    Raises:
+        FileNotFoundError: no ad impressions under ``events_url``.
+        SchemaError: a file lacks a required column (file and column named).
+    """
+    t0 = time.perf_counter()
+    ds = discover(events_url, list(SOURCES), required=["ad_impressions"])
+    out_fs, out_root = resolve(out_url)
+    local = is_process_local(ds.fs) or is_process_local(out_fs)
+    pieces, present = _scan(ds, PIECE_ROWS)
+    total = sum(ds.rows.values())
+    if ds.num_buckets is not None:
+        nb, mode = ds.num_buckets, "bucketed input"
+        if num_buckets is not None and num_buckets != nb:
+            log.warning(
+                "%s is bucketed into %d buckets; keeping that (not %d)",
+                events_url,
+                nb,
+                num_buckets,
+            )
+    else:
+        mode = "shuffled by user hash"
+        nb = num_buckets or default_num_buckets(total, 1 if local else cluster_cpus())
+    if nb < 1:
+        raise ValueError(f"num_buckets must be >= 1, got {nb}")
+
+    sources: dict[str, dict[str, Any]] = {
+        s: {"rows": 0, "users": 0, "ts_min_ms": None, "ts_max_ms": None, "days": {}}
+        for s in ds.files
+    }
+    rejects: dict[str, dict[str, int]] = {s: {} for s in ds.files}
+
+    def add_rejects(source: str, counts: dict[str, int]) -> None:
+        for k, n in counts.items():
+            rejects[source][k] = rejects[source].get(k, 0) + n
+
+    parts = [*ds.files, "rejects"]
+    with atomic_output(out_fs, out_root, parts, files=[BUCKETING_FILE]) as tmp:
+        if ds.num_buckets is None:
+            for p in pieces:
+                p["present"] = present[p["source"]]
+            by_source: dict[str, list[int]] = {}
+            for r, p in zip(
+                map_items(
+                    _map_piece,
+                    pieces,
+                    (ds.url, tmp, nb),
+                    local=local,
+                    name="bucket: map",
+                    progress=progress,
+                ),
+                pieces,
+                strict=True,
+            ):
+                by_source.setdefault(p["source"], []).append(p["piece"])
+                add_rejects(p["source"], r["rejects"])
+            items = [{"bucket": b, "pieces": by_source} for b in range(nb)]
+            results = map_items(
+                _reduce_shuffled,
+                items,
+                (tmp,),
+                local=local,
+                name="bucket: reduce",
+                progress=progress,
+            )
+        else:
+            items = [
+                {
+                    "bucket": b,
+                    "num_buckets": nb,
+                    "files": {s: ds.bucket_files(s).get(b, []) for s in ds.files},
+                    "present": present,
+                }
+                for b in range(nb)
+            ]
+            results = map_items(
+                _reduce_bucketed,
+                items,
+                (ds.url, tmp),
+                local=local,
+                name="bucket: per bucket",
+                progress=progress,
+            )
+        for r in results:
+            for source, counts in r.get("rejects", {}).items():
+                add_rejects(source, counts)
+            for s, m in r["sources"].items():
+                acc = sources[s]
+                acc["rows"] += m["rows"]
+                acc["users"] += m["users"]
+                _merge_range(acc, m["ts_min_ms"], m["ts_max_ms"])
+                for d, n in m["days"].items():  # rows per UTC day
+                    acc["days"][str(d)] = acc["days"].get(str(d), 0) + n
+        if out_fs.exists(f"{tmp}/_shuffle"):
+            out_fs.rm(f"{tmp}/_shuffle", recursive=True)
+        sources = {s: m for s, m in sources.items() if m["rows"]}
+        if "ad_impressions" not in sources:
+            raise ValueError(f"{events_url}: no valid ad impression")
+        meta = {
+            "num_buckets": nb,
+            "hash": "splitmix64",
+            "layout": LAYOUT,
+            "sorted_by": ["user_id", "ts"],
+            "mode": mode,
+            "input": ds.url,
+            "input_fingerprint": fingerprint(ds),
+            "input_rows": dict(ds.rows),
+            "sources": sources,
+            "columns": {s: c for s, c in present.items() if s in sources},
+            "rejected": {
+                s: {r: c[r] for r in REJECT_REASONS if r in c}
+                for s, c in rejects.items()
+            },
+            "rejected_total": int(sum(n for c in rejects.values() for n in c.values())),
+            "version": __version__,
+            "wall_s": round(time.perf_counter() - t0, 3),
+        }
+        # placed last by atomic_output: a reader sees a store only once every
+        # bucket is committed
+        write_json(out_fs, f"{tmp}/{BUCKETING_FILE}", meta)
+    return EventStore(out_url, nb, meta)
