@@ -54,6 +54,7 @@ from dynamix_ray.io import (
     is_process_local,
     read_json,
     resolve,
+    url_of,
     user_bucket,
     write_json,
     write_parquet,
@@ -458,6 +459,7 @@ def run_bucket(
     num_buckets: int | None = None,
     *,
     progress: bool = True,
+    piece_rows: int = PIECE_ROWS,
 ) -> EventStore:
     """Build the event store of ``events_url`` at ``out_url`` (see the module
     docstring); the store and its rejects are committed atomically.
@@ -467,6 +469,7 @@ def run_bucket(
         out_url: the store's root (any fsspec URL).
         num_buckets: user-hash buckets (``None``: :func:`default_num_buckets`;
             bucketed input keeps its own count).
+        piece_rows: rows per map task (whole row groups are kept together).
 
     Raises:
         FileNotFoundError: no ad impressions under ``events_url``.
@@ -476,7 +479,7 @@ def run_bucket(
     ds = discover(events_url, list(SOURCES), required=["ad_impressions"])
     out_fs, out_root = resolve(out_url)
     local = is_process_local(ds.fs) or is_process_local(out_fs)
-    pieces, present = _scan(ds, PIECE_ROWS)
+    pieces, present = _scan(ds, piece_rows)
     total = sum(ds.rows.values())
     if ds.num_buckets is not None:
         nb, mode = ds.num_buckets, "bucketed input"
@@ -504,7 +507,8 @@ def run_bucket(
             rejects[source][k] = rejects[source].get(k, 0) + n
 
     parts = [*ds.files, "rejects"]
-    with atomic_output(out_fs, out_root, parts, files=[BUCKETING_FILE]) as tmp:
+    with atomic_output(out_fs, out_root, parts, files=[BUCKETING_FILE]) as tmp_path:
+        tmp = url_of(out_fs, tmp_path)  # what the tasks resolve
         if ds.num_buckets is None:
             for p in pieces:
                 p["present"] = present[p["source"]]
@@ -560,8 +564,10 @@ def run_bucket(
                 _merge_range(acc, m["ts_min_ms"], m["ts_max_ms"])
                 for d, n in m["days"].items():  # rows per UTC day
                     acc["days"][str(d)] = acc["days"].get(str(d), 0) + n
-        if out_fs.exists(f"{tmp}/_shuffle"):
-            out_fs.rm(f"{tmp}/_shuffle", recursive=True)
+        shuffle_files = 0
+        if out_fs.exists(f"{tmp_path}/_shuffle"):
+            shuffle_files = len(out_fs.find(f"{tmp_path}/_shuffle"))
+            out_fs.rm(f"{tmp_path}/_shuffle", recursive=True)
         sources = {s: m for s, m in sources.items() if m["rows"]}
         if "ad_impressions" not in sources:
             raise ValueError(f"{events_url}: no valid ad impression")
@@ -571,6 +577,8 @@ def run_bucket(
             "layout": LAYOUT,
             "sorted_by": ["user_id", "ts"],
             "mode": mode,
+            "pieces": len(pieces) if ds.num_buckets is None else 0,
+            "shuffle_files": shuffle_files,
             "input": ds.url,
             "input_fingerprint": fingerprint(ds),
             "input_rows": dict(ds.rows),
@@ -586,5 +594,5 @@ def run_bucket(
         }
         # placed last by atomic_output: a reader sees a store only once every
         # bucket is committed
-        write_json(out_fs, f"{tmp}/{BUCKETING_FILE}", meta)
+        write_json(out_fs, f"{tmp_path}/{BUCKETING_FILE}", meta)
     return EventStore(out_url, nb, meta)

@@ -122,8 +122,9 @@ class SourceEvents:
         uid = np.asarray(user_id, np.int64)
         ts = np.asarray(ts_ms, np.int64)
         if len(uid):
-            step = np.diff(uid)
-            bad = (step < 0) | ((step == 0) & (np.diff(ts) < 0))
+            # comparisons, not differences: np.diff overflows at the int64 limits
+            same = uid[1:] == uid[:-1]
+            bad = (uid[1:] < uid[:-1]) | (same & (ts[1:] < ts[:-1]))
             if bad.any():
                 i = int(np.flatnonzero(bad)[0])
                 raise ValueError(

@@ -39,6 +39,7 @@ from dynamix_ray.io import (
     is_process_local,
     read_json,
     resolve,
+    url_of,
     write_json,
     write_parquet,
 )
@@ -229,7 +230,8 @@ def run_histories(
         for b in range(store.num_buckets)
     ]
     users, events = 0, dict[str, int]()
-    with atomic_output(fs, root, ["histories"]) as tmp:  # data and meta together
+    with atomic_output(fs, root, ["histories"]) as tmp_path:  # data and meta
+        tmp = url_of(fs, tmp_path)
         for r in map_items(
             _snapshot_task,
             items,
@@ -253,7 +255,7 @@ def run_histories(
             "input": events_url,
             "wall_s": round(time.perf_counter() - t0, 3),
         }
-        write_json(fs, f"{tmp}/histories/_meta.json", meta)
+        write_json(fs, f"{tmp_path}/histories/_meta.json", meta)
     return meta
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "read_bucketing",
     "read_json",
     "resolve",
+    "url_of",
     "user_bucket",
     "write_bucketing",
     "write_json",
@@ -53,6 +54,15 @@ def resolve(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path.rstrip("/") or "/"
 
 
+def url_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """``path`` on ``fs`` as a URL another call of :func:`resolve` (a Ray task,
+    a helper) maps back to the same filesystem: local paths stay plain."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" in protocols or "local" in protocols:
+        return path
+    return str(fs.unstrip_protocol(path))
+
+
 def absolute_url(url: str) -> str:
     """A local path made absolute (replicas and later runs work in other
     folders); URLs with a protocol stay as they are."""
@@ -60,9 +70,11 @@ def absolute_url(url: str) -> str:
 
 
 def is_process_local(fs: fsspec.AbstractFileSystem) -> bool:
-    """True for filesystems that other processes (Ray workers) cannot see."""
+    """True for filesystems that other processes (Ray workers) cannot see:
+    ``memory://``, and any filesystem class that sets ``process_local = True``
+    (the tests' fault-injecting ones)."""
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "memory" in protocols
+    return "memory" in protocols or bool(getattr(fs, "process_local", False))
 
 
 def pyarrow_fs(fs: fsspec.AbstractFileSystem) -> pa.fs.FileSystem:

@@ -48,6 +48,7 @@ from dynamix_ray.io import (
     is_process_local,
     read_json,
     resolve,
+    url_of,
     write_json,
     write_parquet,
 )
@@ -570,7 +571,8 @@ def run_samples(
     pos = {"train": 0, "eval": 0}
     active = {"train": 0, "eval": 0}
     buckets: dict[str, list[int]] = {"train": [], "eval": []}
-    with atomic_output(fs, root, ["samples"]) as tmp:
+    with atomic_output(fs, root, ["samples"]) as tmp_path:
+        tmp = url_of(fs, tmp_path)
         for r in map_items(
             _samples_task,
             items,
@@ -586,7 +588,7 @@ def run_samples(
                 if r["rows"][split]:
                     buckets[split].append(r["bucket"])
         on_disk = sum(
-            fs.size(p) for p in fs.find(f"{tmp}/samples") if p.endswith(".parquet")
+            fs.size(p) for p in fs.find(f"{tmp_path}/samples") if p.endswith(".parquet")
         )
         meta = {
             "key": key,
@@ -603,5 +605,5 @@ def run_samples(
             "bytes_per_sample_on_disk": on_disk / max(1, sum(rows.values())),
             "wall_s": round(time.perf_counter() - t0, 3),
         }
-        write_json(fs, f"{tmp}/samples/_meta.json", meta)
+        write_json(fs, f"{tmp_path}/samples/_meta.json", meta)
     return SampleTable(f"{out_url.rstrip('/')}/samples", meta)

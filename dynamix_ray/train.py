@@ -48,7 +48,7 @@ from dynamix_ray.features import (
     to_model_batch,
 )
 from dynamix_ray.loader import LoaderSpec, SegmentBatcher, store_features
-from dynamix_ray.model import DynamixCTR, ModelConfig
+from dynamix_ray.model import DynamixCTR, ModelConfig, PartsLoss
 from dynamix_ray.model.checkpoint import (
     load_checkpoint,
     model_config_dict,
@@ -196,25 +196,24 @@ def train_step(
     Args:
         batch: the loader's ``{segment: columns}`` parts, or flat sample
             columns (split by segment here).
-    Each part runs with its policy's ``FeatureSet``; the summed loss gets one
-    backward pass and one optimizer step (DDP workers stay in lock-step
-    whatever segments they hold).
+        model: a ``DynamixCTR``, or a (DDP-wrapped) ``PartsLoss`` around one.
+    Each part runs with its policy's ``FeatureSet``, all in one forward call
+    (``model.PartsLoss``); the summed loss gets one backward pass and one
+    optimizer step, so DDP workers stay in lock-step whatever segments their
+    batches hold.
     """
     import torch
-    import torch.nn.functional as F
 
     dev = torch.device(device)
-    loss = torch.zeros((), device=dev)
-    rows = 0
+    items, rows = [], 0
     for seg, part in _as_parts(batch).items():
         feats = policy_features(policy, seg, removed, available_features(part))
-        mb = to_model_batch(part, dev)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
-            logits = model(mb, feats)
-        loss = loss + F.binary_cross_entropy_with_logits(
-            logits.float(), mb["label"], reduction="sum"
-        )
+        items.append((to_model_batch(part, dev), feats))
         rows += len(part["label"])
+    # one forward call for every part (DDP pairs one forward with one backward)
+    wrapped = getattr(model, "module", model)
+    fn = model if isinstance(wrapped, PartsLoss) else PartsLoss(model, use_amp)
+    loss = fn(items)
     opt.zero_grad(set_to_none=True)
     mean = loss / max(rows, 1)
     mean.backward()
@@ -331,11 +330,23 @@ def evaluate(
     policy: str,
     removed: tuple[str, ...],
     device: Any,
+    rank: int = 0,
+    world: int = 1,
 ) -> tuple[dict[str, float], ScoreHistogram]:
-    """NE sums per segment and the binned scores of every evaluation row."""
+    """NE sums per segment and the binned scores of the evaluation rows.
+
+    Every worker reads all evaluation rows (compact, cheap) and scores the
+    ones with ``sample_id % world == rank``: the workers' shares are disjoint
+    and cover every row exactly once, none dropped to even them out.
+    """
     sums = _segment_sums(np.zeros(0), np.zeros(0), np.zeros(0, np.int8))
     hist = ScoreHistogram()
     for rows in batches:
+        if world > 1:
+            mine = np.asarray(rows["sample_id"]) % world == rank
+            if not mine.any():
+                continue
+            rows = {k: np.asarray(v)[mine] for k, v in rows.items()}
         for seg, logits, lab in score_by_segment(
             model, batcher(rows), policy, removed, device
         ):
@@ -386,13 +397,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model: Any = DynamixCTR(tcfg.model)
     opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
     start_epoch, skip_steps, resumed = _restore(model, opt)
+    raw: Any = model
+    use_amp = tcfg.mixed_precision and get_device().type == "cuda"
     model = prepare_model(
-        model, parallel_strategy_kwargs={"find_unused_parameters": True}
+        PartsLoss(model, use_amp),
+        parallel_strategy_kwargs={"find_unused_parameters": True},
     )
-    raw: Any = model.module if hasattr(model, "module") else model
     ctx = ray.train.get_context()
     world, rank = ctx.get_world_size(), ctx.get_world_rank()
-    use_amp = tcfg.mixed_precision and device.type == "cuda"
     batcher = SegmentBatcher(config["loader"])
 
     def report(
@@ -486,6 +498,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             tcfg.policy,
             tcfg.removed,
             device,
+            rank,
+            world,
         )
         sums.update(
             steady_n=float(st.steady_rows),
@@ -784,7 +798,12 @@ def run_train(
             resources_per_worker={"CPU": tcfg.cpus_per_worker},
         ),
         datasets={"train": train_ds, "eval": data.dataset("eval")},
-        dataset_config=DataConfig(execution_options=ingest),
+        # train is split (equal shards keep DDP in lock-step; Ray Data may hold
+        # back up to num_workers - 1 rows an epoch: counted in rows_not_trained);
+        # eval is not: each worker scores its sample_id share of every row
+        dataset_config=DataConfig(
+            datasets_to_split=["train"], execution_options=ingest
+        ),
         run_config=run_config,
     )
     result = trainer.fit()
@@ -798,6 +817,8 @@ def run_train(
             tcfg.model, tcfg.policy, tcfg.removed, data.available, seq
         ),
         "eval_boundary_ms": data.boundary_ms,
+        "rows_not_trained": data.table.rows("train")
+        - int((result.metrics or {}).get("epoch_rows", 0)),
         "samples": os.path.relpath(data.table.url, out_dir)
         if "://" not in data.table.url
         else data.table.url,

@@ -32,8 +32,9 @@ from dynamix_ray.alure.graph import (
 )
 from dynamix_ray.cli import main as dynamix
 from dynamix_ray.config import GenerateConfig
-from dynamix_ray.histories import _mode_by_user, user_histories
+from dynamix_ray.histories import mode_by_user, user_histories
 from dynamix_ray.model import ModelConfig
+from dynamix_ray.samples import SampleConfig
 from dynamix_ray.segments.pipeline import run_segment
 from dynamix_ray.synth import generate
 from dynamix_ray.train import TrainConfig, load_checkpoint, run_train
@@ -89,7 +90,7 @@ def test_mode_by_user_equals_a_counter(pairs, users):
     users = np.array(sorted(users), np.int64)
     uid = np.array([p[0] for p in pairs], np.int64)
     val = np.array([p[1] for p in pairs], np.int64)
-    got = _mode_by_user(users, uid, val)
+    got = mode_by_user(users, uid, val)
     for i, u in enumerate(users):
         counts: dict[int, int] = defaultdict(int)
         for a, b in pairs:
@@ -241,8 +242,13 @@ def trained(ray_session, tmp_path_factory):
         events,
         segs,
         run,
-        TrainConfig(epochs=1, batch_size=256, model=model, importance_rows=0),
-        max_seq_len=8,
+        TrainConfig(
+            epochs=1,
+            batch_size=256,
+            model=model,
+            samples=SampleConfig(max_seq_len=8),
+            importance_rows=0,
+        ),
     )
     start = json.loads((root / "events" / "_truth" / "truth.json").read_text())
     return events, run, root, start
@@ -302,6 +308,23 @@ def test_embed_runs_the_user_tower_and_is_incremental(trained, tmp_path):
         assert np.allclose(t2.loc[u, "embedding"], first.loc[u, "embedding"])
     with pytest.raises(ValueError, match="before the previous run"):
         run_embed(events, run, out, EmbedConfig(as_of_ms=day0), progress=False)
+
+    # a re-run with no new event embeds nobody and keeps everyone
+    m3 = run_embed(events, run, out, EmbedConfig(as_of_ms=later), progress=False)
+    assert m3["embedded_this_run"] == 0 and m3["kept_from_previous"] == m2["users"]
+
+    # rows of a run from before the events had a country column are kept too
+    import pyarrow.parquet as pq
+
+    for p in (tmp_path / "emb" / "embeddings").rglob("*.parquet"):
+        t = pq.read_table(p)
+        pq.write_table(t.drop_columns(["country"]), p)
+    m4 = run_embed(
+        events, run, out, EmbedConfig(as_of_ms=later + 3_600_000), progress=False
+    )
+    t4 = read_embeddings(out)
+    assert m4["users"] == m2["users"] == t4.num_rows
+    assert t4.column("country").null_count == 0
 
 
 def test_u2u_graph_and_evaluation_end_to_end(trained, tmp_path, capsys):
@@ -397,9 +420,13 @@ def test_training_with_the_daily_alure_embedding(trained, tmp_path):
         str(root / "segs"),
         out,
         TrainConfig(
-            epochs=1, batch_size=256, model=model, importance_rows=0, alure=daily
+            epochs=1,
+            batch_size=256,
+            model=model,
+            samples=SampleConfig(max_seq_len=8),
+            importance_rows=0,
+            alure=daily,
         ),
-        max_seq_len=8,
     )
     assert 0 < m["ne"] < 2
     _, cfg, _ = load_checkpoint(out)

@@ -4,9 +4,11 @@ history event at or after ``t - buffer``; segments only from ended windows."""
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dynamix_ray.config import SegmentConfig
 from dynamix_ray.samples import SampleConfig, build_samples, reference_samples
 
 T0 = 1_767_571_200_000
@@ -56,7 +58,16 @@ def user_events(draw):
                 "user_id": np.array(hist_u, np.int64),
                 "ts_ms": np.array(hist_t, np.int64),
                 "page_id": np.arange(len(hist_u), dtype=np.int64) + 1,
-            }
+            },
+            # same times, another source with dwell (ties of ts within a user)
+            "organic_impressions": {
+                "user_id": np.array(hist_u, np.int64),
+                "ts_ms": np.array(hist_t, np.int64) // 2 * 2,
+                "content_id": np.arange(len(hist_u), dtype=np.int64) + 7,
+                "dwell_ms": np.array(
+                    [draw(st.floats(0, 1e6)) for _ in hist_u], np.float64
+                ),
+            },
         },
         {
             "user_id": np.array(seg_u, np.int64),
@@ -69,6 +80,8 @@ def user_events(draw):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ev=user_events(), max_len=st.integers(1, 6))
 def test_builder_equals_reference(ev, max_len):
+    """Every column: label, segment, candidate, and per source the history's
+    timestamps and attribute values, right-aligned with zeroed padding."""
     imps, convs, hist, segs = ev
     cfg = SampleConfig(max_seq_len=max_len)
     fast = build_samples(imps, convs, hist, segs, cfg)
@@ -78,12 +91,26 @@ def test_builder_equals_reference(ev, max_len):
         assert fast["user_id"][i] == row["user_id"] and fast["t_ms"][i] == row["t_ms"]
         assert fast["label"][i] == row["label"]
         assert fast["segment"][i] == row["segment"]
-        mask = fast["page_views.mask"][i]
-        assert (
-            fast["page_views.ts_ms"][i][mask].tolist() == row["hist_ts"]["page_views"]
-        )
-        # right-aligned: padding first, events newest last
-        assert not mask[: max_len - mask.sum()].any()
+        for a, v in row["cand"].items():
+            assert fast[f"cand.{a}"][i] == v
+        for src, want in row["hist"].items():
+            mask = fast[f"{src}.mask"][i]
+            n = int(mask.sum())
+            # right-aligned: padding first, events newest last
+            assert not mask[: max_len - n].any() and mask[max_len - n :].all()
+            assert fast[f"{src}.ts_ms"][i][mask].tolist() == want["ts_ms"]
+            assert (fast[f"{src}.ts_ms"][i][~mask] == 0).all()
+            for a, vals in want.items():
+                if a == "ts_ms":
+                    continue
+                col = fast[f"{src}.dwell" if a == "dwell_ms" else f"{src}.{a}"][i]
+                assert (col[~mask] == 0).all()
+                if a == "dwell_ms":
+                    np.testing.assert_allclose(
+                        col[mask], np.log1p(vals), rtol=1e-6, atol=1e-6
+                    )
+                else:
+                    assert col[mask].tolist() == vals
 
 
 @settings(max_examples=150, deadline=None)
@@ -136,13 +163,16 @@ def test_window_ending_exactly_at_t_counts_and_one_ms_later_does_not():
     assert s["segment"].tolist() == [0, 1]
 
 
-def test_sample_dataset_on_ray_data_has_one_sample_per_valid_impression(
+def test_sample_table_on_ray_data_has_one_sample_per_valid_impression(
     ray_session, tmp_path
 ):
-    """The Ray Data shell over a generated dataset (plain and bucketed layouts):
-    one sample per valid ad impression, no leakage, the same rows either way."""
+    """The Ray shell over a generated dataset (plain and bucketed layouts): one
+    compact sample per valid ad impression, split by time, unique ids, the
+    same rows either way, each bucket's segments joined."""
+    import pyarrow.parquet as pq
+
     from dynamix_ray.config import GenerateConfig
-    from dynamix_ray.samples import eval_boundary_ms, sample_dataset
+    from dynamix_ray.samples import SAMPLE_SCHEMA, run_samples
     from dynamix_ray.segments.pipeline import run_segment
     from dynamix_ray.synth import generate
 
@@ -154,40 +184,65 @@ def test_sample_dataset_on_ray_data_has_one_sample_per_valid_impression(
             GenerateConfig(users=60, days=2, seed=4, bucketed=bucketed),
             progress=None,
         )
-        meta = run_segment(events, out, progress=False).meta
-        ds = sample_dataset(events, out, SampleConfig(max_seq_len=8))
-        cols = {k: [] for k in ("user_id", "t_ms", "label", "segment")}
-        for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            ts, mask = b["ad_impressions.ts_ms"], b["ad_impressions.mask"]
-            assert (ts[mask] < np.repeat(b["t_ms"] - 60_000, mask.sum(1))).all()
-            for k in cols:
-                cols[k].append(b[k])
-        got = {k: np.concatenate(v) for k, v in cols.items()}
-        assert len(got["t_ms"]) == meta["counts"]["impressions"]
-        order = np.lexsort((got["t_ms"], got["user_id"]))
-        rows[layout] = {k: v[order] for k, v in got.items()}
+        cfg = SegmentConfig(num_buckets=3) if not bucketed else SegmentConfig()
+        meta = run_segment(events, out, cfg, progress=False).meta
+        table = run_samples(events, out, str(tmp_path / f"{layout}-s"), progress=False)
+        got = {}
+        for split in ("train", "eval"):
+            parts = [pq.read_table(f) for f in table.files(split)]
+            t = pa.concat_tables(parts)
+            assert t.schema.equals(SAMPLE_SCHEMA)
+            t_ms = t.column("t_ms").to_numpy()
+            if split == "train":
+                assert (t_ms < table.boundary_ms).all()
+            else:
+                assert (t_ms >= table.boundary_ms).all()
+            got[split] = t
+        both = pa.concat_tables(got.values())
+        assert both.num_rows == meta["counts"]["impressions"]
+        ids = both.column("sample_id").to_numpy()
+        assert len(np.unique(ids)) == len(ids)
+        np.testing.assert_array_equal(
+            ids >> 40, both.column("bucket").to_numpy()
+        )  # id = bucket << 40 | row
+        t = both.sort_by([("user_id", "ascending"), ("t_ms", "ascending")])
+        rows[layout] = {
+            k: t.column(k).to_numpy() for k in ("user_id", "t_ms", "label", "segment")
+        }
+        assert table.boundary_ms % 86_400_000 == 0
+        assert 0 < table.rows("eval") < both.num_rows
+        # a re-run with the same inputs reuses the table
+        again = run_samples(events, out, str(tmp_path / f"{layout}-s"), progress=False)
+        assert again.meta["key"] == table.meta["key"]
+        assert again.meta["wall_s"] == table.meta["wall_s"]
     for k in rows["plain"]:
         np.testing.assert_array_equal(rows["plain"][k], rows["bucketed"][k])
-    boundary = eval_boundary_ms(rows["plain"]["t_ms"], 1)
-    assert boundary % 86_400_000 == 0
-    assert 0 < (rows["plain"]["t_ms"] >= boundary).mean() < 1
 
 
 def test_segment_at_carries_any_window_column_with_a_fill():
-    """The epsilon sweep asks segment_at for ``corr`` (float, NaN fill)."""
-    import numpy as np
-
+    """The epsilon sweep asks segment_at for ``corr`` (float, NaN fill); ids
+    and times near the int64 limits need no composite key."""
     from dynamix_ray.samples import segment_at
 
-    code = np.array([0, 0, 1, 2])
+    big = np.iinfo(np.int64).max - 5
+    user = np.array([7, 7, big, 9])
     t = np.array([5, 15, 15, 15])
     corr = segment_at(
-        code,
+        user,
         t,
-        np.array([0, 0, 1]),
+        np.array([7, 7, big]),
         np.array([10, 20, 10]),
         np.array([0.5, -0.7, 0.2]),
         fill=np.nan,
     )
     np.testing.assert_array_equal(corr[1:3], [0.5, 0.2])
     assert np.isnan(corr[0]) and np.isnan(corr[3])
+    far = np.iinfo(np.int64).max - 1
+    got = segment_at(
+        np.array([1, 1]),
+        np.array([np.iinfo(np.int64).min + 2, far]),
+        np.array([1, 1]),
+        np.array([np.iinfo(np.int64).min + 1, far]),
+        np.array([3, 4]),
+    )
+    assert got.tolist() == [3, 4]

@@ -39,7 +39,7 @@ def assert_tables_equal(a: pa.Table, b: pa.Table) -> None:
 @pytest.fixture(scope="module")
 def plain_run(ray_session, tiny_events, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("seg") / "plain")
-    result = run_segment(tiny_events, out, progress=False)
+    result = run_segment(tiny_events, out, SegmentConfig(num_buckets=4), progress=False)
     return result, read_segments(out)
 
 
@@ -80,9 +80,17 @@ def test_rejects_match_what_was_planted(plain_run, tiny_events):
         if source in ("ad_impressions", "conversions") and count:
             expect[reason] = expect.get(reason, 0) + count
     assert result.meta["counts"]["rejected"] == expect
-    rejects = pa.dataset.dataset(f"{result.out}/rejects", format="parquet").to_table()
-    assert rejects.num_rows == sum(expect.values())
-    assert set(rejects.column("reason").to_pylist()) == set(expect)
+    # the rejects are written once, by the event store this run bucketed
+    rejects = pa.dataset.dataset(
+        f"{result.out}/events/rejects", format="parquet"
+    ).to_table()
+    mine = rejects.filter(
+        pa.compute.is_in(
+            rejects.column("source"), pa.array(["ad_impressions", "conversions"])
+        )
+    )
+    assert mine.num_rows == sum(expect.values())
+    assert set(mine.column("reason").to_pylist()) == set(expect)
     # nothing dropped silently: valid + filtered + rejected = rows read
     truth_rows = json.loads(fs.cat(f"{root}/_truth/truth.json"))["rows"]
     c = result.meta["counts"]
@@ -112,8 +120,43 @@ def test_every_layout_gives_the_same_table(layout, plain_run, tmp_path):
     generate(events, cfg, progress=None)
     result = run_segment(events, out, progress=False)
     if layout == "bucketed":
-        assert result.meta["mode"] == "bucketed"
+        assert result.meta["mode"] == "bucketed input"
     assert_tables_equal(read_segments(out), expected)
+
+
+def test_calibrated_epsilon_equals_the_one_of_every_eligible_row(plain_run):
+    """Epsilon comes from small questions to the buckets (segments/select.py),
+    never from an array of every |corr|: it must still be exactly the one
+    calibrate_epsilon gives on all of them."""
+    from dynamix_ray.segments.epsilon import calibrate_epsilon
+
+    result, table = plain_run
+    corr = table.column("corr").to_numpy(zero_copy_only=False)
+    want = calibrate_epsilon(np.abs(corr[~np.isnan(corr)]), 0.6667)
+    assert result.meta["epsilon"] == want
+    assert result.meta["epsilon_calibration"]["rounds"] >= 1
+    # counts are sums of per-bucket counts: users never span buckets
+    assert result.meta["counts"]["users"] == len(np.unique(table.column("user_id")))
+    assert result.meta["counts"]["rows"] == table.num_rows
+
+
+def test_segments_and_statistics_are_written_per_bucket(plain_run):
+    import pyarrow.parquet as pq
+
+    from dynamix_ray.io import user_bucket
+    from dynamix_ray.segments.pipeline import read_segment_bucket
+
+    result, table = plain_run
+    nb = result.meta["num_buckets"]
+    assert nb >= 2
+    total = 0
+    for b in range(nb):
+        part = read_segment_bucket(result.out, b)
+        total += part.num_rows
+        assert (user_bucket(part.column("user_id").to_numpy(), nb) == b).all()
+        stats = pq.read_table(f"{result.out}/stats/bucket={b:05d}/part-0.parquet")
+        assert {"n_near", "m2_far", "n_filtered"} <= set(stats.column_names)
+    assert total == table.num_rows
 
 
 def test_fixed_epsilon_and_parameters_are_recorded(ray_session, tiny_events, tmp_path):

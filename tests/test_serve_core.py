@@ -4,22 +4,28 @@ the request schema. No Serve here (tests/test_serve.py runs the app)."""
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dynamix_ray.features import policy_features, to_model_batch
-from dynamix_ray.histories import HistoryStore, read_histories, run_histories
+from dynamix_ray.histories import (
+    HistoryStore,
+    cut_histories,
+    read_histories,
+    run_histories,
+)
 from dynamix_ray.model import DynamixCTR, ModelConfig
+from dynamix_ray.model.checkpoint import save_checkpoint
 from dynamix_ray.model.config import CANDIDATE_ATTRIBUTES
-from dynamix_ray.samples import segment_at
+from dynamix_ray.samples import SampleConfig, events_of, segment_at
 from dynamix_ray.schema import SOURCES
 from dynamix_ray.serve.api import Candidate, error_body, field_name
 from dynamix_ray.serve.app import SEPARATE_LOOP_ENV, AppConfig, router_options
 from dynamix_ray.serve.ranker import Ranker
 from dynamix_ray.serve.store import SegmentStore, compact_changes
-from dynamix_ray.train import save_checkpoint
 
 TINY_MODEL = ModelConfig(
     emb_dim=4, d_model=8, user_dim=8, head_hidden=16, max_seq_len=8
@@ -44,10 +50,8 @@ def test_segment_store_answers_like_the_full_table(rows, queries):
     assert len(store.user_id) <= len(uid)
     q_uid = np.array([q[0] for q in queries], np.int64)
     q_ts = np.array([q[1] for q in queries], np.int64) * 1000
-    # reference: segment_at with user codes (users absent from the table: -1)
-    code = np.where(np.isin(q_uid, uid), q_uid, -1)
-    want = segment_at(code, q_ts, uid, end, seg) if len(q_uid) else np.zeros(0, np.int8)
-    want = np.where(code >= 0, want, 0)
+    # reference: samples.segment_at (the training rule), unknown users passive
+    want = segment_at(q_uid, q_ts, uid, end, seg)
     np.testing.assert_array_equal(store.lookup(q_uid, q_ts), want)
 
 
@@ -62,24 +66,38 @@ def test_compaction_drops_repeats_and_leading_passive_windows():
         SegmentStore.from_rows(np.array([1]), np.array([1]), np.array([2]))
 
 
-def test_history_store_gives_unknown_users_an_empty_history():
-    cols = {
-        "user_id": np.array([7, 3]),
-        "ad_impressions.ad_id": np.array([[1, 2], [3, 4]]),
-        "ad_impressions.mask": np.array([[True, True], [False, True]]),
-        "country": np.array([5, 6], np.int16),
+def _store_of(rows_by_source: dict, as_of_ms: int, seq: int) -> HistoryStore:
+    """A HistoryStore of raw rows (any order), cut like a snapshot."""
+    events = {
+        s: cut_histories(events_of(r), as_of_ms, seq) for s, r in rows_by_source.items()
     }
-    store = HistoryStore.from_columns(cols, as_of_ms=100, max_seq_len=2)
+    return HistoryStore(events, as_of_ms, seq)
+
+
+def test_history_store_gives_unknown_users_an_empty_history():
+    rows = {
+        "ad_impressions": {
+            "user_id": np.array([7, 7, 3]),
+            "ts_ms": np.array([10, 20, 30]),
+            "ad_id": np.array([1, 2, 4]),
+        }
+    }
+    store = _store_of(rows, as_of_ms=100, seq=2)
     got = store.rows(np.array([3, 99, 7]))
-    np.testing.assert_array_equal(got["ad_impressions.ad_id"], [[3, 4], [0, 0], [1, 2]])
+    np.testing.assert_array_equal(got["ad_impressions.ad_id"], [[0, 4], [0, 0], [1, 2]])
     assert not got["ad_impressions.mask"][1].any()
-    np.testing.assert_array_equal(got["country"], [6, -1, 5])
     np.testing.assert_array_equal(store.known(np.array([3, 4, 7])), [True, False, True])
 
 
 @pytest.mark.parametrize("root", ["file", "memory"])
-def test_history_snapshot_round_trips(ray_session, tiny_events, tmp_path, root):
+def test_history_snapshot_round_trips_and_equals_the_batch_builder(
+    ray_session, tiny_events, tmp_path, root
+):
+    """The served histories of every user equal the training builder's for the
+    same cut (histories.user_histories over all events)."""
     from dynamix_ray.alure.evaluate import read_events_frame
+    from dynamix_ray.histories import user_histories
+    from dynamix_ray.samples import HISTORY_SOURCES
 
     out = str(tmp_path / "h") if root == "file" else "memory://serve-test/h"
     as_of = int(read_events_frame(tiny_events, "ad_impressions")["ts_ms"].median())
@@ -87,33 +105,39 @@ def test_history_snapshot_round_trips(ray_session, tiny_events, tmp_path, root):
     store = read_histories(out)
     assert len(store) == meta["users"] > 0
     assert store.max_seq_len == 5 and store.as_of_ms == as_of
-    ts, mask = (
-        store.columns["ad_impressions.ts_ms"],
-        store.columns["ad_impressions.mask"],
-    )
-    assert ts.shape == (len(store) + 1, 5)
-    assert (ts[mask] < as_of).all()  # nothing at or after as_of
-    assert mask.any(axis=1)[:-1].mean() > 0.5
+    for ev in store.events.values():
+        assert (ev.ts_ms < as_of).all() and (np.diff(ev.offsets) <= 5).all()
+    frames = {
+        s: read_events_frame(tiny_events, s).to_dict("series") for s in HISTORY_SOURCES
+    }
+    raw = {s: {k: np.asarray(v) for k, v in f.items()} for s, f in frames.items()}
+    want = user_histories(raw, as_of, 5)
+    got = store.rows(want["user_id"])  # at the snapshot's instant
+    for k, v in got.items():
+        w = v.shape[1]
+        assert (want[k][:, : 5 - w] == 0).all()
+        np.testing.assert_array_equal(want[k][:, 5 - w :], v, err_msg=k)
 
 
 def _random_histories(n_users: int, seq: int, seed: int = 0) -> HistoryStore:
-    from dynamix_ray.model.config import SOURCE_ATTRIBUTES
+    from dynamix_ray.schema import SOURCES
 
     rng = np.random.default_rng(seed)
-    cols: dict[str, np.ndarray] = {"user_id": np.arange(n_users) * 10}
-    for src, attrs in SOURCE_ATTRIBUTES.items():
-        lens = rng.integers(0, seq + 1, n_users)
-        mask = np.arange(seq)[None] >= seq - lens[:, None]
-        cols[f"{src}.mask"] = mask
-        cols[f"{src}.ts_ms"] = np.where(
-            mask, 1_700_000_000_000 - rng.integers(1, 10**8, (n_users, seq)), 0
-        )
-        for a in attrs:
-            name = f"{src}.dwell" if a == "dwell_ms" else f"{src}.{a}"
-            cols[name] = np.where(mask, rng.integers(0, 50, (n_users, seq)), 0)
-        if f"{src}.dwell" in cols:
-            cols[f"{src}.dwell"] = cols[f"{src}.dwell"].astype(np.float32)
-    return HistoryStore.from_columns(cols, 1_700_000_000_000, seq)
+    as_of = 1_700_000_000_000
+    rows = {}
+    for src, s in SOURCES.items():
+        n = int(rng.integers(0, 4 * seq * n_users + 1))
+        r = {
+            "user_id": rng.integers(0, n_users, n) * 10,
+            "ts_ms": as_of - rng.integers(1, 10**8, n),
+        }
+        if s.has_dwell:
+            r["dwell_ms"] = rng.uniform(0, 5e4, n)
+        for a, t in s.attributes.items():
+            if pa.types.is_integer(t):
+                r[a] = rng.integers(0, 50, n)
+        rows[src] = r
+    return _store_of(rows, as_of, seq)
 
 
 @pytest.mark.parametrize(
@@ -137,14 +161,10 @@ def test_ranker_scores_equal_the_model_on_repeated_rows(tmp_path, policy, segmen
     assert [len(g) for g in got] == [3, 1, 4]
 
     idx = np.repeat(np.arange(3), [3, 1, 4])
-    cols = {
-        k: v[:, -8:] if v.ndim == 2 else v
-        for k, v in store.rows(np.array(users)).items()
-    }
-    cols = {k: v[idx] for k, v in cols.items()}
+    # SPEC §6: the last 8 events before t - 60 s, the same rule as training
+    hist = store.rows(np.array(users), np.array(ts), None, 60_000, 8)
+    cols = {k: v[idx] for k, v in hist.items()}
     cols["t_ms"] = np.array(ts)[idx]
-    for k in [k for k in cols if k.endswith(".mask")]:  # SPEC §6: before t - 60 s
-        cols[k] = cols[k] & (cols[k[:-4] + "ts_ms"] < cols["t_ms"][:, None] - 60_000)
     flat = np.concatenate(cands)
     for j, a in enumerate(CANDIDATE_ATTRIBUTES):
         cols[f"cand.{a}"] = flat[:, j]
@@ -190,20 +210,55 @@ def test_a_request_before_the_snapshot_sees_no_later_events(tmp_path):
     store = _random_histories(3, seq=8, seed=3)
     ranker = Ranker(ckpt, store, 0)
     cand = [np.arange(len(CANDIDATE_ATTRIBUTES))[None]]
-    ts = store.columns["ad_impressions.ts_ms"][0]
-    mask = store.columns["ad_impressions.mask"][0]
-    t_mid = int(np.median(ts[mask])) + 60_000  # half the events are too late
-    cut = {k: v.copy() for k, v in store.columns.items()}
-    for k in [k for k in cut if k.endswith(".mask")]:
-        cut[k][0] &= cut[k[:-4] + "ts_ms"][0] < t_mid - 60_000
-    earlier = HistoryStore.from_columns(
-        {"user_id": store.user_id, **{k: v[:-1] for k, v in cut.items()}},
+    ev = store.events["ad_impressions"]
+    lo, hi = ev.user_slices(np.array([0]))
+    t_mid = int(np.median(ev.ts_ms[lo[0] : hi[0]])) + 60_000  # half are too late
+    earlier = HistoryStore(
+        {
+            s: events_of(
+                {
+                    "user_id": np.repeat(e.user_id, np.diff(e.offsets))[keep],
+                    "ts_ms": e.ts_ms[keep],
+                    **{k: v[keep] for k, v in e.columns.items()},
+                }
+            )
+            for s, e in store.events.items()
+            for keep in [e.ts_ms < t_mid - 60_000]
+        },
         store.as_of_ms,
         store.max_seq_len,
     )
     got = ranker.score([0], [t_mid], cand)[0]
     want = Ranker(ckpt, earlier, 0).score([0], [t_mid], cand)[0]
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_ranker_cuts_histories_with_the_checkpoints_sample_settings(tmp_path):
+    """Serving reads the sequence length and the buffer from the checkpoint,
+    not from defaults: a model trained with L = 4 and a 10-minute buffer sees
+    the last 4 events before t - 10 min."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(emb_dim=4, d_model=8, user_dim=8, head_hidden=16, max_seq_len=4)
+    model = DynamixCTR(cfg).eval()
+    samples = SampleConfig(max_seq_len=4, buffer_s=600)
+    ckpt = save_checkpoint(str(tmp_path / "c"), model, cfg, samples=samples)
+    store = _random_histories(3, seq=8, seed=5)
+    ranker = Ranker(ckpt, store, 1)
+    assert ranker.samples == samples
+    t = store.as_of_ms - 3_600_000
+    cand = [np.arange(len(CANDIDATE_ATTRIBUTES))[None] % 7]
+    got = ranker.score([10], [t], cand)[0]
+    cols = store.rows(np.array([10]), np.array([t]), None, 600_000, 4)
+    for k, v in cols.items():
+        if k.endswith(".ts_ms"):
+            assert (v[cols[k[:-5] + "mask"]] < t - 600_000).all()
+            assert cols[k[:-5] + "mask"].sum() <= 4
+    cols["t_ms"] = np.array([t])
+    for j, a in enumerate(CANDIDATE_ATTRIBUTES):
+        cols[f"cand.{a}"] = cand[0][:, j]
+    with torch.no_grad():
+        want = torch.sigmoid(model(to_model_batch(cols), ranker.features)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def _cfg(**over) -> AppConfig:

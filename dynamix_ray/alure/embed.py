@@ -44,6 +44,7 @@ from dynamix_ray.io import (
     read_json,
     read_parquet_folder,
     resolve,
+    url_of,
     write_json,
     write_parquet,
 )
@@ -313,7 +314,8 @@ def run_embed(
     row_meta = (as_of, version, mcfg.user_dim)
     kept = 0
     # the meta is placed after the table it describes (atomic_output's files)
-    with atomic_output(fs, root, ["embeddings"], files=["_meta.json"]) as tmp:
+    with atomic_output(fs, root, ["embeddings"], files=["_meta.json"]) as tmp_path:
+        tmp = url_of(fs, tmp_path)
         if local:
             _embed_local(store, tmp, args, ckpt, cfg, row_meta)
         else:
@@ -340,7 +342,7 @@ def run_embed(
                     cast(Any, _to_arrow), fn_args=row_meta, batch_format="numpy"
                 )
                 .write_parquet(
-                    f"{tmp}/embeddings",
+                    f"{tmp_path}/embeddings",
                     partition_cols=["bucket"],
                     filesystem=pyarrow_fs(fs),
                 )
@@ -352,14 +354,14 @@ def run_embed(
             for r in map_items(
                 _kept_task,
                 items,
-                (root, tmp, as_of, since),
+                (url_of(fs, root), tmp, as_of, since),
                 local=local,
                 name="embed: keep previous rows",
                 progress=progress,
             ):
                 kept += r["kept"]
         total = 0
-        for p in fs.find(f"{tmp}/embeddings"):
+        for p in fs.find(f"{tmp_path}/embeddings"):
             if p.endswith(".parquet"):
                 with fs.open(p, "rb") as fh:
                     total += pq.ParquetFile(fh).metadata.num_rows
@@ -378,5 +380,5 @@ def run_embed(
             "config": asdict(cfg),
             "wall_s": round(time.perf_counter() - t0, 3),
         }
-        write_json(fs, f"{tmp}/_meta.json", meta)
+        write_json(fs, f"{tmp_path}/_meta.json", meta)
     return meta

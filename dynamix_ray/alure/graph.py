@@ -43,6 +43,7 @@ from dynamix_ray.io import (
     pyarrow_fs,
     read_parquet_folder,
     resolve,
+    url_of,
     write_json,
     write_parquet,
 )
@@ -380,12 +381,13 @@ def build_u2u(
         with resolve(files[0])[0].open(files[0], "rb") as fh:
             dim = pq.ParquetFile(fh).schema_arrow.field("embedding").type.list_size
     with atomic_output(fs, root, ["u2u", "u2u_index"]) as tmp:
+        index_root = url_of(fs, f"{tmp}/u2u_index")
         t_build = time.perf_counter()
         built = list(
             map_items(
                 _build_group,
                 [{"group": g} for g in groups],
-                (embeddings, cfg, f"{tmp}/u2u_index"),
+                (embeddings, cfg, index_root),
                 local=local,
                 name="u2u: index per group",
                 progress=progress,

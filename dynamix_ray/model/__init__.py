@@ -13,7 +13,13 @@ from dynamix_ray.model.config import (
     FeatureSet,
     ModelConfig,
 )
-from dynamix_ray.model.ctr import Batch, DynamixCTR, Features, flops_per_sample
+from dynamix_ray.model.ctr import (
+    Batch,
+    DynamixCTR,
+    Features,
+    PartsLoss,
+    flops_per_sample,
+)
 from dynamix_ray.model.embeddings import AttributeEmbeddings, HashEmbedding, hash_ids
 from dynamix_ray.model.encoders import EventBlock, SourceEncoder
 from dynamix_ray.model.layers import SlicedLinear
@@ -34,6 +40,7 @@ __all__ = [
     "Features",
     "HashEmbedding",
     "ModelConfig",
+    "PartsLoss",
     "RelativeTimeBias",
     "SlicedLinear",
     "SourceEncoder",

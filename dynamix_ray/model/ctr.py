@@ -30,7 +30,7 @@ from dynamix_ray.model.embeddings import AttributeEmbeddings
 from dynamix_ray.model.encoders import SourceEncoder
 from dynamix_ray.model.layers import AttentionPool, SlicedLinear, TargetAttention
 
-__all__ = ["Batch", "DynamixCTR", "Features", "flops_per_sample"]
+__all__ = ["Batch", "DynamixCTR", "Features", "PartsLoss", "flops_per_sample"]
 
 #: The batch contract of the sample builder (see ``DynamixCTR.forward``).
 Batch = Mapping[str, Any]
@@ -235,6 +235,40 @@ class DynamixCTR(nn.Module):
             parts[f"target.{s}"] = t
             parts[f"cross.{s}"] = cand * t  # (B, D): DIN-style interaction
         return self.head_out(self.head_in(parts))[:, 0]  # (B,)
+
+
+class PartsLoss(nn.Module):
+    """The summed log loss of a batch's parts, each part run with its own
+    ``FeatureSet``, in ONE forward call.
+
+    A segment-conditional batch is several model passes (one per segment
+    present). Wrapped in DDP, this module makes them one forward per step on
+    every rank, whatever segments a rank's batch holds, so the ranks' buffer
+    broadcasts and gradient all-reduces always pair up.
+
+    Shapes: ``forward([(batch, features), ...])`` -> () summed binary cross
+    entropy over every row of every part (each batch needs ``"label"`` (B,)).
+    """
+
+    def __init__(self, ctr: DynamixCTR, use_amp: bool = False) -> None:
+        super().__init__()
+        self.ctr = ctr
+        self.use_amp = use_amp
+
+    def forward(self, parts: list[tuple[Batch, Features]]) -> Tensor:
+        import torch
+
+        total = None
+        for batch, features in parts:
+            dev = batch["label"].device
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.use_amp):
+                logits = self.ctr(batch, features)
+            loss = F.binary_cross_entropy_with_logits(
+                logits.float(), batch["label"], reduction="sum"
+            )
+            total = loss if total is None else total + loss
+        assert total is not None, "PartsLoss needs at least one part"
+        return total
 
 
 def flops_per_sample(

@@ -44,6 +44,7 @@ from dynamix_ray.io import (
     is_process_local,
     read_json,
     resolve,
+    url_of,
     write_json,
     write_parquet,
 )
@@ -275,7 +276,8 @@ def run_segment(
         for b in range(store.num_buckets)
     ]
     slim = [{"bucket": b} for b in range(store.num_buckets)]
-    with atomic_output(out_fs, out_root, ["segments", "stats"]) as tmp:
+    with atomic_output(out_fs, out_root, ["segments", "stats"]) as tmp_path:
+        tmp = url_of(out_fs, tmp_path)  # what the tasks resolve
         counts: dict[str, Any] = dict.fromkeys(
             ("rows", "eligible", "impressions", "filtered", "users"), 0
         )
@@ -364,7 +366,7 @@ def run_segment(
             import ray
 
             meta["ray_version"] = ray.__version__
-        write_json(out_fs, f"{tmp}/segments/_meta.json", meta)
+        write_json(out_fs, f"{tmp_path}/segments/_meta.json", meta)
     return SegmentResult(out_url, meta)
 
 
