@@ -417,7 +417,8 @@ def build_u2u(
                     )
         else:
             assert isinstance(embeddings, str)
-            actors = max(1, min(cluster_cpus(), len(files)))
+            # leave a CPU to the reading tasks that feed the actors
+            actors = max(1, min(cluster_cpus() - 1, len(files)))
             (
                 ray.data.read_parquet(
                     files,
