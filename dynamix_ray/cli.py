@@ -96,6 +96,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         help="share of rows made invalid on purpose (default %(default)s)",
     )
     p.add_argument("--start", default=_GEN.start, help="first day (UTC, ISO date)")
+    p.add_argument(
+        "--no-engagement",
+        action="store_true",
+        help="write only ad impressions and conversions (no organic impressions "
+        "or page views): what the statistic reads",
+    )
 
 
 def _add_segment(sub: argparse._SubParsersAction) -> None:
@@ -576,6 +582,7 @@ def generate_config(args: argparse.Namespace) -> GenerateConfig:
         chunk_users=args.chunk_users,
         bad_row_rate=args.bad_row_rate,
         start=args.start,
+        engagement=not args.no_engagement,
     )
 
 
@@ -600,8 +607,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(
         f"generate: wrote {truth['rows']['ad_impressions']:,} ad impressions, "
         f"{truth['rows']['conversions']:,} conversions, "
-        f"{truth['rows']['organic_impressions']:,} organic impressions, "
-        f"{truth['rows']['page_views']:,} page views in {truth['wall_s']:.1f} s\n"
+        f"{truth['rows'].get('organic_impressions', 0):,} organic impressions, "
+        f"{truth['rows'].get('page_views', 0):,} page views in "
+        f"{truth['wall_s']:.1f} s\n"
         f"  data   {args.out}\n  truth  {args.out.rstrip('/')}/_truth/"
     )
     return 0

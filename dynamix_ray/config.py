@@ -134,6 +134,9 @@ class GenerateConfig:
         chunk_users: users generated and written per chunk (bounds memory).
         start: first day, ISO date (UTC midnight).
         bad_row_rate: share of rows made invalid on purpose (rejects).
+        engagement: also write organic impressions and page views (the
+            statistic reads only ad impressions and conversions: a benchmark
+            of it at hundreds of millions of rows can leave them out).
     """
 
     users: int = 2000
@@ -153,6 +156,7 @@ class GenerateConfig:
     chunk_users: int = 20_000
     start: str = "2026-01-05"
     bad_row_rate: float = 0.0005
+    engagement: bool = True
 
     def __post_init__(self) -> None:
         if self.users < 1 or self.days < 1:

@@ -270,8 +270,11 @@ def _chunk(
     sources = {
         "ad_impressions": imp,
         "conversions": conv,
-        "organic_impressions": organic,
-        "page_views": pages,
+        **(
+            {"organic_impressions": organic, "page_views": pages}
+            if cfg.engagement
+            else {}
+        ),
     }
     if cfg.n_countries > 0:
         for src, idx in (
@@ -280,7 +283,8 @@ def _chunk(
             ("organic_impressions", ou),
             ("page_views", pu),
         ):
-            sources[src]["country"] = users["country"][idx]
+            if src in sources:
+                sources[src]["country"] = users["country"][idx]
     planted.update(_plant_bad_rows(cfg, rng, sources))
     return sources, users, planted
 

@@ -17,16 +17,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dynamix_ray.alure.candidates import CandidateConfig, u2u_candidates
-from dynamix_ray.alure.embed import _to_table
+from dynamix_ray.alure.embed import embeddings_table
 from dynamix_ray.alure.evaluate import read_events_frame
 from dynamix_ray.alure.graph import U2UConfig, build_u2u, read_u2u
 from dynamix_ray.config import SegmentConfig
 from dynamix_ray.histories import read_histories, run_histories
 from dynamix_ray.model import DynamixCTR, ModelConfig
+from dynamix_ray.model.checkpoint import save_checkpoint
 from dynamix_ray.model.config import CANDIDATE_ATTRIBUTES
 from dynamix_ray.segments.pipeline import run_segment
 from dynamix_ray.serve.store import read_segment_store
-from dynamix_ray.train import save_checkpoint
 
 TINY = ModelConfig(emb_dim=4, d_model=8, user_dim=8, head_hidden=16, max_seq_len=8)
 MAX_CANDIDATES = 20
@@ -78,7 +78,7 @@ def app(ray_session, tiny_events, tmp_path_factory):
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(len(users), 8)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    table = _to_table({"user_id": users, "embedding": emb}, 0, "test", 8)
+    table = embeddings_table({"user_id": users, "embedding": emb}, 0, "test", 8)
     build_u2u(table, str(root / "u2u"), U2UConfig(k2=5), progress=False)
 
     port = _free_port()

@@ -58,6 +58,7 @@ from dynamix_ray.samples import HISTORY_SOURCES
 __all__ = [
     "EMBEDDING_SCHEMA",
     "EmbedConfig",
+    "embeddings_table",
     "model_version",
     "read_embeddings",
     "read_embeddings_meta",
@@ -223,15 +224,17 @@ def _kept_task(
     return {"kept": kept.num_rows}
 
 
-def _to_arrow(
-    batch: dict[str, np.ndarray], as_of_ms: int, version: str, dim: int
+def embeddings_table(
+    cols: dict[str, np.ndarray], as_of_ms: int, version: str, dim: int
 ) -> pa.Table:
-    """Ray Data map: the tower's output in the embeddings schema (+ bucket)."""
-    n = len(batch["user_id"])
-    emb = np.asarray(batch["embedding"], np.float32).reshape(n, dim)
-    t = pa.table(
+    """``user_id`` and ``embedding`` (N, E) (optional ``country``) in the
+    embeddings schema, stamped with ``as_of`` and ``model_version``."""
+    n = len(cols["user_id"])
+    emb = np.asarray(cols["embedding"], np.float32).reshape(n, dim)
+    country = cols.get("country")
+    return pa.table(
         {
-            "user_id": pa.array(batch["user_id"], pa.int64()),
+            "user_id": pa.array(cols["user_id"], pa.int64()),
             "embedding": pa.FixedSizeListArray.from_arrays(
                 pa.array(emb.reshape(-1), pa.float32()), dim
             ),
@@ -239,10 +242,19 @@ def _to_arrow(
                 pa.timestamp("ms", "UTC")
             ),
             "model_version": pa.array([version] * n, pa.string()),
-            "country": pa.array(batch["country"], pa.int16()),
+            "country": pa.array(
+                np.full(n, -1) if country is None else country, pa.int16()
+            ),
         },
         schema=EMBEDDING_SCHEMA(dim),
     )
+
+
+def _to_arrow(
+    batch: dict[str, np.ndarray], as_of_ms: int, version: str, dim: int
+) -> pa.Table:
+    """Ray Data map: the tower's output in the embeddings schema (+ bucket)."""
+    t = embeddings_table(batch, as_of_ms, version, dim)
     return t.append_column("bucket", pa.array(batch["bucket"], pa.int32()))
 
 
