@@ -176,6 +176,8 @@ def _stats_task(
     kept = (n_near + n_far) > 0
     abs_corr = _abs_corr(stats, cfg.min_events)
     return {
+        # the calibration's first question, answered in this same pass
+        "first_answer": select.answer(abs_corr, select.first_question()),
         "rows": int(kept.sum()),
         "eligible": len(abs_corr),
         "impressions": int((n_near + n_far + stats["n_filtered"]).sum()),
@@ -198,6 +200,15 @@ def _answer_task(item: dict[str, Any], tmp: str, min_events: int, question: Any)
     return select.answer(
         _abs_corr(_read_stats(tmp, item["bucket"]), min_events), question
     )
+
+
+def _fold(question: Any, answers: Any) -> Any:
+    """Merge answers as they arrive: the driver holds one merged answer, not
+    one per bucket."""
+    acc = select.merge(question, [])
+    for a in answers:
+        acc = select.merge(question, [acc, a])
+    return acc
 
 
 def _finalize_task(
@@ -264,8 +275,9 @@ def run_segment(
         raise FileNotFoundError(
             f"{events_url}: no valid conversion (source 'conversions' is required)"
         )
-    first = store.meta["sources"]["ad_impressions"]["ts_min_ms"]
-    origin = window_origin_ms(cfg, first)
+    origin = window_origin_ms(
+        cfg, store.meta["sources"]["ad_impressions"]["ts_min_ms"]
+    )
     items = [
         {
             "bucket": b,
@@ -281,6 +293,7 @@ def run_segment(
         counts: dict[str, Any] = dict.fromkeys(
             ("rows", "eligible", "impressions", "filtered", "users"), 0
         )
+        first: list[Any] = []
         for r in map_items(
             _stats_task,
             items,
@@ -291,6 +304,8 @@ def run_segment(
         ):
             for k in counts:
                 counts[k] += r[k]
+            # folded as they come: one histogram in the driver, not one a bucket
+            first = [_fold(select.first_question(), [*first, r["first_answer"]])]
         say(
             "segment: statistics of %d buckets (%.1f s)",
             len(items),
@@ -301,7 +316,9 @@ def run_segment(
         if cfg.epsilon is None:
 
             def ask(question: Any) -> Any:
-                return select.merge(
+                if question == select.first_question():
+                    return first[0] if first else select.merge(question, [])
+                return _fold(
                     question,
                     map_items(
                         _answer_task,

@@ -53,6 +53,7 @@ __all__ = [
     "answer",
     "calibrate_epsilon_distributed",
     "calibrate_epsilon_distributed_stats",
+    "first_question",
     "float_keys",
     "key_to_float",
     "merge",
@@ -426,6 +427,13 @@ class _Asker:
         return got
 
 
+def first_question(bits_per_round: int = 12) -> Histogram:
+    """The question every calibration asks first (a histogram of the whole key
+    range): a pipeline may answer it in the same pass that computes the
+    values, and save a round."""
+    return _next_histogram(0, KEY_END, bits_per_round)
+
+
 def _next_histogram(lo_key: int, hi_key: int, bits_per_round: int) -> Histogram:
     # width <= 2**L with L = bit_length(width - 1): 2**bits bins of 2**(L - bits)
     shift = max((hi_key - lo_key - 1).bit_length() - bits_per_round, 0)
@@ -574,7 +582,7 @@ def calibrate_epsilon_distributed_stats(
         )
     f = float(active_fraction)
     asker = _Asker(ask, max_fetch)
-    q0 = _next_histogram(0, KEY_END, bits_per_round)
+    q0 = first_question(bits_per_round)
     h0 = asker.histogram(q0)  # also counts the rows
     n = h0.total
     plateau = False
