@@ -24,6 +24,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dynamix_ray.model import ModelConfig  # noqa: E402
+from dynamix_ray.samples import SampleConfig  # noqa: E402
 from dynamix_ray.train import TrainConfig, resolve_checkpoint, run_train  # noqa: E402
 
 
@@ -74,6 +75,7 @@ def main() -> None:
                 batch_size=args.batch_size,
                 seed=seed,
                 model=mcfg,
+                samples=SampleConfig(max_seq_len=args.max_seq_len),
                 importance_rows=0,
                 alure=alure,
             )
@@ -83,7 +85,7 @@ def main() -> None:
                 m = json.loads((run_dir / "metrics.json").read_text())
             else:
                 shutil.rmtree(run_dir, ignore_errors=True)  # fresh, not resumed
-                m = run_train(events, segments, str(run_dir), tcfg, args.max_seq_len)
+                m = run_train(events, segments, str(run_dir), tcfg)
             keep = ("ne", "ne_active", "ne_passive", "auc", "train_examples_per_s")
             runs[arm].append({"seed": seed, **{k: m[k] for k in keep}})
             print(

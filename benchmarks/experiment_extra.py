@@ -43,9 +43,8 @@ def inference_by_candidates(
         predicted_gain,
         request_flops_by_arm,
     )
-    from dynamix_ray.features import available_features
     from dynamix_ray.histories import read_histories
-    from dynamix_ray.model.config import CANDIDATE_ATTRIBUTES
+    from dynamix_ray.loader import features_of
     from dynamix_ray.train import load_checkpoint
 
     arms = list(results["arms"])
@@ -60,8 +59,7 @@ def inference_by_candidates(
         for s in results["seeds"]
     }
     _, mcfg, _ = load_checkpoint(ckpt[("baseline", results["seeds"][0])])
-    names = {**hist.columns, **{f"cand.{a}": np.zeros(1) for a in CANDIDATE_ATTRIBUTES}}
-    avail = available_features(names)
+    avail = features_of(hist.attributes())
     out: dict[str, Any] = {}
     for c in counts:
         reqs = _requests(inputs["events"], inputs["segments"], hist, n, c)
@@ -113,12 +111,16 @@ def inference_by_candidates(
 
 def planted_removal(results: dict[str, Any], root: Path) -> dict[str, Any]:
     from dynamix_ray.model import ModelConfig
+    from dynamix_ray.samples import SampleConfig
     from dynamix_ray.synth import NO_SIGNAL_ATTRIBUTES
     from dynamix_ray.train import TrainConfig, prepare_train_data, run_train
 
     cfg = results["config"]
     inputs = results["inputs"]
-    data = prepare_train_data(inputs["events"], inputs["segments"], cfg["max_seq_len"])
+    samples = SampleConfig(max_seq_len=cfg["max_seq_len"])
+    data = prepare_train_data(
+        inputs["events"], inputs["segments"], str(root), samples, progress=False
+    )
     removed = tuple(NO_SIGNAL_ATTRIBUTES)
     rows = []
     for seed in results["seeds"]:
@@ -130,6 +132,7 @@ def planted_removal(results: dict[str, Any], root: Path) -> dict[str, Any]:
             lr=cfg["lr"],
             seed=seed,
             importance_rows=0,
+            samples=samples,
             model=ModelConfig(max_seq_len=cfg["max_seq_len"]),
         )
         t0 = time.perf_counter()
@@ -138,7 +141,6 @@ def planted_removal(results: dict[str, Any], root: Path) -> dict[str, Any]:
             inputs["segments"],
             str(root / "runs_planted" / f"seed{seed}"),
             tcfg,
-            cfg["max_seq_len"],
             data=data,
         )
         base = results["arms"]["baseline"]["ne"]["values"][results["seeds"].index(seed)]

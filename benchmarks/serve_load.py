@@ -52,7 +52,7 @@ from dynamix_ray.experiments import (  # noqa: E402
     predicted_gain,
     request_flops_by_arm,
 )
-from dynamix_ray.features import POLICIES, available_features  # noqa: E402
+from dynamix_ray.features import POLICIES  # noqa: E402
 from dynamix_ray.model import DynamixCTR, ModelConfig  # noqa: E402
 from dynamix_ray.model.config import CANDIDATE_ATTRIBUTES  # noqa: E402
 from dynamix_ray.report import plot_timeline  # noqa: E402
@@ -412,11 +412,10 @@ def section_policies(args, env, traffic, base: str) -> dict[str, Any]:
             qps[policy].append(m["qps"])
             print(f"  round {r + 1} {policy:16s} {m['qps']:7.1f} QPS", flush=True)
     _, mcfg, _ = load_checkpoint(env["checkpoints"]["baseline"])
-    names = {f"cand.{a}": 0 for a in CANDIDATE_ATTRIBUTES}
     from dynamix_ray.histories import read_histories
+    from dynamix_ray.loader import features_of
 
-    names.update(read_histories(env["histories"]).columns)
-    avail = available_features(names)
+    avail = features_of(read_histories(env["histories"]).attributes())
     removed = tuple(env["removed"])
     share = 2 / 3
     flops = request_flops_by_arm(mcfg, POLICIES, removed, avail, args.candidates)

@@ -53,7 +53,8 @@ from dynamix_ray.experiments import (  # noqa: E402
 )
 from dynamix_ray.features import POLICIES, flops_by_segment  # noqa: E402
 from dynamix_ray.model import ModelConfig  # noqa: E402
-from dynamix_ray.train import TrainConfig, run_train  # noqa: E402
+from dynamix_ray.samples import SampleConfig  # noqa: E402
+from dynamix_ray.train import TrainConfig, prepare_train_data, run_train  # noqa: E402
 
 NE_TARGET = 0.95  # baseline vs a base-rate model
 RATIO_TARGET = 0.8  # remove-active: measured gain / FLOP-predicted gain
@@ -69,14 +70,12 @@ def cached_segments(events: str, root: Path) -> str:
 
 
 def batches_of_samples(
-    events: str, segments: str, seq: int, batch: int, n_batches: int, total: int
+    data: Any, batch: int, n_batches: int
 ) -> list[dict[str, np.ndarray]]:
-    """``n_batches`` batches drawn at random from all samples (every day and
-    user, so the segment mix is the data's), in a fixed order."""
-    from dynamix_ray.samples import SampleConfig, sample_dataset
-
-    ds = sample_dataset(events, segments, SampleConfig(max_seq_len=seq))
-    return sample_batches(ds, batch, n_batches, total=total)
+    """``n_batches`` batches drawn at random from the training samples (every
+    training day and user, so the segment mix is the data's), in a fixed
+    order, with (B, L) histories."""
+    return sample_batches(data, batch, n_batches)
 
 
 def throughput(
@@ -145,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     segments = cached_segments(events, root / f"events_{args.users}u_{args.days}d")
     mcfg = ModelConfig(max_seq_len=args.max_seq_len)
     seq = args.max_seq_len
+    samples = SampleConfig(max_seq_len=seq)
+    data = prepare_train_data(
+        events, segments, str(root / "runs"), samples, progress=False
+    )
 
     def train(policy: str, removed: tuple[str, ...] = ()) -> dict[str, Any]:
         tcfg = TrainConfig(
@@ -153,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             epochs=args.epochs,
             batch_size=args.batch_size,
             seed=args.seed,
+            samples=samples,
             model=mcfg,
         )
         t0 = time.perf_counter()
@@ -161,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
             m = json.loads(saved.read_text())
             print(f"  {policy:16s} metrics reused from {saved}")
         else:
-            m = run_train(events, segments, str(root / "runs" / policy), tcfg, seq)
+            m = run_train(
+                events, segments, str(root / "runs" / policy), tcfg, data=data
+            )
         print(
             f"  {policy:16s} NE {m['ne']:.4f} (active {m['ne_active']:.4f}, passive "
             f"{m['ne_passive']:.4f}), AUC {m['auc']:.4f}, Ray Train "
@@ -183,14 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         + f"\n  removed by remove-*: {', '.join(removed)}"
     )
 
-    batches = batches_of_samples(
-        events,
-        segments,
-        seq,
-        args.batch_size,
-        args.batches,
-        int(truth["rows"]["ad_impressions"]),
-    )
+    batches = batches_of_samples(data, args.batch_size, args.batches)
     seg = np.concatenate([b["segment"] for b in batches])
     share = float((seg == 1).mean())
     print(
@@ -211,12 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     # drawn from enough random rows to fill --batches batches of them
     bs = args.batch_size
     pool = batches_of_samples(
-        events,
-        segments,
-        seq,
-        bs,
-        int(np.ceil(args.batches / max(share, 0.05) * 1.2)),
-        int(truth["rows"]["ad_impressions"]),
+        data, bs, int(np.ceil(args.batches / max(share, 0.05) * 1.2))
     )
     active_rows = {k: np.concatenate([b[k] for b in pool]) for k in pool[0]}
     keep = np.flatnonzero(active_rows["segment"] == 1)[: args.batches * bs]

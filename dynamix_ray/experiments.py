@@ -521,8 +521,8 @@ def sample_batches(
 ) -> list[dict[str, np.ndarray]]:
     """``n_batches`` batches of training rows drawn at random, in a fixed
     order, each with every history attribute the data holds (flat columns, so
-    that every arm's feature set is a subset); only about the rows needed
-    reach the driver.
+    that every arm's feature set is a subset), ``(B, L)`` wide; only about the
+    rows needed reach the driver.
 
     Args:
         data: a :class:`train.TrainData`.
@@ -551,8 +551,11 @@ def sample_batches(
         order[i : i + batch_size]
         for i in range(0, len(order) - batch_size + 1, batch_size)
     ] or [order]
+    # a fixed width L: batches of one shape, that callers may concatenate
+    width = data.samples.max_seq_len
     return [
-        batcher.part({k: v[i] for k, v in cols.items()}, data.available) for i in idx
+        batcher.part({k: v[i] for k, v in cols.items()}, data.available, width)
+        for i in idx
     ]
 
 

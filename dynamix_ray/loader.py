@@ -191,9 +191,10 @@ class SegmentBatcher:
         return attach_daily(d.user_id, d.days_ms, d.emb, users, bound_ms)
 
     def part(
-        self, rows: Mapping[str, np.ndarray], fs: FeatureSet
+        self, rows: Mapping[str, np.ndarray], fs: FeatureSet, width: int | None = None
     ) -> dict[str, np.ndarray]:
-        """The model columns of rows of one segment under feature set ``fs``."""
+        """The model columns of rows under feature set ``fs`` (``width``: the
+        histories' W; default the part's longest window, at most L)."""
         out = {k: np.asarray(rows[k]) for k in _PASS if k in rows}
         for a in fs.candidate:
             out[f"cand.{a}"] = np.asarray(rows[f"cand.{a}"])
@@ -217,12 +218,12 @@ class SegmentBatcher:
                     ev, users[idx], bound[idx], self.spec.max_seq_len
                 )
                 windows.append((ev, idx, start, count))
-            width = max(1, max(int(w[3].max(initial=0)) for w in windows))
+            w_src = width or max(1, max(int(w[3].max(initial=0)) for w in windows))
             cols: dict[str, np.ndarray] = {}
             for ev, idx, start, count in windows:
-                for k, v in gather(ev, start, count, attrs, width).items():
+                for k, v in gather(ev, start, count, attrs, w_src).items():
                     if k not in cols:
-                        cols[k] = np.zeros((n, width), v.dtype)
+                        cols[k] = np.zeros((n, w_src), v.dtype)
                     cols[k][idx] = v
             out.update({f"{src}.{k}": v for k, v in cols.items()})
         return out
