@@ -83,10 +83,19 @@ def map_items(
 
     ensure_ray()
     ctx = ray.data.DataContext.get_current()
-    saved = ctx.execution_options.preserve_order, ctx.enable_progress_bars
+    saved = (
+        ctx.execution_options.preserve_order,
+        ctx.enable_progress_bars,
+        ctx.print_on_execution_start,
+    )
     # the context is captured when the dataset is created: set it first
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = progress
+    ctx.print_on_execution_start = progress
+    data_log = logging.getLogger("ray.data")
+    data_level = data_log.level
+    if not progress:  # no "Dataset ... execution finished" line per pass
+        data_log.setLevel(max(data_level, logging.WARNING))
     try:
         ds = ray.data.from_items(
             [{"item": json.dumps(it)} for it in items], override_num_blocks=len(items)
@@ -100,5 +109,10 @@ def map_items(
             for blob in batch["result"]:
                 yield pickle.loads(blob)
     finally:
-        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
+        (
+            ctx.execution_options.preserve_order,
+            ctx.enable_progress_bars,
+            ctx.print_on_execution_start,
+        ) = saved
+        data_log.setLevel(data_level)
     say("%s: %d done (%.1f s)", name, len(items), time.perf_counter() - t0)
