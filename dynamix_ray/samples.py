@@ -64,13 +64,13 @@ __all__ = [
     "attach_histories",
     "build_samples",
     "compact_samples",
-    "eval_boundary_ms",
+    "eval_boundary_from_days",
+    "events_of",
     "read_sample_table",
     "reference_samples",
     "run_samples",
     "segment_at",
     "segment_rows",
-    "time_split",
 ]
 
 #: History sources and the attributes a sample carries for each: the integer
@@ -280,12 +280,6 @@ def build_samples(
     )
 
 
-def time_split(t_ms: np.ndarray, last_day_start_ms: int) -> np.ndarray:
-    """True for evaluation rows: ``t`` on or after the start of the held-out days
-    (train on earlier days, evaluate on the last; never a random row split)."""
-    return np.asarray(t_ms) >= last_day_start_ms
-
-
 def eval_boundary_from_days(days: Mapping[int, int], eval_days: int) -> int:
     """UTC midnight starting the last ``eval_days`` *full* days, from rows per
     day (day = epoch ms // 86,400,000). A last day holding under half the
@@ -297,14 +291,6 @@ def eval_boundary_from_days(days: Mapping[int, int], eval_days: int) -> int:
     keys = np.array(sorted(days), np.int64)
     full = keys[counts >= 0.5 * np.median(counts[counts > 0])]
     return int((int(full.max()) - eval_days + 1) * 86_400_000)
-
-
-def eval_boundary_ms(t_ms: np.ndarray, eval_days: int) -> int:
-    """:func:`eval_boundary_from_days` of the rows' times."""
-    day, n = np.unique(np.asarray(t_ms) // 86_400_000, return_counts=True)
-    return eval_boundary_from_days(
-        dict(zip(day.tolist(), n.tolist(), strict=True)), eval_days
-    )
 
 
 def reference_samples(
