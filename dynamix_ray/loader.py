@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from dynamix_ray.events import EventStore
-from dynamix_ray.features import SEGMENTS, policy_features
+from dynamix_ray.features import SEGMENTS, policy_features, split_by_segment
 from dynamix_ray.gather import SourceEvents, gather, gathered_nbytes, history_window
 from dynamix_ray.model.config import (
     CANDIDATE_ATTRIBUTES,
@@ -231,15 +231,9 @@ class SegmentBatcher:
     def __call__(
         self, rows: Mapping[str, np.ndarray]
     ) -> dict[int, dict[str, np.ndarray]]:
-        seg = np.asarray(rows["segment"])
-        bad = np.setdiff1d(np.unique(seg), SEGMENTS)
-        if len(bad):
-            raise ValueError(f"segment values {bad.tolist()}; expected 0 or 1")
-        parts = {}
-        for s in SEGMENTS:
-            idx = np.flatnonzero(seg == s)
-            if len(idx):
-                sub = {k: np.asarray(v)[idx] for k, v in rows.items()}
-                parts[s] = self.part(sub, self.feature_sets[s])
+        parts = {
+            s: self.part(sub, self.feature_sets[s])
+            for s, sub in split_by_segment(rows).items()
+        }
         self.last_nbytes = gathered_nbytes(parts.values())
         return parts

@@ -275,9 +275,7 @@ def run_segment(
         raise FileNotFoundError(
             f"{events_url}: no valid conversion (source 'conversions' is required)"
         )
-    origin = window_origin_ms(
-        cfg, store.meta["sources"]["ad_impressions"]["ts_min_ms"]
-    )
+    origin = window_origin_ms(cfg, store.meta["sources"]["ad_impressions"]["ts_min_ms"])
     items = [
         {
             "bucket": b,
