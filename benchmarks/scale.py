@@ -753,17 +753,11 @@ def section_alure(args: argparse.Namespace, out: Path) -> list[dict]:
     return rows
 
 
-def _ray_start(args: list[str]) -> None:
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    subprocess.run(
-        [ray_bin, "start", *args, "--disable-usage-stats"],
-        check=True,
-        capture_output=True,
-    )
-
-
 def section_cluster(args: argparse.Namespace, out: Path) -> dict:
-    """1 vs 2 nodes of 1 CPU each (a ``ray start`` head, then a worker)."""
+    """1 vs 2 nodes of 1 CPU each (``dynamix_ray.localcluster``: a ``ray
+    start`` head, then a second node), the same steps on each."""
+    from dynamix_ray.localcluster import LocalCluster
+
     n_imp = args.cluster_impressions
     users = max(100, round(n_imp / (IMPRESSIONS_PER_USER_DAY * 7)))
     root = out / "data" / f"cluster-{n_imp // 10**6}M"
@@ -777,18 +771,14 @@ def section_cluster(args: argparse.Namespace, out: Path) -> dict:
             "chunk": 50_000,
         },
     )
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    port = 6390
     res: dict[str, Any] = {}
+    cluster = LocalCluster()
     try:
-        _ray_start(
-            ["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false"]
-        )
-        env = {"RAY_ADDRESS": f"127.0.0.1:{port}"}
+        cluster.start_head()
+        env = {**cluster.env, "RAY_ADDRESS": cluster.address}
         for nodes in (1, 2):
             if nodes == 2:
-                _ray_start([f"--address=127.0.0.1:{port}", "--num-cpus=1"])
-                time.sleep(3)
+                cluster.add_node()
             work = out / "work" / f"cluster-{nodes}"
             shutil.rmtree(work, ignore_errors=True)
             seg = run_step(
@@ -810,8 +800,9 @@ def section_cluster(args: argparse.Namespace, out: Path) -> dict:
                 f"{seg['wall_s']:.1f} s, samples {smp['wall_s']:.1f} s",
                 flush=True,
             )
+            shutil.rmtree(work, ignore_errors=True)
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], capture_output=True)
+        cluster.stop()
     for k in ("segment_wall_s", "samples_wall_s"):
         res[f"speedup_{k[:-7]}"] = res["1"][k] / res["2"][k]
     print(

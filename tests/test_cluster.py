@@ -15,12 +15,9 @@ import json
 import os
 import re
 import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,244 +29,15 @@ import pytest
 import yaml
 
 from dynamix_ray.config import GenerateConfig
+from dynamix_ray.localcluster import LocalCluster, _free_ports, _name
 from dynamix_ray.segments.pipeline import read_segments, run_segment
 from dynamix_ray.synth import generate
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-# Not part of the job's working dir (.gitignore covers most; be explicit).
-JOB_EXCLUDES = [".git", ".venv", "bench_out", "demo_out", ".mypy_cache", "*.parquet"]
-START_TIMEOUT_S = 90
 JOB_TIMEOUT_S = 150
 # Ray Data task names of the segmentation (process titles ``ray::<name>``).
 SEGMENT_TASK = re.compile(r"^ray::\S*(MapBatches|Map\()")
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-class LocalCluster:
-    """A head and a worker node (``ray start``), 1 CPU each, on this machine."""
-
-    def __init__(self) -> None:
-        # Unix socket paths under the temp dir must stay short (< 108 bytes).
-        self.temp_dir = tempfile.mkdtemp(prefix="dxr-", dir="/tmp")
-        (
-            self.gcs_port,
-            self.dashboard_port,
-            self.client_port,
-            *self.node_ports,
-        ) = _free_ports(3 + 2 * 5)
-        self.env = {
-            **os.environ,
-            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            # `ray start --head` turns token auth on by itself when
-            # ~/.ray/auth_token exists but `ray start --address` does not:
-            # be explicit, with a token of our own.
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN": secrets.token_hex(16),
-            "RAY_USAGE_STATS_ENABLED": "0",
-        }
-        self.env.pop("RAY_ADDRESS", None)
-        self.procs: dict[int, psutil.Process] = {}
-        self.raylets: list[psutil.Process] = []
-
-    @property
-    def dashboard(self) -> str:
-        return f"http://127.0.0.1:{self.dashboard_port}"
-
-    def _node_args(self, k: int) -> list[str]:
-        p = self.node_ports[5 * k : 5 * k + 5]
-        return [
-            "--node-ip-address=127.0.0.1",
-            "--num-cpus=1",
-            "--object-store-memory=400000000",
-            f"--node-manager-port={p[0]}",
-            f"--object-manager-port={p[1]}",
-            f"--dashboard-agent-listen-port={p[2]}",
-            f"--dashboard-agent-grpc-port={p[3]}",
-            f"--runtime-env-agent-port={p[4]}",
-            "--min-worker-port=0",
-            "--max-worker-port=0",
-            "--disable-usage-stats",
-        ]
-
-    def _ray_start(self, args: list[str]) -> None:
-        r = subprocess.run(
-            [str(VENV_BIN / "ray"), "start", *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=START_TIMEOUT_S,
-        )
-        self.procs.update({p.pid: p for p in self.processes()})
-        assert r.returncode == 0, f"ray start failed:\n{r.stdout}\n{r.stderr}"
-
-    def start(self) -> None:
-        self._ray_start(
-            [
-                "--head",
-                f"--port={self.gcs_port}",
-                f"--temp-dir={self.temp_dir}",
-                "--include-dashboard=true",
-                "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={self.dashboard_port}",
-                f"--ray-client-server-port={self.client_port}",
-                *self._node_args(0),
-            ]
-        )
-        # Its own temp dir: nodes sharing one would share runtime_resources/, and
-        # the worker node's runtime-env agent would unpack the job's working dir
-        # again over the one the driver runs in (its cwd would vanish).
-        self._ray_start(
-            [
-                f"--address=127.0.0.1:{self.gcs_port}",
-                f"--temp-dir={self.temp_dir}/w",
-                *self._node_args(1),
-            ]
-        )
-        self._wait_for_nodes(2)
-        self.raylets = [p for p in self.processes() if _name(p) == "raylet"]
-        assert len(self.raylets) == 2, self.raylets
-
-    def _wait_for_nodes(self, n: int) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            r = subprocess.run(
-                [
-                    str(VENV_BIN / "ray"),
-                    "status",
-                    f"--address=127.0.0.1:{self.gcs_port}",
-                ],
-                env=self.env,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            active = r.stdout.split("Active:", 1)[-1].split("Pending:", 1)[0]
-            if r.returncode == 0 and active.count("node_") >= n:
-                return
-            assert time.monotonic() < deadline, f"{n} nodes not up:\n{r.stdout}"
-            time.sleep(1)
-
-    def _owns(self, cmdline: list[str]) -> bool:
-        gcs = f":{self.gcs_port}"
-        return any(self.temp_dir in a or a.endswith(gcs) for a in cmdline)
-
-    def processes(self) -> list[psutil.Process]:
-        """This cluster's processes: daemons (by temp dir or GCS port in their
-        command line) and all their descendants (workers, job drivers)."""
-        found: dict[int, psutil.Process] = {}
-        for p in psutil.process_iter(["cmdline"]):
-            with contextlib.suppress(psutil.Error):
-                if self._owns(p.info["cmdline"] or []):
-                    found[p.pid] = p
-                    found.update({c.pid: c for c in p.children(recursive=True)})
-        found.pop(os.getpid(), None)
-        return list(found.values())
-
-    def workers(self) -> list[tuple[psutil.Process, str]]:
-        """Ray worker processes of this cluster (children of its raylets) and
-        their titles (``ray::IDLE``, ``ray::ReadItems->MapBatches(...)``, ...)."""
-        out = []
-        for raylet in self.raylets:
-            with contextlib.suppress(psutil.Error):
-                for p in raylet.children():
-                    with contextlib.suppress(psutil.Error):
-                        title = " ".join(p.cmdline())
-                        if title.startswith("ray::"):
-                            out.append((p, title))
-        return out
-
-    def stop(self) -> None:
-        procs = {p.pid: p for p in self.processes()}
-        # Recorded at start, still the same process (psutil checks create time).
-        procs.update({k: p for k, p in self.procs.items() if p.is_running()})
-        for p in procs.values():
-            with contextlib.suppress(psutil.Error):
-                p.terminate()
-        _, alive = psutil.wait_procs(list(procs.values()), timeout=5)
-        for p in alive:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        psutil.wait_procs(alive, timeout=10)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-    def submit(
-        self,
-        args: list[str],
-        log: Path,
-        *,
-        submission_id: str,
-        script: str = "pipelines/segment.py",
-        flags: tuple[str, ...] = ("--no-progress",),
-    ) -> subprocess.Popen:
-        """``ray job submit --working-dir . -- python SCRIPT ARGS FLAGS`` from
-        the repository root; waits for the job (the CLI tails its logs)."""
-        cmd = [
-            str(VENV_BIN / "ray"),
-            "job",
-            "submit",
-            f"--address={self.dashboard}",
-            f"--submission-id={submission_id}",
-            "--working-dir=.",
-            f"--runtime-env-json={json.dumps({'excludes': JOB_EXCLUDES})}",
-            "--",
-            "python",
-            script,
-            *args,
-            *flags,
-        ]
-        with open(log, "w") as fh:
-            return subprocess.Popen(
-                cmd, cwd=REPO, env=self.env, stdout=fh, stderr=subprocess.STDOUT
-            )
-
-    def job_status(self, submission_id: str) -> str:
-        """``ray job status``: ``SUCCEEDED``, ``FAILED``, ... (or its raw text)."""
-        r = subprocess.run(
-            [
-                str(VENV_BIN / "ray"),
-                "job",
-                "status",
-                f"--address={self.dashboard}",
-                submission_id,
-            ],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        text = r.stdout + r.stderr
-        for status in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
-            if re.search(rf"(?i)\b{status}\b", text):
-                return status
-        return text
-
-    def stop_job(self, submission_id: str) -> None:
-        subprocess.run(
-            [
-                str(VENV_BIN / "ray"),
-                "job",
-                "stop",
-                f"--address={self.dashboard}",
-                "--no-wait",
-                submission_id,
-            ],
-            env=self.env,
-            capture_output=True,
-            timeout=60,
-        )
 
 
 @pytest.fixture(scope="module")
@@ -451,14 +219,6 @@ def larger_events(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cluster_events_large") / "plain"
     generate(str(root), GenerateConfig(users=3000, days=3, seed=3), progress=None)
     return root
-
-
-def _name(p: psutil.Process) -> str:
-    """``p``'s name, or "" if it exited while we looked."""
-    try:
-        return str(p.name())
-    except psutil.Error:
-        return ""
 
 
 def _python_cmdline(p: psutil.Process) -> str | None:
