@@ -161,8 +161,9 @@ class EventStore:
     def read_bucket(
         self, bucket: int, columns: dict[str, list[str] | None]
     ) -> dict[str, pa.Table]:
-        """The bucket's rows of each requested source (``None``: all columns);
-        sources the store lacks, or without rows in this bucket, are absent."""
+        """The bucket's rows of each requested source (``None``: all columns;
+        columns the store lacks are left out); sources the store lacks, or
+        without rows in this bucket, are absent."""
         fs, _ = resolve(self.url)
         out: dict[str, pa.Table] = {}
         for src, cols in columns.items():
@@ -171,8 +172,10 @@ class EventStore:
             path = self.bucket_path(src, bucket)
             if not fs.exists(path):
                 continue
+            have = self.columns(src)
+            keep = None if cols is None else [c for c in cols if c in have]
             with fs.open(path, "rb") as fh:
-                out[src] = pq.read_table(fh, columns=cols)
+                out[src] = pq.read_table(fh, columns=keep)
         return out
 
 

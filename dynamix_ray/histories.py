@@ -43,7 +43,13 @@ from dynamix_ray.io import (
     write_json,
     write_parquet,
 )
-from dynamix_ray.samples import HISTORY_SOURCES, SampleConfig, attach_histories
+from dynamix_ray.runtime import map_items
+from dynamix_ray.samples import (
+    HISTORY_SOURCES,
+    SampleConfig,
+    attach_histories,
+    events_of,
+)
 
 __all__ = [
     "HistoryStore",
@@ -95,8 +101,6 @@ def mode_by_user(users: np.ndarray, uid: np.ndarray, value: np.ndarray) -> np.nd
 
 
 def _as_events(rows: Mapping[str, np.ndarray] | SourceEvents) -> SourceEvents:
-    from dynamix_ray.samples import events_of
-
     return rows if isinstance(rows, SourceEvents) else events_of(rows)
 
 
@@ -208,8 +212,6 @@ def run_histories(
         events_url: an event store or a SPEC §1 dataset (bucketed once into
             ``OUT/events`` when it is not a store).
     """
-    from dynamix_ray.runtime import map_items
-
     t0 = time.perf_counter()
     if max_seq_len < 1:
         raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")

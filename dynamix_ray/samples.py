@@ -52,7 +52,9 @@ from dynamix_ray.io import (
     write_json,
     write_parquet,
 )
-from dynamix_ray.schema import SOURCES
+from dynamix_ray.runtime import map_items
+from dynamix_ray.schema import SOURCES, SchemaError
+from dynamix_ray.segments.pipeline import read_segment_bucket, read_segments_meta
 from dynamix_ray.segments.stats import near_mask
 
 __all__ = [
@@ -420,8 +422,6 @@ def _samples_task(
     item: dict[str, Any], tmp: str, cfg: SampleConfig, boundary_ms: int, seed: int
 ) -> dict[str, Any]:
     """One bucket: its compact samples, split by time, permuted, written."""
-    from dynamix_ray.segments.pipeline import read_segment_bucket
-
     b = item["bucket"]
     store = EventStore(item["store"], item["num_buckets"], item["store_meta"])
     ev = store.read_bucket(
@@ -433,6 +433,12 @@ def _samples_task(
     )
     imps = _bucket_arrays(ev.get("ad_impressions"), ["user_id", "ts", "ad_id"])
     conv = _bucket_arrays(ev.get("conversions"), ["user_id", "ts", "ad_id"])
+    for name, rows in (("ad_impressions", imps), ("conversions", conv)):
+        if "ad_id" not in rows:
+            raise SchemaError(
+                f"{store.url}: '{name}' has no 'ad_id' column; a sample's label "
+                "(a conversion on the same ad, SPEC §6) needs it in both sources"
+            )
     seg = segment_rows(read_segment_bucket(item["segments"], b))
     s = compact_samples(imps, conv, seg, cfg)
     n = len(s["t_ms"])
@@ -510,9 +516,6 @@ def run_samples(
     Raises:
         ValueError: the segment table was made on another bucketing.
     """
-    from dynamix_ray.runtime import map_items
-    from dynamix_ray.segments.pipeline import read_segments_meta
-
     cfg = cfg or SampleConfig()
     t0 = time.perf_counter()
     seg_meta = read_segments_meta(segments_url)

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from dynamix_ray.events import EventStore
+from dynamix_ray.events import EventStore, open_store
 from dynamix_ray.features import (
     available_features,
     flops_by_segment,
@@ -47,6 +47,7 @@ from dynamix_ray.features import (
     split_by_segment,
     to_model_batch,
 )
+from dynamix_ray.io import pyarrow_fs, resolve
 from dynamix_ray.loader import LoaderSpec, SegmentBatcher, store_features
 from dynamix_ray.model import DynamixCTR, ModelConfig, PartsLoss
 from dynamix_ray.model.checkpoint import (
@@ -56,7 +57,8 @@ from dynamix_ray.model.checkpoint import (
     save_checkpoint,
 )
 from dynamix_ray.model.metrics import ScoreHistogram, ne_from_sums
-from dynamix_ray.samples import SampleConfig, SampleTable
+from dynamix_ray.runtime import ensure_ray
+from dynamix_ray.samples import SampleConfig, SampleTable, run_samples
 
 __all__ = [
     "TrainConfig",
@@ -671,8 +673,6 @@ class TrainData:
         """A Ray Dataset streaming the split's compact rows (file by file)."""
         import ray
 
-        from dynamix_ray.io import pyarrow_fs, resolve
-
         fs, _ = resolve(self.table.url)
         files = self.table.files(split)
         if not files:
@@ -701,14 +701,9 @@ def prepare_train_data(
 ) -> TrainData:
     """Build (or reuse) the compact samples (SPEC §6) at ``OUT/samples/``, split
     by time: the last ``samples.eval_days`` full days are evaluated on."""
-    from dynamix_ray.runtime import ensure_ray
-    from dynamix_ray.samples import run_samples
-
     samples = samples or SampleConfig()
     ensure_ray()
     table = run_samples(events_url, segments_url, out_url, samples, progress=progress)
-    from dynamix_ray.events import open_store
-
     store = open_store(table.store_url)
     if store is None:
         raise FileNotFoundError(f"{table.store_url}: the samples' event store is gone")

@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dynamix_ray.events import EventStore, ensure_store
+from dynamix_ray.features import available_features, to_model_batch
 from dynamix_ray.gather import SourceEvents
 from dynamix_ray.histories import user_histories, users_between
 from dynamix_ray.io import (
@@ -53,6 +54,7 @@ from dynamix_ray.model.checkpoint import (
     model_version,
     resolve_checkpoint,
 )
+from dynamix_ray.runtime import ensure_ray, map_items
 from dynamix_ray.samples import HISTORY_SOURCES
 
 __all__ = [
@@ -105,8 +107,6 @@ class UserTower:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
-
-        from dynamix_ray.features import available_features, to_model_batch
 
         fs = available_features(batch)
         with torch.no_grad():
@@ -290,8 +290,6 @@ def run_embed(
         ValueError: ``as_of`` earlier than the previous run's for this model.
     """
     import ray
-
-    from dynamix_ray.runtime import ensure_ray, map_items
 
     cfg = cfg or EmbedConfig()
     t0 = time.perf_counter()

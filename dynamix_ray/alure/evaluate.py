@@ -24,6 +24,9 @@ from dynamix_ray.alure.candidates import (
     recall_at_k,
     u2u_candidates,
 )
+from dynamix_ray.events import open_store
+from dynamix_ray.io import discover, resolve
+from dynamix_ray.schema import SOURCES, validate
 
 __all__ = ["evaluate_retrieval", "read_events_frame"]
 
@@ -39,10 +42,6 @@ def read_events_frame(
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from dynamix_ray.events import open_store
-    from dynamix_ray.io import discover
-    from dynamix_ray.schema import SOURCES, validate
 
     store = open_store(events_url)
     if store is not None:
@@ -89,8 +88,6 @@ def evaluate_retrieval(
         "users_with_candidates", "cluster_ari", "cluster_purity"}``.
     """
     import faiss
-
-    from dynamix_ray.io import resolve
 
     conv = read_events_frame(events_url, "conversions", ["user_id", "ts_ms", "ad_id"])
     ads = read_events_frame(events_url, "ad_impressions", ["ad_id", "advertiser_id"])

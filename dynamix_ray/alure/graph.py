@@ -47,6 +47,7 @@ from dynamix_ray.io import (
     write_json,
     write_parquet,
 )
+from dynamix_ray.runtime import cluster_cpus, ensure_ray, map_items
 
 __all__ = [
     "U2UConfig",
@@ -341,8 +342,6 @@ def build_u2u(
         users, edges, timings.
     """
     import ray
-
-    from dynamix_ray.runtime import cluster_cpus, ensure_ray, map_items
 
     cfg = cfg or U2UConfig()
     t0 = time.perf_counter()
