@@ -36,6 +36,7 @@ __all__ = [
     "gather",
     "gathered_nbytes",
     "history_window",
+    "last_at_or_before",
     "reference_window",
     "segmented_searchsorted",
 ]
@@ -78,6 +79,40 @@ def segmented_searchsorted(
         right[active] = np.where(go_right, b, mid)
         active = active[left[active] < right[active]]
     return left
+
+
+def last_at_or_before(
+    row_user: np.ndarray,
+    row_time: np.ndarray,
+    row_value: np.ndarray,
+    user: np.ndarray,
+    t: np.ndarray,
+    fill: Any = 0,
+) -> np.ndarray:
+    """Each query's value of its user's last row with ``time <= t``.
+
+    The rule behind "the segment of the last window that ended at or before
+    t" (SPEC §2), for training (``samples.segment_at``) and serving
+    (``serve.store.SegmentStore``) alike.
+
+    Args:
+        row_user, row_time, row_value: (S,) rows sorted by (user, time).
+        user, t: (N,) queries.
+        fill: the value where the user has no such row.
+    Returns:
+        (N,) of ``row_value``'s dtype.
+    """
+    vals = np.asarray(row_value)
+    q = np.asarray(user, np.int64)
+    out = np.full(len(q), fill, dtype=vals.dtype)
+    if len(q) == 0 or len(vals) == 0:
+        return out
+    lo = np.searchsorted(row_user, q, "left")
+    hi = np.searchsorted(row_user, q, "right")
+    pos = segmented_searchsorted(row_time, lo, hi, np.asarray(t, np.int64), "right") - 1
+    ok = pos >= lo
+    out[ok] = vals[pos[ok]]
+    return out
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ __all__ = [
     "read_bucketing",
     "read_json",
     "resolve",
+    "splitmix64",
     "url_of",
     "user_bucket",
     "write_bucketing",
@@ -84,20 +85,28 @@ def pyarrow_fs(fs: fsspec.AbstractFileSystem) -> pa.fs.FileSystem:
     return PyFileSystem(FSSpecHandler(fs))
 
 
-def user_bucket(user_id: np.ndarray, num_buckets: int) -> np.ndarray:
-    """Hash bucket of each user id: splitmix64 finaliser, then modulo.
+def splitmix64(ids: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser of int64 ids, as uint64 (wrapping arithmetic).
 
-    The generator (``--bucketed N``) and the segmentation pipeline both use this
-    function, so pre-bucketed files need no shuffle.
+    The one hash of the project: user buckets here, and the model's hashed
+    embeddings (``model.embeddings.hash_ids`` is its torch form, tested equal).
     """
     with np.errstate(over="ignore"):
-        z = np.asarray(user_id, dtype=np.int64).view(np.uint64) + np.uint64(
+        z = np.asarray(ids, dtype=np.int64).view(np.uint64) + np.uint64(
             0x9E3779B97F4A7C15
         )
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return (z % np.uint64(num_buckets)).astype(np.int64)
+        return z ^ (z >> np.uint64(31))
+
+
+def user_bucket(user_id: np.ndarray, num_buckets: int) -> np.ndarray:
+    """Hash bucket of each user id: :func:`splitmix64`, then modulo.
+
+    The generator (``--bucketed N``) and the event store both use this
+    function, so pre-bucketed files need no shuffle.
+    """
+    return (splitmix64(user_id) % np.uint64(num_buckets)).astype(np.int64)
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from dynamix_ray.gather import (
     SourceEvents,
     gather,
     history_window,
-    segmented_searchsorted,
+    last_at_or_before,
 )
 from dynamix_ray.io import (
     atomic_output,
@@ -53,7 +53,7 @@ from dynamix_ray.io import (
     write_parquet,
 )
 from dynamix_ray.runtime import map_items
-from dynamix_ray.schema import SOURCES, SchemaError
+from dynamix_ray.schema import CANDIDATE_ATTRIBUTES, SOURCES, SchemaError
 from dynamix_ray.segments.pipeline import read_segment_bucket, read_segments_meta
 from dynamix_ray.segments.stats import near_mask
 
@@ -83,7 +83,6 @@ HISTORY_SOURCES: dict[str, tuple[str, ...]] = {
     + tuple(a for a, t in src.attributes.items() if pa.types.is_integer(t))
     for name, src in SOURCES.items()
 }
-CANDIDATE_ATTRIBUTES = tuple(SOURCES["ad_impressions"].attributes)
 
 #: A stored (compact) sample.
 SAMPLE_SCHEMA = pa.schema(
@@ -157,21 +156,12 @@ def segment_at(
         (N,) of ``seg_value``'s dtype. Exact for any ids and times (a search
         inside each user's rows, no composite key).
     """
-    sv = np.asarray(seg_value)
-    out = np.full(len(user_id), fill, dtype=sv.dtype)
-    if len(user_id) == 0 or len(sv) == 0:
-        return out
     su = np.asarray(seg_user_id, np.int64)
     se = np.asarray(seg_window_end_ms, np.int64)
     order = np.lexsort((se, su))
-    su, se, sv = su[order], se[order], sv[order]
-    q = np.asarray(user_id, np.int64)
-    lo = np.searchsorted(su, q, "left")
-    hi = np.searchsorted(su, q, "right")
-    pos = segmented_searchsorted(se, lo, hi, np.asarray(t_ms, np.int64), "right") - 1
-    ok = pos >= lo
-    out[ok] = sv[pos[ok]]
-    return out
+    return last_at_or_before(
+        su[order], se[order], np.asarray(seg_value)[order], user_id, t_ms, fill
+    )
 
 
 def compact_samples(

@@ -15,6 +15,7 @@ import pyarrow as pa
 
 __all__ = [
     "AD_ATTRIBUTES",
+    "CANDIDATE_ATTRIBUTES",
     "REJECT_REASONS",
     "REJECT_SCHEMA",
     "SOURCES",
@@ -121,6 +122,9 @@ SOURCES: dict[str, Source] = {
 
 #: The 11 ad-impression attributes of the paper: dwell time plus 10 ids/enums.
 AD_ATTRIBUTES: tuple[str, ...] = ("dwell_ms", *SOURCES["ad_impressions"].attributes)
+#: A candidate ad's attributes (a sample's, a request's): the ad-impression ids
+#: and enums, not dwell (unknown when the ad is ranked).
+CANDIDATE_ATTRIBUTES: tuple[str, ...] = tuple(SOURCES["ad_impressions"].attributes)
 
 _TS_UNIT_TO_MS = {"s": (1000, 1), "ms": (1, 1), "us": (1, 1000), "ns": (1, 1_000_000)}
 _INT64_MIN = int(np.iinfo(np.int64).min)

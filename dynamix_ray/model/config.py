@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
-from dynamix_ray.schema import SOURCES
+from dynamix_ray.schema import CANDIDATE_ATTRIBUTES, SOURCES
 
 __all__ = [
     "CANDIDATE_ATTRIBUTES",
@@ -34,8 +34,6 @@ SOURCE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
 }
 EVENT_SOURCES: tuple[str, ...] = tuple(SOURCE_ATTRIBUTES)
 
-#: The candidate ad's attributes: the ad-impression ids and enums (no dwell).
-CANDIDATE_ATTRIBUTES: tuple[str, ...] = tuple(SOURCES["ad_impressions"].attributes)
 
 _DEFAULT_NUM_BUCKETS = {
     "category_id": 2**12,

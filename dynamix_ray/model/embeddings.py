@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from dynamix_ray.io import splitmix64
 from dynamix_ray.model.config import ModelConfig
 
 __all__ = [
@@ -57,14 +58,9 @@ def hash_ids(ids: Tensor) -> Tensor:
 
 
 def hash_ids_reference(ids: np.ndarray) -> np.ndarray:
-    """Plain numpy uint64 version of :func:`hash_ids` (returns int64 bits)."""
-    z = ids.astype(np.int64).view(np.uint64)
-    with np.errstate(over="ignore"):
-        z = z + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return z.view(np.int64)
+    """The plain numpy form of :func:`hash_ids` (``io.splitmix64``, the
+    project's one hash; returns the int64 bits)."""
+    return splitmix64(ids).view(np.int64)
 
 
 class HashEmbedding(nn.Module):

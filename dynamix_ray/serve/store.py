@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dynamix_ray.gather import last_at_or_before
 from dynamix_ray.io import resolve
 
 __all__ = ["SegmentStore", "compact_changes", "read_segment_store", "segments_version"]
@@ -74,15 +75,10 @@ class SegmentStore:
         """(N,) int8 segments of users at instants (0 passive, 1 active)."""
         q = np.atleast_1d(np.asarray(user_ids, np.int64))
         t = np.broadcast_to(np.asarray(ts_ms, np.int64), q.shape)
-        out = np.zeros(len(q), np.int8)
-        lo = np.searchsorted(self.user_id, q, "left")
-        hi = np.searchsorted(self.user_id, q, "right")
-        for i in np.flatnonzero(hi > lo):  # users with windows: one bisect each
-            a, b = lo[i], hi[i]
-            j = a + np.searchsorted(self.window_end_ms[a:b], t[i], "right") - 1
-            if j >= a:
-                out[i] = self.segment[j]
-        return out
+        # the training rule (samples.segment_at) on the compacted rows
+        return last_at_or_before(
+            self.user_id, self.window_end_ms, self.segment, q, t, np.int8(0)
+        )
 
     def segment_of(self, user_id: int, ts_ms: int) -> int:
         return int(self.lookup(np.array([user_id]), np.array([ts_ms]))[0])
