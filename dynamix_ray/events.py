@@ -48,6 +48,7 @@ from dynamix_ray import __version__
 from dynamix_ray.io import (
     BUCKETING_FILE,
     Dataset,
+    absolute_url,
     atomic_output,
     discover,
     fingerprint,
@@ -82,6 +83,10 @@ LAYOUT = "compact-v1"
 EVENTS_PER_BUCKET = 2_000_000
 #: Rows per map task of the shuffle (whole Parquet row groups are kept together).
 PIECE_ROWS = 1 << 20
+#: Parquet codec of the store's files: written once, read by every stage and
+#: every training worker (lz4 wrote a bucket 1.6x and read it 2x faster than
+#: zstd here, for 20% more bytes).
+STORE_COMPRESSION = "lz4"
 _DAY_MS = 86_400_000
 _INDEX_HEADER = 128  # bytes before the int64 offsets in a piece's .idx file
 
@@ -171,6 +176,11 @@ class EventStore:
                 continue
             path = self.bucket_path(src, bucket)
             if not fs.exists(path):
+                if bucket in self.meta.get("nonempty", {}).get(src, ()):
+                    raise FileNotFoundError(
+                        f"{path}: missing, but the store's {BUCKETING_FILE} says "
+                        f"bucket {bucket} of '{src}' has rows"
+                    )
                 continue
             have = self.columns(src)
             keep = None if cols is None else [c for c in cols if c in have]
@@ -189,7 +199,8 @@ def open_store(url: str) -> EventStore | None:
     meta = read_json(fs, path)
     if meta.get("layout") != LAYOUT:
         return None
-    return EventStore(url, int(meta["num_buckets"]), meta)
+    # absolute: Ray Train workers and later runs work in other folders
+    return EventStore(absolute_url(url), int(meta["num_buckets"]), meta)
 
 
 def ensure_store(
@@ -263,12 +274,11 @@ def _reject_counts(rejects: pa.Table) -> dict[str, int]:
     return {str(n): int(c) for n, c in zip(names, counts, strict=True)}
 
 
-def _sort_rows(table: pa.Table, bucket: np.ndarray | None = None) -> pa.Table:
-    """Rows sorted by (bucket,) user, ts; stable, so equal keys keep their order."""
-    keys = [table.column("ts").to_numpy(), table.column("user_id").to_numpy()]
-    if bucket is not None:
-        keys.append(bucket)
-    order = np.lexsort(keys)
+def _sort_rows(table: pa.Table) -> pa.Table:
+    """Rows sorted by (user, ts); stable, so equal keys keep their order."""
+    order = np.lexsort(
+        [table.column("ts").to_numpy(), table.column("user_id").to_numpy()]
+    )
     return table.take(pa.array(order))
 
 
@@ -294,8 +304,10 @@ def _map_piece(item: dict[str, Any], in_url: str, tmp: str, num_buckets: int) ->
         )
     valid = _conform(v.valid, source, item["present"], name)
     bucket = user_bucket(valid.column("user_id").to_numpy(), num_buckets)
-    valid = _sort_rows(valid, bucket)
-    bucket = np.sort(bucket)
+    # grouped by bucket only (a stable radix sort): the reduce sorts by
+    # (user, ts), merging every piece's slice
+    order = np.argsort(bucket.astype(np.int32), kind="stable")
+    valid, bucket = valid.take(pa.array(order)), bucket[order]
     bounds = np.searchsorted(bucket, np.arange(num_buckets + 1))
     offsets = np.zeros(num_buckets + 1, np.int64)
     data = f"{tmp}/_shuffle/{source}/piece-{item['piece']:06d}"
@@ -351,7 +363,12 @@ def _write_bucket(
     if not parts:
         return {"rows": 0, "users": 0, "ts_min_ms": None, "ts_max_ms": None, "days": {}}
     table = _sort_rows(pa.concat_tables(parts, promote_options="permissive"))
-    write_parquet(fs, f"{tmp}/{source}/bucket={bucket:05d}/part-0.parquet", table)
+    write_parquet(
+        fs,
+        f"{tmp}/{source}/bucket={bucket:05d}/part-0.parquet",
+        table,
+        compression=STORE_COMPRESSION,
+    )
     uid = table.column("user_id").to_numpy()
     lo, hi = _ts_range(table)
     day, n = np.unique(table.column("ts").to_numpy() // _DAY_MS, return_counts=True)
@@ -504,14 +521,17 @@ def run_bucket(
         for s in ds.files
     }
     rejects: dict[str, dict[str, int]] = {s: {} for s in ds.files}
+    nonempty: dict[str, list[int]] = {}
 
     def add_rejects(source: str, counts: dict[str, int]) -> None:
         for k, n in counts.items():
             rejects[source][k] = rejects[source].get(k, 0) + n
 
     parts = [*ds.files, "rejects"]
+    phases: dict[str, float] = {"scan": time.perf_counter() - t0}
     with atomic_output(out_fs, out_root, parts, files=[BUCKETING_FILE]) as tmp_path:
         tmp = url_of(out_fs, tmp_path)  # what the tasks resolve
+        t_phase = time.perf_counter()
         if ds.num_buckets is None:
             for p in pieces:
                 p["present"] = present[p["source"]]
@@ -530,6 +550,8 @@ def run_bucket(
             ):
                 by_source.setdefault(p["source"], []).append(p["piece"])
                 add_rejects(p["source"], r["rejects"])
+            phases["map"] = time.perf_counter() - t_phase
+            t_phase = time.perf_counter()
             items = [{"bucket": b, "pieces": by_source} for b in range(nb)]
             results = map_items(
                 _reduce_shuffled,
@@ -561,12 +583,15 @@ def run_bucket(
             for source, counts in r.get("rejects", {}).items():
                 add_rejects(source, counts)
             for s, m in r["sources"].items():
+                if m["rows"]:
+                    nonempty.setdefault(s, []).append(r["bucket"])
                 acc = sources[s]
                 acc["rows"] += m["rows"]
                 acc["users"] += m["users"]
                 _merge_range(acc, m["ts_min_ms"], m["ts_max_ms"])
                 for d, n in m["days"].items():  # rows per UTC day
                     acc["days"][str(d)] = acc["days"].get(str(d), 0) + n
+        phases["reduce"] = time.perf_counter() - t_phase
         shuffle_files = 0
         if out_fs.exists(f"{tmp_path}/_shuffle"):
             shuffle_files = len(out_fs.find(f"{tmp_path}/_shuffle"))
@@ -587,6 +612,8 @@ def run_bucket(
             "input_rows": dict(ds.rows),
             "sources": sources,
             "columns": {s: c for s, c in present.items() if s in sources},
+            "nonempty": {s: sorted(b) for s, b in nonempty.items()},
+            "phase_s": phases,
             "rejected": {
                 s: {r: c[r] for r in REJECT_REASONS if r in c}
                 for s, c in rejects.items()
@@ -598,4 +625,4 @@ def run_bucket(
         # placed last by atomic_output: a reader sees a store only once every
         # bucket is committed
         write_json(out_fs, f"{tmp_path}/{BUCKETING_FILE}", meta)
-    return EventStore(out_url, nb, meta)
+    return EventStore(absolute_url(out_url), nb, meta)

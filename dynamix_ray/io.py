@@ -157,6 +157,7 @@ def discover(url: str, sources: Iterable[str], required: Iterable[str] = ()) -> 
     """
     from dynamix_ray.schema import SOURCES, check_columns
 
+    url = absolute_url(url)  # tasks run elsewhere; the fingerprint names files
     fs, root = resolve(url)
     files: dict[str, list[str]] = {}
     rows: dict[str, int] = {}
@@ -240,10 +241,16 @@ def read_parquet_folder(
     return pa.concat_tables(tables)
 
 
-def write_parquet(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> None:
+def write_parquet(
+    fs: fsspec.AbstractFileSystem,
+    path: str,
+    table: pa.Table,
+    compression: str = "zstd",
+) -> None:
+    """``table`` to ``path`` on ``fs`` (folders made as needed)."""
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     with fs.open(path, "wb") as fh:
-        pq.write_table(table, fh, compression="zstd")
+        pq.write_table(table, fh, compression=compression)
 
 
 class atomic_output:  # noqa: N801 - used as a context manager, reads like a function

@@ -87,11 +87,15 @@ def map_items(
         ctx.execution_options.preserve_order,
         ctx.enable_progress_bars,
         ctx.print_on_execution_start,
+        ctx.op_resource_reservation_enabled,
     )
     # the context is captured when the dataset is created: set it first
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = progress
     ctx.print_on_execution_start = progress
+    # one operator of equal tasks: a per-operator CPU reservation only idles
+    # cores (the segmentation measured 3.1 s -> 2.0 s without it, 2 CPUs)
+    ctx.op_resource_reservation_enabled = False
     data_log = logging.getLogger("ray.data")
     data_level = data_log.level
     if not progress:  # no "Dataset ... execution finished" line per pass
@@ -113,6 +117,7 @@ def map_items(
             ctx.execution_options.preserve_order,
             ctx.enable_progress_bars,
             ctx.print_on_execution_start,
+            ctx.op_resource_reservation_enabled,
         ) = saved
         data_log.setLevel(data_level)
     say("%s: %d done (%.1f s)", name, len(items), time.perf_counter() - t0)

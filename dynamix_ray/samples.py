@@ -44,6 +44,7 @@ from dynamix_ray.gather import (
     last_at_or_before,
 )
 from dynamix_ray.io import (
+    absolute_url,
     atomic_output,
     is_process_local,
     read_json,
@@ -484,7 +485,7 @@ def read_sample_table(url: str) -> SampleTable:
     path = f"{root}/samples/_meta.json"
     if not fs.exists(path):
         raise FileNotFoundError(f"{url}: no samples/_meta.json")
-    return SampleTable(f"{url.rstrip('/')}/samples", read_json(fs, path))
+    return SampleTable(absolute_url(f"{url.rstrip('/')}/samples"), read_json(fs, path))
 
 
 def run_samples(
@@ -508,6 +509,8 @@ def run_samples(
     """
     cfg = cfg or SampleConfig()
     t0 = time.perf_counter()
+    # absolute: tasks and training workers run in other folders
+    segments_url, out_url = absolute_url(segments_url), absolute_url(out_url)
     seg_meta = read_segments_meta(segments_url)
     store = ensure_store(
         events_url,

@@ -47,7 +47,7 @@ from dynamix_ray.features import (
     split_by_segment,
     to_model_batch,
 )
-from dynamix_ray.io import pyarrow_fs, resolve
+from dynamix_ray.io import absolute_url, pyarrow_fs, resolve
 from dynamix_ray.loader import LoaderSpec, SegmentBatcher, store_features
 from dynamix_ray.model import DynamixCTR, ModelConfig, PartsLoss
 from dynamix_ray.model.checkpoint import (
@@ -702,6 +702,7 @@ def prepare_train_data(
     """Build (or reuse) the compact samples (SPEC §6) at ``OUT/samples/``, split
     by time: the last ``samples.eval_days`` full days are evaluated on."""
     samples = samples or SampleConfig()
+    alure = absolute_url(alure) if alure else None  # read by the workers
     ensure_ray()
     table = run_samples(events_url, segments_url, out_url, samples, progress=progress)
     store = open_store(table.store_url)

@@ -193,6 +193,19 @@ def test_a_commit_failing_mid_move_leaves_the_old_store_whole(plain, tmp_path, m
     assert open_store(out).meta["input_fingerprint"] == again.meta["input_fingerprint"]
 
 
+def test_a_lost_bucket_file_is_an_error_not_an_empty_bucket(plain, tmp_path):
+    """The store lists its non-empty buckets: a reader never mistakes a
+    missing file (a wrong path, a lost object) for a bucket without rows."""
+    store = run_bucket(plain, str(tmp_path / "s"), 2, progress=False)
+    path = store.bucket_path("ad_impressions", 1)
+    import os
+
+    os.remove(path)
+    with pytest.raises(FileNotFoundError, match="bucket 1 of 'ad_impressions'"):
+        store.read_bucket(1, {"ad_impressions": ["user_id"]})
+    assert open_store(str(tmp_path / "s")).url == str(tmp_path / "s")  # absolute
+
+
 def test_missing_ad_impressions_is_an_error_naming_the_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="ad_impressions"):
         run_bucket(str(tmp_path / "nothing"), str(tmp_path / "s"), progress=False)

@@ -176,6 +176,19 @@ def test_killed_training_worker_resumes_from_checkpoint(tiny, tmp_path):
     assert int(m["epoch_id_sq_sum"]) == sum(i * i for i in ids)
 
 
+def test_relative_paths_reach_the_workers_whole(tiny, tmp_path, monkeypatch):
+    """Ray Train workers run in another folder: paths given relative to the
+    caller's still find the events, so histories are gathered (a batch's
+    bytes per row are those of (B, L) histories, not of the compact row)."""
+    events, segs = tiny
+    monkeypatch.chdir(tmp_path)
+    rel_events, rel_segs = os.path.relpath(events), os.path.relpath(segs)
+    assert not os.path.isabs(rel_events)
+    m = run_train(rel_events, rel_segs, "out", _cfg(importance_rows=0))
+    assert m["loader_bytes_per_row"] > 1000
+    assert 0 < m["ne"] < 2
+
+
 def test_the_same_seed_gives_the_same_run(tiny, tmp_path):
     """Bitwise on CPU with one worker: the same batches in the same order,
     the same weights, the same NE; another seed differs."""

@@ -39,6 +39,7 @@ from dynamix_ray.features import available_features, to_model_batch
 from dynamix_ray.gather import SourceEvents
 from dynamix_ray.histories import user_histories, users_between
 from dynamix_ray.io import (
+    absolute_url,
     atomic_output,
     is_process_local,
     pyarrow_fs,
@@ -293,7 +294,7 @@ def run_embed(
 
     cfg = cfg or EmbedConfig()
     t0 = time.perf_counter()
-    ckpt = resolve_checkpoint(checkpoint)
+    ckpt = absolute_url(resolve_checkpoint(checkpoint))  # loaded by the actors
     _, mcfg, ck = load_checkpoint(ckpt)
     version = model_version(ckpt)
     seq = cfg.max_seq_len or ck["samples"].max_seq_len

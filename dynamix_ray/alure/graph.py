@@ -7,9 +7,9 @@ Per country (or for everyone when the embeddings carry none):
    L2-normalised embeddings) whose coarse quantizer holds those centroids,
 3. every user's ``k2`` nearest other users, searching the ``k1_probe``
    nearest clusters. Queries are independent: a Ray Data ``map_batches``
-   over the embedding files shards them over a pool of actors, each loading
-   every group's index once (memory-mapped from local disk), and the workers
-   write the edges themselves.
+   over the embedding files shards them over tasks; each worker process loads
+   every group's index once (memory-mapped from local disk) and keeps it for
+   its next task, and the workers write the edges themselves.
 
 Each group's index is built in a Ray task of its own (it reads the group's
 embeddings, trains k-means, measures recall) and written to
@@ -47,7 +47,7 @@ from dynamix_ray.io import (
     write_json,
     write_parquet,
 )
-from dynamix_ray.runtime import cluster_cpus, ensure_ray, map_items
+from dynamix_ray.runtime import ensure_ray, map_items
 
 __all__ = [
     "U2UConfig",
@@ -169,18 +169,28 @@ def neighbor_recall(approx: np.ndarray, exact: np.ndarray) -> float:
     return hits / total if total else 1.0
 
 
-class _Searcher:
-    """Ray Data actor: loads every group's index once, searches batches."""
+#: Indexes loaded by this worker process, by file: Ray reuses a worker process
+#: for the next task, so each one loads (memory-maps) every index once.
+_LOADED: dict[str, Any] = {}
 
-    def __init__(self, index_paths: dict[int, str], nprobes: dict[int, int], k2: int):
-        import faiss
 
-        faiss.omp_set_num_threads(1)
-        self.indexes = {g: _load_index(p) for g, p in index_paths.items()}
-        self.nprobes, self.k2 = nprobes, k2
+def _search_task(
+    batch: dict[str, np.ndarray],
+    index_paths: dict[int, str],
+    nprobes: dict[int, int],
+    k2: int,
+) -> dict[str, np.ndarray]:
+    """Ray Data map: neighbours of a batch of users, with this process's
+    loaded indexes (tasks, not an actor pool: no actor holds a CPU that the
+    reading tasks need)."""
+    import faiss
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return search_batch(batch, self.indexes, self.k2, self.nprobes)
+    faiss.omp_set_num_threads(1)
+    for p in index_paths.values():
+        if p not in _LOADED:
+            _LOADED[p] = _load_index(p)
+    indexes = {g: _LOADED[p] for g, p in index_paths.items()}
+    return search_batch(batch, indexes, k2, nprobes)
 
 
 def _load_index(url: str) -> Any:
@@ -416,8 +426,6 @@ def build_u2u(
                     )
         else:
             assert isinstance(embeddings, str)
-            # leave a CPU to the reading tasks that feed the actors
-            actors = max(1, min(cluster_cpus() - 1, len(files)))
             (
                 ray.data.read_parquet(
                     files,
@@ -427,11 +435,10 @@ def build_u2u(
                     filesystem=pyarrow_fs(resolve(files[0])[0]),
                 )
                 .map_batches(
-                    _Searcher,
-                    fn_constructor_args=(paths, nprobes, cfg.k2),
+                    cast(Any, _search_task),
+                    fn_args=(paths, nprobes, cfg.k2),
                     batch_size=4096,
                     batch_format="numpy",
-                    concurrency=actors,
                 )
                 .write_parquet(f"{tmp}/u2u", filesystem=pyarrow_fs(fs))
             )

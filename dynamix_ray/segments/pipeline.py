@@ -292,6 +292,8 @@ def run_segment(
             ("rows", "eligible", "impressions", "filtered", "users"), 0
         )
         first: list[Any] = []
+        phases = {"store": time.perf_counter() - t0}
+        t_phase = time.perf_counter()
         for r in map_items(
             _stats_task,
             items,
@@ -304,11 +306,13 @@ def run_segment(
                 counts[k] += r[k]
             # folded as they come: one histogram in the driver, not one a bucket
             first = [_fold(select.first_question(), [*first, r["first_answer"]])]
+        phases["statistics"] = time.perf_counter() - t_phase
         say(
             "segment: statistics of %d buckets (%.1f s)",
             len(items),
-            time.perf_counter() - t0,
+            phases["statistics"],
         )
+        t_phase = time.perf_counter()
 
         calibration: dict[str, Any] = {}
         if cfg.epsilon is None:
@@ -335,6 +339,8 @@ def run_segment(
             eps_source = f"calibrated to active_fraction={cfg.active_fraction}"
         else:
             epsilon, eps_source = float(cfg.epsilon), "given"
+        phases["epsilon"] = time.perf_counter() - t_phase
+        t_phase = time.perf_counter()
 
         active = 0
         for r in map_items(
@@ -346,6 +352,7 @@ def run_segment(
             progress=progress,
         ):
             active += r["active_rows"]
+        phases["finalize"] = time.perf_counter() - t_phase
         rejected = store.rejected(_STAT_SOURCES)
         counts.update(
             active_rows=active,
@@ -372,6 +379,7 @@ def run_segment(
             "epsilon": epsilon,
             "epsilon_source": eps_source,
             "epsilon_calibration": calibration,
+            "phase_s": phases,
             "counts": counts,
             "version": __version__,
             "python": sys.version.split()[0],
