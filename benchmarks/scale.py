@@ -891,6 +891,172 @@ def cost_model(results: dict) -> dict:
     }
 
 
+def _row(cells: list[Any]) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def markdown(results: dict) -> str:
+    """The README's tables from ``scale.json``."""
+    out: list[str] = []
+    seg = results.get("segment") or []
+    if seg:
+        out += [
+            "| ad impressions | input | buckets | wall | events/s per core | driver peak RSS | largest worker | spill |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in seg:
+            out.append(
+                _row(
+                    [
+                        f"{r['impressions'] / 1e6:.0f}M",
+                        r["mode"],
+                        r["buckets"],
+                        f"{r['wall_s']:.1f} s",
+                        f"{r['events_per_s_core']:,.0f}",
+                        f"{r['driver_gib']:.2f} GiB",
+                        f"{r['worker_gib']:.2f} GiB",
+                        f"{r['spilled_mib']:.0f} MiB",
+                    ]
+                )
+            )
+        out.append("")
+    sh = results.get("shuffle") or []
+    if sh:
+        out += [
+            "| shuffle of the smallest size | wall | files | largest worker | spill |",
+            "|---|---|---|---|---|",
+        ]
+        for r in sh:
+            st, hs = r["storage"], r["hash"]
+            out.append(
+                _row(
+                    [
+                        "storage (the store's map + reduce)",
+                        f"{st['wall_s']:.1f} s",
+                        f"{st['shuffle_files']} for {st['pieces']} pieces",
+                        f"{st['worker_peak_rss'] / GIB:.2f} GiB",
+                        f"{st['spilled_mib']:.0f} MiB",
+                    ]
+                )
+            )
+            out.append(
+                _row(
+                    [
+                        "Ray Data hash shuffle (`repartition(keys=...)`)",
+                        f"{hs['wall_s']:.1f} s",
+                        "(object store)",
+                        f"{hs['worker_peak_rss'] / GIB:.2f} GiB",
+                        f"{hs['spilled_mib']:.0f} MiB",
+                    ]
+                )
+            )
+        out.append("")
+    ld = results.get("loader")
+    if ld:
+        out += [
+            f"| policy (L = {ld['max_seq_len']}, batch 512, 1 thread) | rows/s | MB per batch | bytes per row |",
+            "|---|---|---|---|",
+        ]
+        for pol, r in ld["policies"].items():
+            out.append(
+                _row(
+                    [
+                        pol,
+                        f"{r['rows_per_s']:,.0f}",
+                        f"{r['bytes_per_batch'] / 1e6:.2f}",
+                        f"{r['bytes_per_row']:,.0f}",
+                    ]
+                )
+            )
+        out.append("")
+    tr = results.get("train") or []
+    if tr:
+        out += [
+            "| users x 7 days | samples | build | samples/s per core | stored B/sample | event store B/sample | epoch (1 worker) | examples/s | loader rows/s | NE | driver | largest worker | spill |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in tr:
+            out.append(
+                _row(
+                    [
+                        f"{r['users']:,}",
+                        f"{r['samples']:,}",
+                        f"{r['samples_wall_s']:.1f} s",
+                        f"{r['samples_per_s_core']:,.0f}",
+                        f"{r['bytes_per_sample_stored']:.0f}",
+                        f"{r['event_store_bytes_per_sample']:.0f}",
+                        f"{r['train_wall_s']:.0f} s",
+                        f"{r['train_examples_per_s'] or 0:,.0f}",
+                        f"{r['loader_rows_per_s'] or 0:,.0f}",
+                        f"{r['ne']:.4f}",
+                        f"{r['driver_gib']:.2f} GiB",
+                        f"{r['worker_gib']:.2f} GiB",
+                        f"{r['spilled_mib']:.0f} MiB",
+                    ]
+                )
+            )
+        out.append("")
+    al = results.get("alure") or []
+    if al:
+        out += [
+            "| users x 2 days | bucket | histories | B/user in memory | embed | users/s per core | u2u | recall@15 | driver | largest worker | spill |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in al:
+            out.append(
+                _row(
+                    [
+                        f"{r['users']:,}",
+                        f"{r['bucket_wall_s']:.1f} s",
+                        f"{r['histories_wall_s']:.1f} s",
+                        f"{r['histories_bytes_per_user']:,.0f}",
+                        f"{r['embed_wall_s']:.1f} s",
+                        f"{r['embed_users_per_s_core']:,.0f}",
+                        f"{r['u2u_wall_s']:.1f} s",
+                        f"{r['u2u_recall']:.3f}",
+                        f"{r['driver_gib']:.2f} GiB",
+                        f"{r['worker_gib']:.2f} GiB",
+                        f"{r['spilled_mib']:.0f} MiB",
+                    ]
+                )
+            )
+        out.append("")
+    cl = results.get("cluster")
+    if cl:
+        out += [
+            "| nodes x 1 CPU | segment (bucket + statistic) | samples |",
+            "|---|---|---|",
+            _row(
+                [
+                    "1",
+                    f"{cl['1']['segment_wall_s']:.1f} s",
+                    f"{cl['1']['samples_wall_s']:.1f} s",
+                ]
+            ),
+            _row(
+                [
+                    "2",
+                    f"{cl['2']['segment_wall_s']:.1f} s",
+                    f"{cl['2']['samples_wall_s']:.1f} s",
+                ]
+            ),
+            _row(
+                [
+                    "speed-up",
+                    f"{cl['speedup_segment']:.2f}x",
+                    f"{cl['speedup_samples']:.2f}x",
+                ]
+            ),
+            "",
+        ]
+    cm = results.get("cost_model")
+    if cm:
+        out += ["| at 40B samples a month, 1e9 users | core-hours a day |", "|---|---|"]
+        for k, v in cm["core_hours_per_day"].items():
+            out.append(_row([k, f"{v:,.0f}"]))
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--run-step":
         run_step_here(sys.argv[2], json.loads(sys.argv[3]), sys.argv[4])
@@ -911,6 +1077,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-data", action="store_true", help="keep generated data")
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     p.add_argument("--out", default="bench_out/scale")
+    p.add_argument(
+        "--markdown",
+        action="store_true",
+        help="print the tables of OUT/scale.json and stop",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.segment_sizes, args.train_users = "500000,2000000", "200,800"
@@ -922,6 +1093,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "scale.json"
     results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    if args.markdown:
+        print(markdown(results))
+        return 0
     sections = {
         "segment": section_segment,
         "shuffle": section_shuffle,

@@ -159,6 +159,11 @@ class EventStore:
     def ts_min_ms(self) -> int:
         return min(int(m["ts_min_ms"]) for m in self.meta["sources"].values())
 
+    def bucket_items(self) -> list[dict[str, Any]]:
+        """One ``runtime.map_items`` item per bucket. The store itself goes to
+        the tasks once, as an argument: an item is only its bucket id."""
+        return [{"bucket": b} for b in range(self.num_buckets)]
+
     def bucket_path(self, source: str, bucket: int) -> str:
         _, root = resolve(self.url)
         return f"{root}/{source}/bucket={bucket:05d}/part-0.parquet"

@@ -170,10 +170,9 @@ def users_between(ev: SourceEvents, lo_ms: int, hi_ms: int) -> np.ndarray:
 
 
 def _snapshot_task(
-    item: dict[str, Any], tmp: str, as_of_ms: int, max_seq_len: int
+    item: dict[str, Any], store: EventStore, tmp: str, as_of_ms: int, max_seq_len: int
 ) -> dict[str, Any]:
     """One bucket: each user's last L events per source before ``as_of``."""
-    store = EventStore(item["store"], item["num_buckets"], item["store_meta"])
     b = item["bucket"]
     fs, _ = resolve(tmp)
     tables = store.read_bucket(b, dict.fromkeys(HISTORY_SOURCES))
@@ -222,22 +221,14 @@ def run_histories(
     as_of = as_of_ms if as_of_ms is not None else store.ts_max_ms + 1
     fs, root = resolve(out_url)
     local = is_process_local(fs) or is_process_local(resolve(store.url)[0])
-    items = [
-        {
-            "bucket": b,
-            "store": store.url,
-            "num_buckets": store.num_buckets,
-            "store_meta": store.meta,
-        }
-        for b in range(store.num_buckets)
-    ]
+    items = store.bucket_items()
     users, events = 0, dict[str, int]()
     with atomic_output(fs, root, ["histories"]) as tmp_path:  # data and meta
         tmp = url_of(fs, tmp_path)
         for r in map_items(
             _snapshot_task,
             items,
-            (tmp, as_of, max_seq_len),
+            (store, tmp, as_of, max_seq_len),
             local=local,
             name="histories",
             progress=progress,

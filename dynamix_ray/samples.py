@@ -410,11 +410,16 @@ def _bucket_arrays(table: pa.Table | None, cols: list[str]) -> Arrays:
 
 
 def _samples_task(
-    item: dict[str, Any], tmp: str, cfg: SampleConfig, boundary_ms: int, seed: int
+    item: dict[str, Any],
+    store: EventStore,
+    segments_url: str,
+    tmp: str,
+    cfg: SampleConfig,
+    boundary_ms: int,
+    seed: int,
 ) -> dict[str, Any]:
     """One bucket: its compact samples, split by time, permuted, written."""
     b = item["bucket"]
-    store = EventStore(item["store"], item["num_buckets"], item["store_meta"])
     ev = store.read_bucket(
         b,
         {
@@ -430,7 +435,7 @@ def _samples_task(
                 f"{store.url}: '{name}' has no 'ad_id' column; a sample's label "
                 "(a conversion on the same ad, SPEC §6) needs it in both sources"
             )
-    seg = segment_rows(read_segment_bucket(item["segments"], b))
+    seg = segment_rows(read_segment_bucket(segments_url, b))
     s = compact_samples(imps, conv, seg, cfg)
     n = len(s["t_ms"])
     s["sample_id"] = (np.int64(b) << _ID_BITS) + np.arange(n, dtype=np.int64)
@@ -538,16 +543,7 @@ def run_samples(
         for k, v in store.meta["sources"]["ad_impressions"]["days"].items()
     }
     boundary = eval_boundary_from_days(days, cfg.eval_days)
-    items = [
-        {
-            "bucket": b,
-            "store": store.url,
-            "num_buckets": store.num_buckets,
-            "store_meta": store.meta,
-            "segments": segments_url,
-        }
-        for b in range(store.num_buckets)
-    ]
+    items = store.bucket_items()
     local = is_process_local(fs) or is_process_local(resolve(store.url)[0])
     rows = {"train": 0, "eval": 0}
     pos = {"train": 0, "eval": 0}
@@ -558,7 +554,7 @@ def run_samples(
         for r in map_items(
             _samples_task,
             items,
-            (f"{tmp}/samples", cfg, boundary, seed),
+            (store, segments_url, f"{tmp}/samples", cfg, boundary, seed),
             local=local,
             name="samples",
             progress=progress,

@@ -169,14 +169,13 @@ def _bucket_events(store: EventStore, bucket: int) -> dict[str, SourceEvents]:
 
 def _user_rows(
     batch: dict[str, np.ndarray],
-    store_args: tuple,
+    store: EventStore,
     as_of_ms: int,
     since_ms: int | None,
     seq: int,
     buffer_s: int,
 ) -> dict[str, np.ndarray]:
     """Ray Data map: the history rows of one bucket's users to embed."""
-    store = EventStore(*store_args)
     out = []
     for b in batch["bucket"].tolist():
         h = user_histories(_bucket_events(store, b), as_of_ms, seq, since_ms, buffer_s)
@@ -190,10 +189,14 @@ def _user_rows(
 
 
 def _kept_task(
-    item: dict[str, Any], prev_root: str, tmp: str, as_of_ms: int, since_ms: int
+    item: dict[str, Any],
+    store: EventStore,
+    prev_root: str,
+    tmp: str,
+    as_of_ms: int,
+    since_ms: int,
 ) -> dict[str, int]:
     """One bucket: the previous run's rows of users without new events, kept."""
-    store = EventStore(*item["store"])
     b = item["bucket"]
     fs, _ = resolve(tmp)
     prev_fs, _ = resolve(prev_root)
@@ -320,8 +323,7 @@ def run_embed(
                 f"in {out_url}; pass --full to re-embed from scratch"
             )
         since = int(prev_meta["as_of_ms"])
-    store_args = (store.url, store.num_buckets, store.meta)
-    args = (store_args, as_of, since, seq, buffer_s)
+    args = (store, as_of, since, seq, buffer_s)
     row_meta = (as_of, version, mcfg.user_dim)
     kept = 0
     # the meta is placed after the table it describes (atomic_output's files)
@@ -359,13 +361,11 @@ def run_embed(
                 )
             )
         if since is not None:  # workers keep the previous rows of the others
-            items = [
-                {"bucket": b, "store": store_args} for b in range(store.num_buckets)
-            ]
+            items = store.bucket_items()
             for r in map_items(
                 _kept_task,
                 items,
-                (url_of(fs, root), tmp, as_of, since),
+                (store, url_of(fs, root), tmp, as_of, since),
                 local=local,
                 name="embed: keep previous rows",
                 progress=progress,

@@ -131,10 +131,6 @@ _STAT_SOURCES = {
 }
 
 
-def _open(item: dict[str, Any]) -> EventStore:
-    return EventStore(item["store"], item["num_buckets"], item["store_meta"])
-
-
 def bucket_path(root: str, table: str, bucket: int) -> str:
     """``ROOT/<table>/bucket=KKKKK/part-0.parquet`` (``segments``, ``stats``)."""
     return f"{root}/{table}/bucket={bucket:05d}/part-0.parquet"
@@ -155,10 +151,13 @@ def _abs_corr(stats: Columns, min_events: int) -> np.ndarray:
 
 
 def _stats_task(
-    item: dict[str, Any], tmp: str, cfg: SegmentConfig, origin_ms: int
+    item: dict[str, Any],
+    store: EventStore,
+    tmp: str,
+    cfg: SegmentConfig,
+    origin_ms: int,
 ) -> dict[str, Any]:
     """Pass 2: one bucket's partial statistics, written; counts returned."""
-    store = _open(item)
     b = item["bucket"]
     ev = store.read_bucket(b, dict(_STAT_SOURCES))
     stats = compute_stats(
@@ -276,16 +275,7 @@ def run_segment(
             f"{events_url}: no valid conversion (source 'conversions' is required)"
         )
     origin = window_origin_ms(cfg, store.meta["sources"]["ad_impressions"]["ts_min_ms"])
-    items = [
-        {
-            "bucket": b,
-            "store": store.url,
-            "num_buckets": store.num_buckets,
-            "store_meta": store.meta,
-        }
-        for b in range(store.num_buckets)
-    ]
-    slim = [{"bucket": b} for b in range(store.num_buckets)]
+    items = store.bucket_items()
     with atomic_output(out_fs, out_root, ["segments", "stats"]) as tmp_path:
         tmp = url_of(out_fs, tmp_path)  # what the tasks resolve
         counts: dict[str, Any] = dict.fromkeys(
@@ -297,7 +287,7 @@ def run_segment(
         for r in map_items(
             _stats_task,
             items,
-            (tmp, cfg, origin),
+            (store, tmp, cfg, origin),
             local=local,
             name="segment: statistics",
             progress=progress,
@@ -324,7 +314,7 @@ def run_segment(
                     question,
                     map_items(
                         _answer_task,
-                        slim,
+                        items,
                         (tmp, cfg.min_events, question),
                         local=local,
                         name="segment: epsilon pass",
@@ -345,7 +335,7 @@ def run_segment(
         active = 0
         for r in map_items(
             _finalize_task,
-            slim,
+            items,
             (tmp, cfg, epsilon),
             local=local,
             name="segment: finalize",
