@@ -156,6 +156,20 @@ def step_segment(p: dict) -> dict:
         "num_buckets": r.meta["num_buckets"],
         "epsilon_rounds": r.meta["epsilon_calibration"].get("rounds"),
         "store_wall_s": _store_wall(r.meta["store"]) if p.get("builds_store") else 0,
+        "phase_s": {
+            **(_store_phases(r.meta["store"]) if p.get("builds_store") else {}),
+            **r.meta["phase_s"],
+        },
+    }
+
+
+def _store_phases(url: str) -> dict:
+    from dynamix_ray.events import open_store
+
+    store = open_store(url)
+    return {
+        f"bucket_{k}": v
+        for k, v in (store.meta.get("phase_s", {}) if store else {}).items()
     }
 
 
