@@ -815,10 +815,16 @@ def section_cluster(args: argparse.Namespace, out: Path) -> dict:
             res[str(nodes)] = {
                 "segment_wall_s": seg["wall_s"],
                 "samples_wall_s": smp["wall_s"],
+                "segment_phase_s": seg.get("phase_s", {}),
             }
             print(
                 f"  cluster {nodes} node(s) x 1 CPU: segment (bucket + statistic) "
                 f"{seg['wall_s']:.1f} s, samples {smp['wall_s']:.1f} s",
+                flush=True,
+            )
+            print(
+                "    phases: "
+                + ", ".join(f"{k} {v:.1f} s" for k, v in seg.get("phase_s", {}).items()),
                 flush=True,
             )
             shutil.rmtree(work, ignore_errors=True)

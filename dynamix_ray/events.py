@@ -534,6 +534,7 @@ def run_bucket(
 
     parts = [*ds.files, "rejects"]
     phases: dict[str, float] = {"scan": time.perf_counter() - t0}
+    reduce_stats: dict[str, float] = {}
     with atomic_output(out_fs, out_root, parts, files=[BUCKETING_FILE]) as tmp_path:
         tmp = url_of(out_fs, tmp_path)  # what the tasks resolve
         t_phase = time.perf_counter()
@@ -541,6 +542,7 @@ def run_bucket(
             for p in pieces:
                 p["present"] = present[p["source"]]
             by_source: dict[str, list[int]] = {}
+            map_stats: dict[str, float] = {}
             for r, p in zip(
                 map_items(
                     _map_piece,
@@ -549,6 +551,7 @@ def run_bucket(
                     local=local,
                     name="bucket: map",
                     progress=progress,
+                    stats=map_stats,
                 ),
                 pieces,
                 strict=True,
@@ -556,6 +559,7 @@ def run_bucket(
                 by_source.setdefault(p["source"], []).append(p["piece"])
                 add_rejects(p["source"], r["rejects"])
             phases["map"] = time.perf_counter() - t_phase
+            phases["map_tasks"] = map_stats["task_s"]
             t_phase = time.perf_counter()
             items = [{"bucket": b, "pieces": by_source} for b in range(nb)]
             results = map_items(
@@ -565,6 +569,7 @@ def run_bucket(
                 local=local,
                 name="bucket: reduce",
                 progress=progress,
+                stats=reduce_stats,
             )
         else:
             items = [
@@ -583,6 +588,7 @@ def run_bucket(
                 local=local,
                 name="bucket: per bucket",
                 progress=progress,
+                stats=reduce_stats,
             )
         for r in results:
             for source, counts in r.get("rejects", {}).items():
@@ -597,6 +603,7 @@ def run_bucket(
                 for d, n in m["days"].items():  # rows per UTC day
                     acc["days"][str(d)] = acc["days"].get(str(d), 0) + n
         phases["reduce"] = time.perf_counter() - t_phase
+        phases["reduce_tasks"] = reduce_stats.get("task_s", 0.0)
         shuffle_files = 0
         if out_fs.exists(f"{tmp_path}/_shuffle"):
             shuffle_files = len(out_fs.find(f"{tmp_path}/_shuffle"))

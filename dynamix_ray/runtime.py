@@ -47,9 +47,14 @@ def cluster_cpus() -> int:
 
 
 def _run_one(batch: dict[str, np.ndarray], fn: Callable, fn_args: tuple) -> dict:
-    """Ray Data map: one JSON item in, one pickled result out."""
-    out = [pickle.dumps(fn(json.loads(str(s)), *fn_args)) for s in batch["item"]]
-    return {"result": np.array(out, dtype=object)}
+    """Ray Data map: one JSON item in, one pickled result out (and the seconds
+    the item took in its worker)."""
+    out, took = [], []
+    for s in batch["item"]:
+        t0 = time.perf_counter()
+        out.append(pickle.dumps(fn(json.loads(str(s)), *fn_args)))
+        took.append(time.perf_counter() - t0)
+    return {"result": np.array(out, dtype=object), "task_s": np.array(took)}
 
 
 def map_items(
@@ -60,6 +65,7 @@ def map_items(
     local: bool = False,
     name: str = "tasks",
     progress: bool = True,
+    stats: dict[str, float] | None = None,
 ) -> Iterator[Any]:
     """``fn(item, *fn_args)`` once per item, one Ray Data task each; yields the
     results in item order as they arrive, so the caller can fold them into a
@@ -71,13 +77,23 @@ def map_items(
     cannot see). Ray Data retries a failed task; ``fn`` must therefore write
     its output under names derived from its item only, so that a retry
     overwrites instead of duplicating.
+
+    ``stats``, when given, receives ``tasks``, ``wall_s`` and ``task_s`` (the
+    items' summed seconds in their workers): ``task_s / wall_s`` over the CPUs
+    is how busy the pass kept them, and a task time that grows with the node
+    count points at contention rather than at a serial part.
     """
     t0 = time.perf_counter()
+    task_s = 0.0
     say = log.info if progress else log.debug
     if local or not items:
         for i, item in enumerate(items):
-            yield fn(item, *fn_args)
+            t_item = time.perf_counter()
+            result = fn(item, *fn_args)
+            task_s += time.perf_counter() - t_item
+            yield result
             say("%s: %d/%d (%.1f s)", name, i + 1, len(items), time.perf_counter() - t0)
+        _fill(stats, len(items), time.perf_counter() - t0, task_s)
         return
     import ray
 
@@ -110,6 +126,7 @@ def map_items(
             batch_format="numpy",
         )
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            task_s += float(np.sum(batch["task_s"]))
             for blob in batch["result"]:
                 yield pickle.loads(blob)
     finally:
@@ -120,4 +137,11 @@ def map_items(
             ctx.op_resource_reservation_enabled,
         ) = saved
         data_log.setLevel(data_level)
-    say("%s: %d done (%.1f s)", name, len(items), time.perf_counter() - t0)
+    wall = time.perf_counter() - t0
+    _fill(stats, len(items), wall, task_s)
+    say("%s: %d done (%.1f s; tasks %.1f s in all)", name, len(items), wall, task_s)
+
+
+def _fill(stats: dict[str, float] | None, n: int, wall: float, task_s: float) -> None:
+    if stats is not None:
+        stats.update(tasks=n, wall_s=round(wall, 3), task_s=round(task_s, 3))

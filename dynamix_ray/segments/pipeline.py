@@ -284,6 +284,7 @@ def run_segment(
         first: list[Any] = []
         phases = {"store": time.perf_counter() - t0}
         t_phase = time.perf_counter()
+        stats_stats: dict[str, float] = {}
         for r in map_items(
             _stats_task,
             items,
@@ -291,12 +292,14 @@ def run_segment(
             local=local,
             name="segment: statistics",
             progress=progress,
+            stats=stats_stats,
         ):
             for k in counts:
                 counts[k] += r[k]
             # folded as they come: one histogram in the driver, not one a bucket
             first = [_fold(select.first_question(), [*first, r["first_answer"]])]
         phases["statistics"] = time.perf_counter() - t_phase
+        phases["statistics_tasks"] = stats_stats["task_s"]
         say(
             "segment: statistics of %d buckets (%.1f s)",
             len(items),
