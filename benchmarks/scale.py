@@ -824,7 +824,9 @@ def section_cluster(args: argparse.Namespace, out: Path) -> dict:
             )
             print(
                 "    phases: "
-                + ", ".join(f"{k} {v:.1f} s" for k, v in seg.get("phase_s", {}).items()),
+                + ", ".join(
+                    f"{k} {v:.1f} s" for k, v in seg.get("phase_s", {}).items()
+                ),
                 flush=True,
             )
             shutil.rmtree(work, ignore_errors=True)
