@@ -1075,7 +1075,7 @@ def markdown(results: dict) -> str:
     if cm:
         out += ["| at 40B samples a month, 1e9 users | core-hours a day |", "|---|---|"]
         for k, v in cm["core_hours_per_day"].items():
-            out.append(_row([k, f"{v:,.0f}"]))
+            out.append(_row([k, f"{v:,.1f}"]))
     return "\n".join(out)
 
 
@@ -1136,7 +1136,7 @@ def main(argv: list[str] | None = None) -> int:
     cm = results["cost_model"]
     print("== cost model at 40B samples/month, 1e9 users (core-hours a day)")
     for k, v in cm["core_hours_per_day"].items():
-        print(f"  {k:48s} {v:>12,.0f}")
+        print(f"  {k:48s} {v:>12,.1f}")
     print(f"figures: {path}")
     return 0
 
