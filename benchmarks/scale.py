@@ -499,6 +499,33 @@ def run_step(name: str, params: dict, env: dict | None = None) -> dict:
 # --------------------------------------------------------------- sections
 
 
+#: The field that names a row of a ladder section (a re-run of some sizes
+#: replaces those rows and keeps the others).
+ROW_KEY = {"segment": ("impressions", "mode"), "train": ("users",), "alure": ("users",)}
+
+
+def merge_rows(name: str, old: list[dict], new: list[dict]) -> list[dict]:
+    """``new`` rows, plus the ``old`` rows of sizes ``new`` does not have."""
+    key = ROW_KEY[name]
+    have = {tuple(r[k] for k in key) for r in new}
+    kept = [r for r in old if tuple(r[k] for k in key) not in have]
+    return sorted([*kept, *new], key=lambda r: tuple(r[k] for k in key))
+
+
+def save_rows(out: Path, name: str, rows: list[dict]) -> None:
+    """Write a ladder's rows so far into ``scale.json`` (a long ladder keeps
+    its finished sizes if it is stopped)."""
+    path = out / "scale.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results[name] = merge_rows(name, results.get(name) or [], rows)
+    path.write_text(json.dumps(results, indent=2, default=str))
+
+
+def _num(v: float | None, fmt: str, unit: str = "") -> str:
+    """``v`` formatted (with its unit), or "not run" for a step that did not run."""
+    return "not run" if v is None else format(v, fmt) + unit
+
+
 def _fmt_gib(b: float) -> str:
     return f"{b / GIB:.2f}"
 
@@ -628,15 +655,28 @@ def section_train(args: argparse.Namespace, out: Path) -> list[dict]:
             "samples",
             {"events": str(root), "segments": str(work / "seg"), "out": str(work)},
         )
-        trn = run_step(
-            "train",
-            {
-                "events": str(root),
-                "segments": str(work / "seg"),
-                "out": str(work),
-                "max_seq_len": args.max_seq_len,
-            },
-        )
+        if users <= args.epoch_max_users:
+            trn = run_step(
+                "train",
+                {
+                    "events": str(root),
+                    "segments": str(work / "seg"),
+                    "out": str(work),
+                    "max_seq_len": args.max_seq_len,
+                },
+            )
+        else:  # the samples only: the row says the epoch did not run
+            trn = dict.fromkeys(
+                ("wall_s", "train_rows", "train_examples_per_s", "loader_rows_per_s"),
+                None,
+            )
+            trn.update(
+                loader_bytes_per_row=None,
+                ne=None,
+                driver_peak_rss=0,
+                worker_peak_rss=0,
+                spilled_mib=0,
+            )
         row = {
             "users": users,
             "events": sum(gen["rows"].values()),
@@ -657,10 +697,11 @@ def section_train(args: argparse.Namespace, out: Path) -> list[dict]:
             "spilled_mib": smp["spilled_mib"] + trn["spilled_mib"],
         }
         rows.append(row)
+        save_rows(out, "train", rows)
         print(
             f"  train {users:>6,} users: {row['samples']:>10,} samples  build "
             f"{row['samples_wall_s']:6.1f} s ({row['samples_per_s_core']:>9,.0f}/s/core)  epoch "
-            f"{row['train_wall_s']:7.1f} s ({row['train_examples_per_s'] or 0:>7,.0f} ex/s)  "
+            f"{_num(row['train_wall_s'], '7.1f', ' s')} ({_num(row['train_examples_per_s'], '>7,.0f')} ex/s)  "
             f"{row['bytes_per_sample_stored']:.0f} B/sample stored  driver "
             f"{row['driver_gib']:.2f} GiB  worker {row['worker_gib']:.2f} GiB  spill "
             f"{row['spilled_mib']:.0f} MiB",
@@ -760,8 +801,15 @@ def section_alure(args: argparse.Namespace, out: Path) -> list[dict]:
             "spilled_mib": hist["spilled_mib"]
             + emb["spilled_mib"]
             + u2u["spilled_mib"],
+            "worker_gib_by_step": {
+                k: v["worker_peak_rss"] / GIB
+                for k, v in (("histories", hist), ("embed", emb), ("u2u", u2u))
+            },
+            "u2u_build_s": u2u["build_s"],
+            "u2u_query_s": u2u["query_s"],
         }
         rows.append(row)
+        save_rows(out, "alure", rows)
         print(
             f"  alure {users:>9,} users: histories {hist['wall_s']:6.1f} s ({hist['bytes_per_user']:.0f} B/user)  "
             f"embed {emb['wall_s']:6.1f} s ({row['embed_users_per_s_core']:,.0f} users/s/core)  "
@@ -862,7 +910,8 @@ def cost_model(results: dict) -> dict:
     if trn:
         rate["samples_per_s_core"] = min(r["samples_per_s_core"] for r in trn)
         rate["train_examples_per_s_core_cpu"] = min(
-            (r["train_examples_per_s"] or 0) for r in trn
+            (r["train_examples_per_s"] for r in trn if r["train_examples_per_s"]),
+            default=0,
         )  # one worker = one CPU
     if "loader" in results:
         rate["loader_rows_per_s_core"] = results["loader"]["policies"]["baseline"][
@@ -1007,10 +1056,10 @@ def markdown(results: dict) -> str:
                         f"{r['samples_per_s_core']:,.0f}",
                         f"{r['bytes_per_sample_stored']:.0f}",
                         f"{r['event_store_bytes_per_sample']:.0f}",
-                        f"{r['train_wall_s']:.0f} s",
-                        f"{r['train_examples_per_s'] or 0:,.0f}",
-                        f"{r['loader_rows_per_s'] or 0:,.0f}",
-                        f"{r['ne']:.4f}",
+                        _num(r["train_wall_s"], ".0f", " s"),
+                        _num(r["train_examples_per_s"], ",.0f"),
+                        _num(r["loader_rows_per_s"], ",.0f"),
+                        _num(r["ne"], ".4f"),
                         f"{r['driver_gib']:.2f} GiB",
                         f"{r['worker_gib']:.2f} GiB",
                         f"{r['spilled_mib']:.0f} MiB",
@@ -1092,6 +1141,12 @@ def main(argv: list[str] | None = None) -> int:
         "--segment-sizes", default="20000000,80000000,320000000", help="ad impressions"
     )
     p.add_argument("--train-users", default="2000,8000,32000")
+    p.add_argument(
+        "--epoch-max-users",
+        type=int,
+        default=10**9,
+        help="train sizes above this build their samples but run no epoch",
+    )
     p.add_argument("--alure-users", default="100000,1000000")
     p.add_argument("--cluster-impressions", type=int, default=20_000_000)
     p.add_argument("--max-seq-len", type=int, default=32, help="the training epoch's L")
@@ -1129,7 +1184,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.sections.split(","):
         print(f"== {name}", flush=True)
         t0 = time.perf_counter()
-        results[name] = sections[name](args, out)
+        got = sections[name](args, out)
+        results[name] = (
+            merge_rows(name, results.get(name) or [], got) if name in ROW_KEY else got
+        )
         results.setdefault("wall_s", {})[name] = time.perf_counter() - t0
         results["cost_model"] = cost_model(results)
         path.write_text(json.dumps(results, indent=2, default=str))
