@@ -6,8 +6,9 @@ unit sphere in ``--dim`` dimensions (the user tower's default width), users
 spread over ``--countries`` countries, so the graph is built per country as in
 the paper. For each size: the k-means + IVF build per country, the queries
 sharded over Ray Data, the recall of the IVF neighbours against faiss exact
-search on ``--recall-sample`` queries per country, all at the default
-parameters (``U2UConfig()``). Figures go to ``<out>/u2u_bench.json``.
+search on ``--recall-sample`` queries per country, at the defaults
+(``U2UConfig()``: bounded work per query) and at ALURE's k1 = 400 / 50
+probed, side by side (``--configs``). Figures go to ``<out>/u2u_bench.json``.
 
     python benchmarks/u2u.py                  # 100k and 1M users
     python benchmarks/u2u.py --sizes 20000    # a smoke run
@@ -48,6 +49,10 @@ def synthetic_embeddings(
     )
 
 
+#: ALURE's own settings: k1 = 400 clusters per country, 50 probed.
+PAPER = (400, 50)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="100000,1000000", help="users, comma-separated")
@@ -57,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--noise", type=float, default=0.35, help="spread around a center")
     p.add_argument("--recall-sample", type=int, default=1000)
     p.add_argument("--num-cpus", type=int, default=os.cpu_count())
+    p.add_argument(
+        "--configs",
+        default="default,paper",
+        help="default: dynamix u2u's defaults (bounded work per query); paper: "
+        "k1 = 400, 50 clusters probed (ALURE's settings); comma-separated, each "
+        "size runs every one",
+    )
     p.add_argument("--out", default="bench_out")
     args = p.parse_args(argv)
     import ray
@@ -68,33 +80,36 @@ def main(argv: list[str] | None = None) -> int:
         table = synthetic_embeddings(
             n, args.dim, args.clusters, args.countries, args.noise, seed=n
         )
-        cfg = U2UConfig(recall_sample=args.recall_sample)
-        with tempfile.TemporaryDirectory() as d:
-            t0 = time.perf_counter()
-            meta = build_u2u(table, d, cfg, progress=False)
-            wall = time.perf_counter() - t0
-        g = next(iter(meta["groups"].values()))
-        row = {
-            "users": n,
-            "countries": len(meta["groups"]),
-            "k1": g["k1"],
-            "k1_probe": g["k1_probe"],
-            "k2": cfg.k2,
-            "recall_at_k2": meta["recall_at_k2"],
-            "build_s": meta["build_s"],
-            "query_s": meta["query_s"],
-            "wall_s": wall,
-            "edges": meta["edges"],
-        }
-        results.append(row)
-        print(
-            f"{n:>9,} users ({row['countries']} countries, k1={row['k1']}, "
-            f"probe={row['k1_probe']}, k2={row['k2']}): recall@{cfg.k2} "
-            f"{row['recall_at_k2']:.4f} (target >= 0.95), k-means+index+recall "
-            f"{row['build_s']:.1f} s, sharded queries {row['query_s']:.1f} s, "
-            f"total {wall:.1f} s",
-            flush=True,
-        )
+        for name in args.configs.split(","):
+            k1, probe = PAPER if name == "paper" else (None, None)
+            cfg = U2UConfig(k1=k1, k1_probe=probe, recall_sample=args.recall_sample)
+            with tempfile.TemporaryDirectory() as d:
+                t0 = time.perf_counter()
+                meta = build_u2u(table, d, cfg, progress=False)
+                wall = time.perf_counter() - t0
+            g = next(iter(meta["groups"].values()))
+            row = {
+                "users": n,
+                "config": name,
+                "countries": len(meta["groups"]),
+                "k1": g["k1"],
+                "k1_probe": g["k1_probe"],
+                "k2": cfg.k2,
+                "recall_at_k2": meta["recall_at_k2"],
+                "build_s": meta["build_s"],
+                "query_s": meta["query_s"],
+                "wall_s": wall,
+                "edges": meta["edges"],
+            }
+            results.append(row)
+            print(
+                f"{n:>9,} users {name:8s} ({row['countries']} countries, k1={row['k1']}, "
+                f"probe={row['k1_probe']}, k2={row['k2']}): recall@{cfg.k2} "
+                f"{row['recall_at_k2']:.4f} (target >= 0.95), k-means+index+recall "
+                f"{row['build_s']:.1f} s, sharded queries {row['query_s']:.1f} s, "
+                f"total {wall:.1f} s",
+                flush=True,
+            )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "u2u_bench.json"

@@ -466,9 +466,17 @@ def _add_u2u(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("embeddings", help="output folder of `dynamix embed`")
     p.add_argument("out", help="output folder")
-    p.add_argument("--k1", type=int, default=None, help="clusters (default ~4 sqrt(n))")
     p.add_argument(
-        "--k1-probe", type=int, default=None, help="clusters searched (default k1/8)"
+        "--k1",
+        type=int,
+        default=None,
+        help="clusters (default ~users/1024: bounded work per query)",
+    )
+    p.add_argument(
+        "--k1-probe",
+        type=int,
+        default=None,
+        help="clusters searched per query (default 16)",
     )
     p.add_argument("--k2", type=int, default=c.k2, help="neighbours per user")
     p.add_argument("--recall-sample", type=int, default=c.recall_sample)

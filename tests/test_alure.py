@@ -22,8 +22,12 @@ from dynamix_ray.alure.candidates import (
 )
 from dynamix_ray.alure.embed import EmbedConfig, read_embeddings, run_embed
 from dynamix_ray.alure.graph import (
+    DEFAULT_PROBE,
+    USERS_PER_LIST,
     U2UConfig,
     build_u2u,
+    default_k1,
+    default_probe,
     exact_neighbors,
     ivf_index,
     neighbor_recall,
@@ -124,6 +128,43 @@ def test_exact_neighbors_equal_numpy_brute_force():
         atol=1e-5,
     )
     assert not (got == ids[:50, None]).any()
+
+
+def test_default_graph_work_per_query_is_bounded():
+    # k1 grows with the users and the probe does not: a query scans about
+    # DEFAULT_PROBE * USERS_PER_LIST users at any size (not 1/8 of them)
+    for n in (10**5, 10**6, 10**8):
+        k1 = default_k1(n)
+        scanned = default_probe(k1) * n / k1
+        assert (
+            0.5 * DEFAULT_PROBE * USERS_PER_LIST
+            <= scanned
+            <= DEFAULT_PROBE * USERS_PER_LIST
+        )
+    assert default_k1(10) == 1 and default_probe(1) == 1
+    assert default_probe(100, 40) == 40 and default_probe(8, 40) == 8
+
+
+def test_hnsw_centroids_search_like_the_flat_ones():
+    # above hnsw_above the centroids are found through an HNSW graph, for
+    # k-means' assignment and as the coarse quantizer; forced here at 64
+    import faiss
+
+    x = _clustered(6000, 16, 30, 2)
+    ids = np.arange(6000, dtype=np.int64)
+    q = np.arange(0, 6000, 30)
+    exact, _ = exact_neighbors(x, ids, x[q], ids[q], 10)
+    flat = ivf_index(x, ids, k1=100, probe=10)
+    hnsw = ivf_index(x, ids, k1=100, probe=10, hnsw_above=64)
+    assert isinstance(faiss.downcast_index(hnsw.quantizer), faiss.IndexHNSWFlat)
+    assert isinstance(faiss.downcast_index(flat.quantizer), faiss.IndexFlatIP)
+    r_flat = neighbor_recall(search(flat, x[q], ids[q], 10, nprobe=10)[0], exact)
+    r_hnsw = neighbor_recall(search(hnsw, x[q], ids[q], 10, nprobe=10)[0], exact)
+    assert r_hnsw >= 0.9 and r_hnsw >= r_flat - 0.03
+    # it survives serialisation (the search tasks load it from storage)
+    back = faiss.deserialize_index(faiss.serialize_index(hnsw))
+    got, _ = search(back, x[q], ids[q], 10, nprobe=10)
+    assert neighbor_recall(got, exact) == r_hnsw
 
 
 def test_ivf_recall_is_high_and_probing_everything_is_exact():

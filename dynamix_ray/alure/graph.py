@@ -15,12 +15,17 @@ Each group's index is built in a Ray task of its own (it reads the group's
 embeddings, trains k-means, measures recall) and written to
 ``OUT/u2u_index/group=G.faiss``; the driver holds no embedding and no edge.
 
-The paper uses k1 = 400, k1' = 50, k2 = 15 per country on billions of users;
-the defaults here scale k1 with the users of a country (about 4 sqrt(n), at
-least 39 users per cluster, at most 400) and probe 1/8 of the clusters (at
-least 8), which is the paper's ratio. Neighbour recall against exact
-brute-force search on a sample of queries is measured on every build and
-recorded in ``u2u/_meta.json``.
+The paper uses k1 = 400, k1' = 50, k2 = 15 per country on billions of users:
+probing 1/8 of the clusters, each query scans 1/8 of its country, so the
+search costs O(n^2) and a country 10x larger takes 100x longer. The defaults
+here keep a query's work bounded instead (docs/data-path.md, "The u2u
+graph"): about :data:`USERS_PER_LIST` users per cluster (``k1 = n / USERS_PER_LIST``) and a
+fixed :data:`DEFAULT_PROBE` clusters probed, so a query scans about 16k
+users whatever the country's size. Above :data:`HNSW_ABOVE` clusters the
+centroids sit in an HNSW graph, for k-means' assignment step and as the
+coarse quantizer, so neither costs O(k1) a point. Neighbour recall against
+exact brute-force search on a sample of queries is measured on every build
+and recorded in ``u2u/_meta.json``.
 
 Output ``OUT/u2u/*.parquet``: ``user_id``, ``neighbor_id`` (int64),
 ``similarity`` (float32 cosine), ``rank`` (int16, 1 = nearest); directed edges.
@@ -50,9 +55,13 @@ from dynamix_ray.io import (
 from dynamix_ray.runtime import ensure_ray, map_items
 
 __all__ = [
+    "DEFAULT_PROBE",
+    "HNSW_ABOVE",
+    "USERS_PER_LIST",
     "U2UConfig",
     "build_u2u",
     "default_k1",
+    "default_probe",
     "exact_neighbors",
     "ivf_index",
     "neighbor_recall",
@@ -74,7 +83,8 @@ U2U_SCHEMA = pa.schema(
 class U2UConfig:
     """Args:
     k1: k-means clusters per country (``None``: :func:`default_k1`).
-    k1_probe: clusters searched per query (``None``: max(8, k1 / 8), at most k1).
+    k1_probe: clusters searched per query (``None``: :data:`DEFAULT_PROBE`,
+        at most k1).
     k2: neighbours per user.
     niter: k-means iterations.
     recall_sample: queries per country checked against exact search.
@@ -99,23 +109,63 @@ class U2UConfig:
             raise ValueError(f"k2 must be >= 1, got {self.k2}")
 
 
+#: Users per IVF list that :func:`default_k1` aims at.
+USERS_PER_LIST = 1024
+#: Lists a query probes by default: with :data:`USERS_PER_LIST`, about 16k
+#: users scanned per query at any country size.
+DEFAULT_PROBE = 16
+#: More clusters than this: k-means assigns points, and the index finds a
+#: query's lists, through an HNSW graph of the centroids instead of a scan.
+HNSW_ABOVE = 4096
+#: HNSW neighbours per node, and its search breadth (at least 2x the probe).
+HNSW_M, HNSW_EF = 32, 64
+
+
 def default_k1(n: int) -> int:
-    """About 4 sqrt(n) clusters, at least 39 points each, between 1 and 400."""
-    return max(1, min(400, round(4 * math.sqrt(n)), n // 39))
+    """About ``n / USERS_PER_LIST`` clusters (at least 39 points each, at least 1)."""
+    return max(1, min(n // 39, math.ceil(n / USERS_PER_LIST)))
+
+
+def default_probe(k1: int, probe: int | None = None) -> int:
+    """Clusters a query probes: ``probe`` or :data:`DEFAULT_PROBE`, at most k1."""
+    return min(k1, probe or DEFAULT_PROBE)
+
+
+def _centroid_index(d: int, k1: int, probe: int, hnsw_above: int) -> Any:
+    """Where centroids are looked up: a flat inner-product scan, or an HNSW
+    graph (inner product) above ``hnsw_above`` clusters."""
+    import faiss
+
+    if k1 <= hnsw_above:
+        return faiss.IndexFlatIP(d)
+    index = faiss.IndexHNSWFlat(d, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efSearch = max(HNSW_EF, 2 * probe)
+    return index
 
 
 def ivf_index(
-    x: np.ndarray, ids: np.ndarray, k1: int, niter: int = 20, seed: int = 0
+    x: np.ndarray,
+    ids: np.ndarray,
+    k1: int,
+    niter: int = 20,
+    seed: int = 0,
+    probe: int | None = None,
+    hnsw_above: int = HNSW_ABOVE,
 ) -> Any:
     """Spherical k-means centroids as the coarse quantizer of an inner-product
-    ``IndexIVFFlat`` holding ``x`` (float32, L2-normalised) under ``ids``."""
+    ``IndexIVFFlat`` holding ``x`` (float32, L2-normalised) under ``ids``.
+    k-means trains on at most 256 points a cluster (faiss's sample), so its
+    cost per iteration is O(n log k1) with the HNSW assignment above
+    ``hnsw_above`` clusters."""
     import faiss
 
     x = np.ascontiguousarray(x, dtype=np.float32)
     d = x.shape[1]
+    probe = default_probe(k1, probe)
     km = faiss.Kmeans(d, k1, niter=niter, spherical=True, seed=seed, verbose=False)
+    km.index = _centroid_index(d, k1, probe, hnsw_above)
     km.train(x)
-    quantizer = faiss.IndexFlatIP(d)
+    quantizer = _centroid_index(d, k1, probe, hnsw_above)
     quantizer.add(cast(np.ndarray, km.centroids))
     index = faiss.IndexIVFFlat(quantizer, d, k1, faiss.METRIC_INNER_PRODUCT)
     index.is_trained = True
@@ -305,8 +355,10 @@ def _build_group(
     uid, x = _read_group(source, g, cfg.per_country)
     n = len(uid)
     k1 = min(cfg.k1 or default_k1(n), n)
-    probe = min(k1, cfg.k1_probe or max(8, k1 // 8))
-    index = ivf_index(x, uid, k1, cfg.niter, cfg.seed)
+    probe = default_probe(k1, cfg.k1_probe)
+    t0 = time.perf_counter()
+    index = ivf_index(x, uid, k1, cfg.niter, cfg.seed, probe)
+    index_s = time.perf_counter() - t0
     rng = np.random.default_rng([cfg.seed, g + (1 << 20)])
     sample = rng.choice(n, min(cfg.recall_sample, n), replace=False)
     approx, _ = search(index, x[sample], uid[sample], cfg.k2, probe)
@@ -314,8 +366,10 @@ def _build_group(
     fs, _ = resolve(index_root)
     path = f"{index_root}/group={g}.faiss"
     fs.makedirs(index_root, exist_ok=True)
-    with fs.open(path, "wb") as fh:
-        fh.write(faiss.serialize_index(index).tobytes())
+    with fs.open(path, "wb") as fh:  # streamed: no second copy of the index
+        writer = faiss.PyCallbackIOWriter(fh.write)  # type: ignore[attr-defined]
+        faiss.write_index(index, writer)
+        del writer  # flushes
     return {
         "group": g,
         "users": n,
@@ -323,6 +377,7 @@ def _build_group(
         "k1_probe": probe,
         "recall_at_k2": neighbor_recall(approx, exact),
         "recall_queries": len(sample),
+        "index_s": round(index_s, 3),
         "path": path,
     }
 
