@@ -2,8 +2,8 @@
 
 Plain numpy / torch (no Ray). A batch of samples (the flat columns of
 :func:`dynamix_ray.samples.build_samples`) is split by segment
-(:func:`split_by_segment`); each part becomes the model's nested batch
-(:func:`to_model_batch`) and runs with the ``FeatureSet`` its policy gives that
+(:func:`split_by_segment`); each part becomes the model's typed batch
+(:func:`to_model_batch`, a ``model.batch.ModelBatch``) and runs with the ``FeatureSet`` its policy gives that
 segment (:func:`policy_features`). Removed attributes and un-boosted sources
 skip their look-ups, projection columns and encoder work: real compute saved
 (:func:`flops_by_segment`), not zeros masked.
@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from dynamix_ray.model import FeatureSet, ModelConfig, flops_per_sample
+from dynamix_ray.model.batch import ModelBatch, SourceBatch
 from dynamix_ray.model.config import (
     CANDIDATE_ATTRIBUTES,
     DWELL,
@@ -137,21 +138,20 @@ def split_by_segment(cols: Columns) -> dict[int, dict[str, np.ndarray]]:
     return out
 
 
-def to_model_batch(cols: Columns, device: Any = "cpu") -> dict[str, Any]:
-    """Flat sample columns -> the model's nested batch of tensors on ``device``.
+def to_model_batch(cols: Columns, device: Any = "cpu") -> ModelBatch:
+    """Flat sample columns -> the model's typed batch of tensors on ``device``.
 
     Args:
         cols: ``t_ms`` (N,), optional ``label`` (N,), ``cand.<attr>`` (N,), and
             per history source ``<src>.<attr>`` (N, L), ``<src>.dwell`` (N, L)
-            (ln(1 + dwell_ms)), ``<src>.ts_ms`` (N, L), ``<src>.mask`` (N, L).
-            Other columns (``user_id``, ``segment``) are ignored.
+            (ln(1 + dwell_ms)), ``<src>.ts_ms`` (N, L), ``<src>.mask`` (N, L);
+            optional ``alure`` (N, E). Other columns (``user_id``,
+            ``segment``) are ignored.
         device: torch device of the tensors.
     Returns:
-        ``{"cand": {attr: (N,) int64}, "hist": {src: {"attrs": {attr: (N, L)
-        int64}, "dwell": (N, L) float32, "ts_ms": (N, L) int64, "mask": (N, L)
-        bool}}, "t_ms": (N,) int64, "label": (N,) float32, "alure": (N, E)
-        float32 when given}``, holding only the
-        sources (those with a mask and ts_ms) and attributes present in ``cols``.
+        A :class:`~dynamix_ray.model.batch.ModelBatch` holding only the
+        sources (those with a mask and ts_ms) and attributes present in
+        ``cols``.
     """
     import torch
 
@@ -160,35 +160,36 @@ def to_model_batch(cols: Columns, device: Any = "cpu") -> dict[str, Any]:
         x = np.require(x, requirements=["C", "W"])
         return torch.as_tensor(x).to(device=device, dtype=dtype)
 
-    batch: dict[str, Any] = {
-        "cand": {
-            a: t(cols[f"cand.{a}"], torch.int64)
-            for a in CANDIDATE_ATTRIBUTES
-            if f"cand.{a}" in cols
-        },
-        "hist": {},
-        "t_ms": t(cols["t_ms"], torch.int64),
-    }
-    if "label" in cols:
-        batch["label"] = t(cols["label"], torch.float32)
-    if "alure" in cols:  # an external user embedding (N, E), see alure.feature
-        batch["alure"] = t(cols["alure"], torch.float32)
+    hist: dict[str, SourceBatch] = {}
     for src, attrs in SOURCE_ATTRIBUTES.items():
         if f"{src}.mask" not in cols or f"{src}.ts_ms" not in cols:
             continue
-        h: dict[str, Any] = {
-            "mask": t(cols[f"{src}.mask"], torch.bool),
-            "ts_ms": t(cols[f"{src}.ts_ms"], torch.int64),
-            "attrs": {
+        hist[src] = SourceBatch(
+            mask=t(cols[f"{src}.mask"], torch.bool),
+            ts_ms=t(cols[f"{src}.ts_ms"], torch.int64),
+            attrs={
                 a: t(cols[f"{src}.{a}"], torch.int64)
                 for a in attrs
                 if a != DWELL and f"{src}.{a}" in cols
             },
-        }
-        if f"{src}.dwell" in cols:
-            h["dwell"] = t(cols[f"{src}.dwell"], torch.float32)
-        batch["hist"][src] = h
-    return batch
+            dwell=(
+                t(cols[f"{src}.dwell"], torch.float32)
+                if f"{src}.dwell" in cols
+                else None
+            ),
+        )
+    return ModelBatch(
+        t_ms=t(cols["t_ms"], torch.int64),
+        cand={
+            a: t(cols[f"cand.{a}"], torch.int64)
+            for a in CANDIDATE_ATTRIBUTES
+            if f"cand.{a}" in cols
+        },
+        hist=hist,
+        label=t(cols["label"], torch.float32) if "label" in cols else None,
+        # an external user embedding (N, E), see alure.feature
+        alure=t(cols["alure"], torch.float32) if "alure" in cols else None,
+    )
 
 
 def policy_features(

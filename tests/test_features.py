@@ -118,25 +118,32 @@ def test_adapter_round_trips_the_columns_into_the_batch_contract():
     cols = tiny_samples()
     n = len(cols["t_ms"])
     batch = to_model_batch(cols)
-    assert batch["t_ms"].dtype == torch.int64 and batch["t_ms"].shape == (n,)
-    assert batch["label"].dtype == torch.float32
-    np.testing.assert_array_equal(batch["label"].numpy(), cols["label"])
-    assert sorted(batch["cand"]) == sorted(CANDIDATE_ATTRIBUTES)
-    for a, v in batch["cand"].items():
+    assert batch.t_ms.dtype == torch.int64 and batch.t_ms.shape == (n,)
+    assert batch.label is not None and batch.label.dtype == torch.float32
+    np.testing.assert_array_equal(batch.label.numpy(), cols["label"])
+    assert batch.alure is None and len(batch) == n
+    assert sorted(batch.cand) == sorted(CANDIDATE_ATTRIBUTES)
+    for a, v in batch.cand.items():
         assert v.dtype == torch.int64 and v.shape == (n,)
         np.testing.assert_array_equal(v.numpy(), cols[f"cand.{a}"])
-    assert sorted(batch["hist"]) == sorted(SOURCE_ATTRIBUTES)
-    for src, h in batch["hist"].items():
-        assert h["mask"].dtype == torch.bool and h["mask"].shape == (n, L)
-        np.testing.assert_array_equal(h["mask"].numpy(), cols[f"{src}.mask"])
-        np.testing.assert_array_equal(h["ts_ms"].numpy(), cols[f"{src}.ts_ms"])
-        for a, v in h["attrs"].items():
+    assert sorted(batch.hist) == sorted(SOURCE_ATTRIBUTES)
+    for src, h in batch.hist.items():
+        assert h.mask.dtype == torch.bool and h.mask.shape == (n, L)
+        np.testing.assert_array_equal(h.mask.numpy(), cols[f"{src}.mask"])
+        np.testing.assert_array_equal(h.ts_ms.numpy(), cols[f"{src}.ts_ms"])
+        for a, v in h.attrs.items():
             assert v.dtype == torch.int64 and v.shape == (n, L)
             np.testing.assert_array_equal(v.numpy(), cols[f"{src}.{a}"])
-        assert ("dwell" in h) == (f"{src}.dwell" in cols)
-        if "dwell" in h:
-            assert h["dwell"].dtype == torch.float32
-    assert "kind" not in batch["hist"]["conversions"]["attrs"]
+        assert (h.dwell is not None) == (f"{src}.dwell" in cols)
+        if h.dwell is not None:
+            assert h.dwell.dtype == torch.float32
+    assert "kind" not in batch.hist["conversions"].attrs
+    # rows() and to() keep every field
+    two = batch.rows(torch.tensor([1, 0])).to("cpu")
+    assert len(two) == 2 and torch.equal(two.t_ms, batch.t_ms[[1, 0]])
+    assert torch.equal(
+        two.hist["conversions"].mask, batch.hist["conversions"].mask[[1, 0]]
+    )
 
 
 def test_model_accepts_the_adapted_batch():
@@ -158,8 +165,8 @@ def test_adapter_with_missing_columns_and_sources():
     assert fs.organic_impressions == ("content_id", "media_type", "position")
     assert "surface" not in fs.candidate
     batch = to_model_batch(cols)
-    assert "page_views" not in batch["hist"]
-    assert "dwell" not in batch["hist"]["organic_impressions"]
+    assert "page_views" not in batch.hist
+    assert batch.hist["organic_impressions"].dwell is None
     for policy in POLICIES:
         for seg in (0, 1):
             feats = policy_features(policy, seg, REMOVED, fs)

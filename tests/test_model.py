@@ -30,6 +30,7 @@ from dynamix_ray.model import (
     hash_ids,
     normalized_entropy,
 )
+from dynamix_ray.model.batch import ModelBatch, SourceBatch
 from dynamix_ray.model.embeddings import hash_ids_reference
 from dynamix_ray.model.time_encoding import (
     cyclic_features,
@@ -66,8 +67,8 @@ def make_batch(
     seq_len: int = 6,
     seed: int = 0,
     left_pad: bool = True,
-) -> dict:
-    """A batch of the sample-builder contract; ``lengths[source][row]`` real events."""
+) -> ModelBatch:
+    """A batch as the loader builds it; ``lengths[source][row]`` real events."""
     g = torch.Generator().manual_seed(seed)
     b = len(next(iter(lengths.values())))
     t_ms = torch.full((b,), T_MS, dtype=torch.long)
@@ -83,44 +84,41 @@ def make_batch(
             for a in SOURCE_ATTRIBUTES[source]
             if a != DWELL
         }
-        events = {
-            "attrs": {a: torch.where(mask, v, 0) for a, v in attrs.items()},
-            "ts_ms": torch.where(mask, ts_ms, 0),
-            "mask": mask,
-        }
+        events = SourceBatch(
+            mask=mask,
+            ts_ms=torch.where(mask, ts_ms, 0),
+            attrs={a: torch.where(mask, v, 0) for a, v in attrs.items()},
+        )
         if DWELL in SOURCE_ATTRIBUTES[source]:
             dwell = torch.log1p(torch.rand(b, seq_len, generator=g) * 60_000)
-            events["dwell"] = torch.where(mask, dwell, 0.0)
+            events.dwell = torch.where(mask, dwell, 0.0)
         hist[source] = events
     cand = {
         a: torch.randint(0, 10**12, (b,), generator=g) for a in CANDIDATE_ATTRIBUTES
     }
-    return {"cand": cand, "hist": hist, "t_ms": t_ms}
+    return ModelBatch(t_ms=t_ms, cand=cand, hist=hist)
 
 
 def full_lengths(b: int = 3, n: int = 6) -> dict[str, list[int]]:
     return {s: [n, n // 2, 0][:b] + [n] * max(b - 3, 0) for s in SOURCE_ATTRIBUTES}
 
 
-def to_left_padded(batch: dict) -> dict:
+def to_left_padded(batch: ModelBatch) -> ModelBatch:
     """The same events moved to the end of each row (right -> left padding)."""
-    out = {**batch, "hist": {}}
-    for s, ev in batch["hist"].items():
-        mask = ev["mask"]
-        order = torch.argsort((~mask).long() * -1, dim=1, stable=True)  # pads first
+    hist = {}
+    for s, ev in batch.hist.items():
+        order = torch.argsort((~ev.mask).long() * -1, dim=1, stable=True)  # pads first
 
         def take(x: torch.Tensor, order: torch.Tensor = order) -> torch.Tensor:
             return torch.gather(x, 1, order)
 
-        new = {
-            "attrs": {a: take(v) for a, v in ev["attrs"].items()},
-            "ts_ms": take(ev["ts_ms"]),
-            "mask": take(mask),
-        }
-        if "dwell" in ev:
-            new["dwell"] = take(ev["dwell"])
-        out["hist"][s] = new
-    return out
+        hist[s] = SourceBatch(
+            mask=take(ev.mask),
+            ts_ms=take(ev.ts_ms),
+            attrs={a: take(v) for a, v in ev.attrs.items()},
+            dwell=None if ev.dwell is None else take(ev.dwell),
+        )
+    return batch.replace(hist=hist)
 
 
 # --- shapes and masks ---------------------------------------------------------
@@ -151,18 +149,19 @@ def test_padding_carries_no_information(lengths, seed, left_pad):
     }
     batch = make_batch(per_source, seed=seed, left_pad=left_pad)
     g = torch.Generator().manual_seed(seed + 1)
-    dirty = {**batch, "hist": {}}
-    for s, ev in batch["hist"].items():
-        pad = ~ev["mask"]
+    hist = {}
+    for s, ev in batch.hist.items():
+        pad = ~ev.mask
         noise = torch.randint(-(2**62), 2**62, pad.shape, generator=g)
-        new = {
-            "attrs": {a: torch.where(pad, noise, v) for a, v in ev["attrs"].items()},
-            "ts_ms": torch.where(pad, noise.abs() % (2 * T_MS), ev["ts_ms"]),
-            "mask": ev["mask"],
-        }
-        if "dwell" in ev:
-            new["dwell"] = torch.where(pad, float("nan"), ev["dwell"])
-        dirty["hist"][s] = new
+        hist[s] = SourceBatch(
+            mask=ev.mask,
+            ts_ms=torch.where(pad, noise.abs() % (2 * T_MS), ev.ts_ms),
+            attrs={a: torch.where(pad, noise, v) for a, v in ev.attrs.items()},
+            dwell=None
+            if ev.dwell is None
+            else torch.where(pad, float("nan"), ev.dwell),
+        )
+    dirty = batch.replace(hist=hist)
     with torch.no_grad():
         clean_logits, dirty_logits = model(batch), model(dirty)
         clean_user, dirty_user = model.user_tower(batch), model.user_tower(dirty)
@@ -176,7 +175,7 @@ def test_padding_side_does_not_matter():
     right = make_batch(full_lengths(), left_pad=False)
     left = to_left_padded(right)
     assert not torch.equal(
-        left["hist"]["conversions"]["mask"], right["hist"]["conversions"]["mask"]
+        left.hist["conversions"].mask, right.hist["conversions"].mask
     )
     with torch.no_grad():
         torch.testing.assert_close(model(left), model(right), rtol=1e-5, atol=1e-5)
@@ -195,8 +194,8 @@ def test_rows_without_events_are_finite_and_train():
 def test_user_tower_ignores_the_candidate():
     model = tiny_model()
     batch = make_batch(full_lengths())
-    other = {**batch, "cand": {a: v + 12345 for a, v in batch["cand"].items()}}
-    without = {k: v for k, v in batch.items() if k != "cand"}
+    other = batch.replace(cand={a: v + 12345 for a, v in batch.cand.items()})
+    without = batch.replace(cand={})
     with torch.no_grad():
         user = model.user_tower(batch)
         torch.testing.assert_close(model.user_tower(other), user, rtol=0, atol=0)
@@ -222,12 +221,9 @@ def test_shared_user_rows_equal_repeated_histories(n_cands, seed, features):
         for a in CANDIDATE_ATTRIBUTES
     }
 
-    def rows(x):
-        return {k: rows(v) for k, v in x.items()} if isinstance(x, dict) else x[index]
-
-    repeated = {"cand": cand, "hist": rows(users["hist"]), "t_ms": users["t_ms"][index]}
+    repeated = users.rows(index).replace(cand=cand)
     with torch.no_grad():
-        shared = model({**users, "cand": cand}, features, user_index=index)
+        shared = model(users.replace(cand=cand), features, user_index=index)
         plain = model(repeated, features)
     assert shared.shape == (len(index),)
     torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-6)
@@ -291,16 +287,12 @@ def test_feature_subsets_run_differ_and_skip_work(name):
 def test_disabled_sources_and_unused_attributes_need_not_be_in_the_batch():
     model = tiny_model()
     batch = make_batch(full_lengths())
-    lean = {**batch, "hist": {**batch["hist"]}}
-    lean["hist"]["ad_impressions"] = {
-        **batch["hist"]["ad_impressions"],
-        "attrs": {
-            a: v
-            for a, v in batch["hist"]["ad_impressions"]["attrs"].items()
-            if a not in LOW_IMPORTANCE
-        },
-    }
-    del lean["hist"]["page_views"]
+    ads = batch.hist["ad_impressions"]
+    lean = batch.replace(hist=dict(batch.hist))
+    lean.hist["ad_impressions"] = dataclasses.replace(
+        ads, attrs={a: v for a, v in ads.attrs.items() if a not in LOW_IMPORTANCE}
+    )
+    del lean.hist["page_views"]
     fs = FeatureSet(
         ad_impressions=SUBSETS["minus_4_ad_attrs"].ad_impressions, page_views=()
     )
@@ -374,11 +366,11 @@ def test_analytic_flops_match_flop_counter(name, part):
     seq_lens = {"ad_impressions": 6, "conversions": 3, "organic_impressions": 5}
     seq_lens["page_views"] = 4
     lengths = {s: [min(2, n), n] for s, n in seq_lens.items()}
-    batch = {}
+    hist = {}
     for s, n in seq_lens.items():  # one source at a time: its own padded length
         one = make_batch({s: lengths[s]}, seq_len=n)
-        batch.setdefault("hist", {}).update(one["hist"])
-        batch.update(cand=one["cand"], t_ms=one["t_ms"])
+        hist.update(one.hist)
+    batch = one.replace(hist=hist)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model.user_tower(batch, fs) if part == "user_tower" else model(batch, fs)
     measured = counter.get_total_flops() / 2
@@ -459,7 +451,7 @@ def test_auc_matches_pairwise_counting(rows):
 # --- it learns ------------------------------------------------------------------
 
 
-def toy_task(n: int, seed: int, seq_len: int = 8, n_cat: int = 6) -> dict:
+def toy_task(n: int, seed: int, seq_len: int = 8, n_cat: int = 6) -> ModelBatch:
     """Label = 1 iff the candidate's category is the most common one in history."""
     rng = np.random.default_rng(seed)
     favourite = rng.integers(0, n_cat, n)
@@ -475,19 +467,19 @@ def toy_task(n: int, seed: int, seq_len: int = 8, n_cat: int = 6) -> dict:
     cand = np.where(rng.random(n) < 0.5, mode, rng.integers(0, n_cat, n))
     ts = T_MS - np.sort(rng.integers(1, 86_400_000, (n, seq_len)), 1)[:, ::-1]
     t = lambda x: torch.from_numpy(np.ascontiguousarray(x))  # noqa: E731
-    return {
-        "cand": {"category_id": t(cand + 100)},
-        "hist": {
-            "ad_impressions": {
-                "attrs": {"category_id": t(np.where(mask, cats + 100, 0))},
-                "dwell": torch.zeros(n, seq_len),
-                "ts_ms": t(np.where(mask, ts, 0)),
-                "mask": t(mask),
-            }
+    return ModelBatch(
+        t_ms=torch.full((n,), T_MS),
+        cand={"category_id": t(cand + 100)},
+        hist={
+            "ad_impressions": SourceBatch(
+                mask=t(mask),
+                ts_ms=t(np.where(mask, ts, 0)),
+                attrs={"category_id": t(np.where(mask, cats + 100, 0))},
+                dwell=torch.zeros(n, seq_len),
+            )
         },
-        "t_ms": torch.full((n,), T_MS),
-        "label": t((cand == mode).astype(np.float32)),
-    }
+        label=t((cand == mode).astype(np.float32)),
+    )
 
 
 def test_a_short_training_run_learns_the_toy_task():
@@ -507,7 +499,7 @@ def test_a_short_training_run_learns_the_toy_task():
     opt = torch.optim.Adam(model.parameters(), lr=2e-2)
     losses = []
     for _ in range(50):  # full batch
-        loss = F.binary_cross_entropy_with_logits(model(train, fs), train["label"])
+        loss = F.binary_cross_entropy_with_logits(model(train, fs), train.label)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -515,8 +507,8 @@ def test_a_short_training_run_learns_the_toy_task():
     with torch.no_grad():
         logits = model(test, fs)
     assert losses[-1] < 0.3 * losses[0]
-    assert normalized_entropy(logits, test["label"]) < 0.5  # held-out users
-    assert auc(logits, test["label"]) > 0.95
+    assert normalized_entropy(logits, test.label) < 0.5  # held-out users
+    assert auc(logits, test.label) > 0.95
 
 
 def test_external_user_embedding_is_a_head_input_with_counted_flops():
@@ -526,15 +518,15 @@ def test_external_user_embedding_is_a_head_input_with_counted_flops():
     torch.manual_seed(0)
     model = DynamixCTR(cfg).eval()
     batch = make_batch(full_lengths())
-    b = batch["t_ms"].shape[0]
+    b = len(batch)
     with torch.no_grad():
-        zero = model({**batch, "alure": torch.zeros(b, 5)})
-        ones = model({**batch, "alure": torch.ones(b, 5)})
+        zero = model(batch.replace(alure=torch.zeros(b, 5)))
+        ones = model(batch.replace(alure=torch.ones(b, 5)))
         assert zero.shape == (b,) and not torch.allclose(zero, ones)
         with pytest.raises(KeyError, match="alure"):
             model(batch)
         with FlopCounterMode(display=False) as counter:
-            model({**batch, "alure": torch.ones(b, 5)})
+            model(batch.replace(alure=torch.ones(b, 5)))
     seq = {s: 6 for s in SOURCE_ATTRIBUTES}
     assert flops_per_sample(cfg, None, seq) - flops_per_sample(TINY, None, seq) == (
         2 * 5 * cfg.head_hidden

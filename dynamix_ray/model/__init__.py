@@ -5,6 +5,7 @@ Read in this order: ``config`` (what the model holds, what a pass uses) ->
 ``embeddings`` -> ``time_encoding`` -> ``layers`` -> ``encoders`` -> ``ctr``.
 """
 
+from dynamix_ray.model.batch import ModelBatch, SourceBatch
 from dynamix_ray.model.config import (
     CANDIDATE_ATTRIBUTES,
     DWELL,
@@ -14,7 +15,6 @@ from dynamix_ray.model.config import (
     ModelConfig,
 )
 from dynamix_ray.model.ctr import (
-    Batch,
     DynamixCTR,
     Features,
     PartsLoss,
@@ -33,16 +33,17 @@ __all__ = [
     "EVENT_SOURCES",
     "SOURCE_ATTRIBUTES",
     "AttributeEmbeddings",
-    "Batch",
     "DynamixCTR",
     "EventBlock",
     "FeatureSet",
     "Features",
     "HashEmbedding",
+    "ModelBatch",
     "ModelConfig",
     "PartsLoss",
     "RelativeTimeBias",
     "SlicedLinear",
+    "SourceBatch",
     "SourceEncoder",
     "auc",
     "flops_per_sample",

@@ -25,15 +25,14 @@ from typing import Any, Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dynamix_ray.model.batch import ModelBatch
 from dynamix_ray.model.config import DWELL, FeatureSet, ModelConfig
 from dynamix_ray.model.embeddings import AttributeEmbeddings
 from dynamix_ray.model.encoders import SourceEncoder
 from dynamix_ray.model.layers import AttentionPool, SlicedLinear, TargetAttention
 
-__all__ = ["Batch", "DynamixCTR", "Features", "PartsLoss", "flops_per_sample"]
+__all__ = ["DynamixCTR", "Features", "PartsLoss", "flops_per_sample"]
 
-#: The batch contract of the sample builder (see ``DynamixCTR.forward``).
-Batch = Mapping[str, Any]
 #: A ``FeatureSet``, a mapping ``source -> attributes``, or ``None`` (all).
 Features = FeatureSet | Mapping[str, Any] | None
 
@@ -105,7 +104,7 @@ class DynamixCTR(nn.Module):
 
     def encode(
         self,
-        batch: Batch,
+        batch: ModelBatch,
         features: Features = None,
         embedded: dict[str, dict[str, Tensor]] | None = None,
     ) -> dict[str, tuple[Tensor, Tensor]]:
@@ -115,17 +114,17 @@ class DynamixCTR(nn.Module):
         ``embedded``, when given, receives ``{s: {attr: (B, L, e)}}``.
         """
         fs = FeatureSet.of(features)
-        hist = batch["hist"]
+        hist = batch.hist
         out: dict[str, tuple[Tensor, Tensor]] = {}
         for s in self._enabled(fs):
             if s not in hist:
                 raise KeyError(
-                    f"batch['hist'] lacks source {s!r} that the feature set enables; "
+                    f"batch.hist lacks source {s!r} that the feature set enables; "
                     f"it has {sorted(hist)}"
                 )
             sink = embedded.setdefault(s, {}) if embedded is not None else None
             out[s] = self.encoders[s](
-                hist[s], fs.attrs(s), self.tables, batch["t_ms"], sink
+                hist[s], fs.attrs(s), self.tables, batch.t_ms, sink
             )
         return out
 
@@ -139,18 +138,18 @@ class DynamixCTR(nn.Module):
         return self.user_proj(pooled)  # (B, E)
 
     def user_tower(
-        self, batch: Batch, features: Features = None, normalize: bool = False
+        self, batch: ModelBatch, features: Features = None, normalize: bool = False
     ) -> Tensor:
         """The user embedding, without the candidate (ALURE's async part).
 
         Args:
-            batch: the batch contract; ``batch["cand"]`` is not read.
+            batch: the batch; ``batch.cand`` is not read.
             features: which sources / attributes to use.
             normalize: L2-normalise each row.
         Returns:
             (B, E).
         """
-        u = self._user(self.encode(batch, features), batch["t_ms"].shape[0])
+        u = self._user(self.encode(batch, features), len(batch))
         return F.normalize(u, dim=-1) if normalize else u
 
     def candidate(
@@ -165,7 +164,7 @@ class DynamixCTR(nn.Module):
         used = self.cand_proj.ordered(attrs)
         missing = [a for a in used if a not in cand]
         if missing:
-            raise KeyError(f"batch['cand'] lacks {missing}; it has {sorted(cand)}")
+            raise KeyError(f"batch.cand lacks {missing}; it has {sorted(cand)}")
         if not used:
             return self.cand_proj.bias[None].repeat(batch_size, 1)  # (B, D)
         emb = {a: self.tables[a](cand[a]) for a in used}  # (B, e) each
@@ -175,20 +174,19 @@ class DynamixCTR(nn.Module):
 
     def forward(
         self,
-        batch: Batch,
+        batch: ModelBatch,
         features: Features = None,
         user_index: Tensor | None = None,
     ) -> Tensor:
         """CTR logits.
 
         Args:
-            batch: ``{"cand": {attr: (B,) int64}, "hist": {source: {"attrs":
-                {attr: (B, L) int64}, "dwell": (B, L), "ts_ms": (B, L) int64,
-                "mask": (B, L) bool}}, "t_ms": (B,) int64}`` (``"label"`` is
-                ignored). Events are newest last; a row may have no events.
+            batch: a :class:`~dynamix_ray.model.batch.ModelBatch` (its
+                ``label`` is ignored). Events are newest last; a row may have
+                no events.
             features: which attributes of which source to use (default: all).
-            user_index: serving's shared user part: ``batch["hist"]`` and
-                ``batch["t_ms"]`` then hold U user rows, ``batch["cand"]`` B
+            user_index: serving's shared user part: ``batch.hist`` and
+                ``batch.t_ms`` then hold U user rows, ``batch.cand`` B
                 candidate rows, and ``user_index`` (B,) int64 names each
                 candidate's user row. Each history is encoded once per user,
                 not once per candidate; the logits equal those of the same
@@ -199,7 +197,7 @@ class DynamixCTR(nn.Module):
         fs = FeatureSet.of(features)
         embedded: dict[str, dict[str, Tensor]] = {}
         encoded = self.encode(batch, fs, embedded)
-        user = self._user(encoded, batch["t_ms"].shape[0])  # (U, E)
+        user = self._user(encoded, len(batch))  # (U, E)
         if user_index is not None:  # user rows -> candidate rows
             encoded = {
                 s: (h[user_index], m[user_index]) for s, (h, m) in encoded.items()
@@ -211,15 +209,15 @@ class DynamixCTR(nn.Module):
             user = user[user_index]
         b = user.shape[0]
         cand_emb: dict[str, Tensor] = {}
-        cand = self.candidate(batch["cand"], fs.candidate, b, cand_emb)  # (B, D)
+        cand = self.candidate(batch.cand, fs.candidate, b, cand_emb)  # (B, D)
         parts = {"candidate": cand, "user": user}
         if self.cfg.ext_dim:
-            if "alure" not in batch:
+            if batch.alure is None:
                 raise KeyError(
                     f"the model takes an external user embedding (ext_dim="
-                    f"{self.cfg.ext_dim}) but the batch has no 'alure'"
+                    f"{self.cfg.ext_dim}) but the batch has no alure"
                 )
-            ext = batch["alure"].to(cand.dtype)  # (U, ext_dim)
+            ext = batch.alure.to(cand.dtype)  # (U, ext_dim)
             parts["alure"] = ext[user_index] if user_index is not None else ext
         e = self.cfg.emb_dim
         for s, attrs in embedded.items():
@@ -247,7 +245,7 @@ class PartsLoss(nn.Module):
     broadcasts and gradient all-reduces always pair up.
 
     Shapes: ``forward([(batch, features), ...])`` -> () summed binary cross
-    entropy over every row of every part (each batch needs ``"label"`` (B,)).
+    entropy over every row of every part (each batch needs its ``label`` (B,)).
     """
 
     def __init__(self, ctr: DynamixCTR, use_amp: bool = False) -> None:
@@ -255,16 +253,18 @@ class PartsLoss(nn.Module):
         self.ctr = ctr
         self.use_amp = use_amp
 
-    def forward(self, parts: list[tuple[Batch, Features]]) -> Tensor:
+    def forward(self, parts: list[tuple[ModelBatch, Features]]) -> Tensor:
         import torch
 
         total = None
         for batch, features in parts:
-            dev = batch["label"].device
+            if batch.label is None:
+                raise ValueError("PartsLoss needs batches with a label")
+            dev = batch.label.device
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.use_amp):
                 logits = self.ctr(batch, features)
             loss = F.binary_cross_entropy_with_logits(
-                logits.float(), batch["label"], reduction="sum"
+                logits.float(), batch.label, reduction="sum"
             )
             total = loss if total is None else total + loss
         assert total is not None, "PartsLoss needs at least one part"

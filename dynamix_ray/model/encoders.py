@@ -12,12 +12,12 @@ zero attention weight, and pooling skips padded slots.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from dynamix_ray.model.batch import SourceBatch
 from dynamix_ray.model.config import DWELL, ModelConfig
 from dynamix_ray.model.embeddings import AttributeEmbeddings
 from dynamix_ray.model.layers import MultiHeadSelfAttention, SlicedLinear
@@ -69,9 +69,9 @@ class SourceEncoder(nn.Module):
         cfg: widths, heads, layers, time-encoding sizes.
 
     Shapes: ``forward(events, used, tables, t_ms (B,))`` -> ``(h (B, L, D),
-    mask (B, L))`` where ``events`` is one source of the batch contract:
-    ``{"attrs": {attr: (B, L) int64}, "dwell": (B, L) float, "ts_ms": (B, L)
-    int64, "mask": (B, L) bool}``. Only the ``used`` attributes are looked up.
+    mask (B, L))`` where ``events`` is one source of the batch
+    (:class:`~dynamix_ray.model.batch.SourceBatch`). Only the ``used``
+    attributes are looked up.
     """
 
     def __init__(self, source: str, attrs: Sequence[str], cfg: ModelConfig) -> None:
@@ -92,20 +92,20 @@ class SourceEncoder(nn.Module):
 
     def embed(
         self,
-        events: Mapping[str, Any],
+        events: SourceBatch,
         used: Sequence[str],
         tables: AttributeEmbeddings,
         mask: Tensor,
     ) -> dict[str, Tensor]:
         """Per used attribute, its (B, L, e) embedding; nothing else is looked up."""
-        attrs = events.get("attrs", {})
+        attrs = events.attrs
         parts: dict[str, Tensor] = {}
         for a in self.proj.ordered(used):
             if a == DWELL:
-                dwell = events.get("dwell")
+                dwell = events.dwell
                 if dwell is None or self.dwell is None:
                     raise KeyError(
-                        f"batch['hist'][{self.source!r}]['dwell'] is missing; "
+                        f"batch.hist[{self.source!r}].dwell is missing; "
                         f"the feature set asks for {DWELL} of {self.source}"
                     )
                 x = torch.where(mask, dwell, torch.zeros_like(dwell))  # (B, L)
@@ -113,7 +113,7 @@ class SourceEncoder(nn.Module):
             else:
                 if a not in attrs:
                     raise KeyError(
-                        f"batch['hist'][{self.source!r}]['attrs'] lacks {a!r}; "
+                        f"batch.hist[{self.source!r}].attrs lacks {a!r}; "
                         f"it has {sorted(attrs)}"
                     )
                 parts[a] = tables[a](attrs[a], mask)  # (B, L, e)
@@ -121,7 +121,7 @@ class SourceEncoder(nn.Module):
 
     def forward(
         self,
-        events: Mapping[str, Any],
+        events: SourceBatch,
         used: Sequence[str],
         tables: AttributeEmbeddings,
         t_ms: Tensor,
@@ -129,8 +129,8 @@ class SourceEncoder(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """``embedded``, when given, receives the (B, L, e) attribute embeddings
         (not dwell) so that the caller can reuse them without a second look-up."""
-        mask = events["mask"].bool()  # (B, L)
-        ts_ms = events["ts_ms"].long()
+        mask = events.mask.bool()  # (B, L)
+        ts_ms = events.ts_ms.long()
         ts_ms = torch.where(mask, ts_ms, torch.zeros_like(ts_ms))  # (B, L)
         parts = self.embed(events, used, tables, mask)
         if embedded is not None:

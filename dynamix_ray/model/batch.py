@@ -1,0 +1,97 @@
+"""The model's batch: typed, so that a missing or misspelt field fails where
+it is built, not deep in a forward pass.
+
+``features.to_model_batch`` builds one from the loader's flat columns;
+serving and the tests build them the same way. Histories are newest last,
+padded to the batch's widest row (``SourceBatch.mask`` says which slots hold
+an event); a row may have no events.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+__all__ = ["ModelBatch", "SourceBatch"]
+
+
+@dataclass
+class SourceBatch:
+    """One history source of a batch, every tensor (B, L).
+
+    Attributes:
+        mask: bool, True where a slot holds an event.
+        ts_ms: int64 event times (epoch ms).
+        attrs: int64 attribute ids by attribute name (only those loaded).
+        dwell: float32 ln(1 + dwell ms), or ``None`` when not loaded.
+    """
+
+    mask: Tensor
+    ts_ms: Tensor
+    attrs: dict[str, Tensor] = field(default_factory=dict)
+    dwell: Tensor | None = None
+
+    def rows(self, index: Any) -> SourceBatch:
+        """The rows ``index`` (a tensor of row numbers, a slice or a mask)."""
+        return SourceBatch(
+            mask=self.mask[index],
+            ts_ms=self.ts_ms[index],
+            attrs={a: v[index] for a, v in self.attrs.items()},
+            dwell=None if self.dwell is None else self.dwell[index],
+        )
+
+    def to(self, device: Any) -> SourceBatch:
+        return SourceBatch(
+            mask=self.mask.to(device),
+            ts_ms=self.ts_ms.to(device),
+            attrs={a: v.to(device) for a, v in self.attrs.items()},
+            dwell=None if self.dwell is None else self.dwell.to(device),
+        )
+
+
+@dataclass
+class ModelBatch:
+    """B rows for ``DynamixCTR``.
+
+    Attributes:
+        t_ms: (B,) int64 request / impression times.
+        cand: (B,) int64 candidate attribute ids by attribute name.
+        hist: the history sources present, by source name.
+        label: (B,) float32 clicks-to-conversion labels (training only).
+        alure: (B, E) float32 external user embedding, when the model takes one.
+    """
+
+    t_ms: Tensor
+    cand: dict[str, Tensor] = field(default_factory=dict)
+    hist: dict[str, SourceBatch] = field(default_factory=dict)
+    label: Tensor | None = None
+    alure: Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.t_ms.shape[0])
+
+    def rows(self, index: Any) -> ModelBatch:
+        """The rows ``index`` of every field."""
+        return ModelBatch(
+            t_ms=self.t_ms[index],
+            cand={a: v[index] for a, v in self.cand.items()},
+            hist={s: h.rows(index) for s, h in self.hist.items()},
+            label=None if self.label is None else self.label[index],
+            alure=None if self.alure is None else self.alure[index],
+        )
+
+    def to(self, device: Any) -> ModelBatch:
+        return ModelBatch(
+            t_ms=self.t_ms.to(device),
+            cand={a: v.to(device) for a, v in self.cand.items()},
+            hist={s: h.to(device) for s, h in self.hist.items()},
+            label=None if self.label is None else self.label.to(device),
+            alure=None if self.alure is None else self.alure.to(device),
+        )
+
+    def replace(self, **changes: Any) -> ModelBatch:
+        """A copy with ``changes`` (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
