@@ -62,6 +62,9 @@ class Sampler:
         self.t0 = time.time()
         self.driver = 0
         self.worker = 0
+        # RSS less its resident shared pages (the object store's shared
+        # memory, mapped libraries): what the process holds by itself
+        self.worker_private = 0
         self.total = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -75,10 +78,12 @@ class Sampler:
                 cmd = " ".join(p.info["cmdline"] or [])
                 if not cmd.startswith("ray::") or p.info["create_time"] < self.t0 - 1:
                     continue
-                rss = p.info["memory_info"].rss
+                mem = p.info["memory_info"]
+                rss, private = mem.rss, mem.rss - getattr(mem, "shared", 0)
             except (psutil.Error, TypeError, AttributeError):
                 continue
             self.worker = max(self.worker, rss)
+            self.worker_private = max(self.worker_private, private)
             total += rss
         self.total = max(self.total, total)
 
@@ -462,6 +467,7 @@ def run_step_here(name: str, params: dict, result_path: str) -> None:
     res.update(
         driver_peak_rss=s.driver,
         worker_peak_rss=s.worker,
+        worker_peak_private=s.worker_private,
         total_peak_rss=s.total,
         spilled_mib=spilled_mib(),
     )
@@ -694,6 +700,10 @@ def section_train(args: argparse.Namespace, out: Path) -> list[dict]:
             "ne": trn["ne"],
             "driver_gib": max(smp["driver_peak_rss"], trn["driver_peak_rss"]) / GIB,
             "worker_gib": max(smp["worker_peak_rss"], trn["worker_peak_rss"]) / GIB,
+            "worker_private_gib": max(
+                smp.get("worker_peak_private", 0), trn.get("worker_peak_private", 0)
+            )
+            / GIB,
             "spilled_mib": smp["spilled_mib"] + trn["spilled_mib"],
         }
         rows.append(row)
@@ -1043,8 +1053,8 @@ def markdown(results: dict) -> str:
     tr = results.get("train") or []
     if tr:
         out += [
-            "| users x 7 days | samples | build | samples/s per core | stored B/sample | event store B/sample | epoch (1 worker) | examples/s | loader rows/s | NE | driver | largest worker | spill |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| users x 7 days | samples | build | samples/s per core | stored B/sample | event store B/sample | epoch (1 worker) | examples/s | loader rows/s | NE | driver | largest worker (RSS) | its private memory | spill |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in tr:
             out.append(
@@ -1062,6 +1072,11 @@ def markdown(results: dict) -> str:
                         _num(r["ne"], ".4f"),
                         f"{r['driver_gib']:.2f} GiB",
                         f"{r['worker_gib']:.2f} GiB",
+                        (
+                            f"{r['worker_private_gib']:.2f} GiB"
+                            if r.get("worker_private_gib")
+                            else "-"
+                        ),
                         f"{r['spilled_mib']:.0f} MiB",
                     ]
                 )
