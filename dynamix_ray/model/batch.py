@@ -10,6 +10,7 @@ an event); a row may have no events.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,22 +35,21 @@ class SourceBatch:
     attrs: dict[str, Tensor] = field(default_factory=dict)
     dwell: Tensor | None = None
 
-    def rows(self, index: Any) -> SourceBatch:
-        """The rows ``index`` (a tensor of row numbers, a slice or a mask)."""
+    def map(self, f: Callable[[Tensor], Tensor]) -> SourceBatch:
+        """``f`` applied to every tensor."""
         return SourceBatch(
-            mask=self.mask[index],
-            ts_ms=self.ts_ms[index],
-            attrs={a: v[index] for a, v in self.attrs.items()},
-            dwell=None if self.dwell is None else self.dwell[index],
+            mask=f(self.mask),
+            ts_ms=f(self.ts_ms),
+            attrs={a: f(v) for a, v in self.attrs.items()},
+            dwell=None if self.dwell is None else f(self.dwell),
         )
 
+    def rows(self, index: Any) -> SourceBatch:
+        """The rows ``index`` (a tensor of row numbers, a slice or a mask)."""
+        return self.map(lambda t: t[index])
+
     def to(self, device: Any) -> SourceBatch:
-        return SourceBatch(
-            mask=self.mask.to(device),
-            ts_ms=self.ts_ms.to(device),
-            attrs={a: v.to(device) for a, v in self.attrs.items()},
-            dwell=None if self.dwell is None else self.dwell.to(device),
-        )
+        return self.map(lambda t: t.to(device))
 
 
 @dataclass
@@ -73,24 +73,22 @@ class ModelBatch:
     def __len__(self) -> int:
         return int(self.t_ms.shape[0])
 
-    def rows(self, index: Any) -> ModelBatch:
-        """The rows ``index`` of every field."""
+    def map(self, f: Callable[[Tensor], Tensor]) -> ModelBatch:
+        """``f`` applied to every tensor of every field."""
         return ModelBatch(
-            t_ms=self.t_ms[index],
-            cand={a: v[index] for a, v in self.cand.items()},
-            hist={s: h.rows(index) for s, h in self.hist.items()},
-            label=None if self.label is None else self.label[index],
-            alure=None if self.alure is None else self.alure[index],
+            t_ms=f(self.t_ms),
+            cand={a: f(v) for a, v in self.cand.items()},
+            hist={s: h.map(f) for s, h in self.hist.items()},
+            label=None if self.label is None else f(self.label),
+            alure=None if self.alure is None else f(self.alure),
         )
 
+    def rows(self, index: Any) -> ModelBatch:
+        """The rows ``index`` of every field."""
+        return self.map(lambda t: t[index])
+
     def to(self, device: Any) -> ModelBatch:
-        return ModelBatch(
-            t_ms=self.t_ms.to(device),
-            cand={a: v.to(device) for a, v in self.cand.items()},
-            hist={s: h.to(device) for s, h in self.hist.items()},
-            label=None if self.label is None else self.label.to(device),
-            alure=None if self.alure is None else self.alure.to(device),
-        )
+        return self.map(lambda t: t.to(device))
 
     def replace(self, **changes: Any) -> ModelBatch:
         """A copy with ``changes`` (``dataclasses.replace``)."""
