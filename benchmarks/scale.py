@@ -976,15 +976,19 @@ def _row(cells: list[Any]) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
+def _header(line: str) -> list[str]:
+    """A table's header line and its separator (one ``---`` per column)."""
+    return [line, "|" + "---|" * (line.count("|") - 1)]
+
+
 def markdown(results: dict) -> str:
     """The README's tables from ``scale.json``."""
     out: list[str] = []
     seg = results.get("segment") or []
     if seg:
-        out += [
-            "| ad impressions | input | buckets | wall | events/s per core | driver peak RSS | largest worker | spill |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
+        out += _header(
+            "| ad impressions | input | buckets | wall | events/s per core | driver peak RSS | largest worker | spill |"
+        )
         for r in seg:
             out.append(
                 _row(
@@ -1003,10 +1007,9 @@ def markdown(results: dict) -> str:
         out.append("")
     sh = results.get("shuffle") or []
     if sh:
-        out += [
-            "| shuffle of the smallest size | wall | files | largest worker | spill |",
-            "|---|---|---|---|---|",
-        ]
+        out += _header(
+            "| shuffle of the smallest size | wall | files | largest worker | spill |"
+        )
         for r in sh:
             st, hs = r["storage"], r["hash"]
             out.append(
@@ -1034,10 +1037,9 @@ def markdown(results: dict) -> str:
         out.append("")
     ld = results.get("loader")
     if ld:
-        out += [
-            f"| policy (L = {ld['max_seq_len']}, batch 512, 1 thread) | rows/s | MB per batch | bytes per row |",
-            "|---|---|---|---|",
-        ]
+        out += _header(
+            f"| policy (L = {ld['max_seq_len']}, batch 512, 1 thread) | rows/s | MB per batch | bytes per row |"
+        )
         for pol, r in ld["policies"].items():
             out.append(
                 _row(
@@ -1052,10 +1054,9 @@ def markdown(results: dict) -> str:
         out.append("")
     tr = results.get("train") or []
     if tr:
-        out += [
-            "| users x 7 days | samples | build | samples/s per core | stored B/sample | event store B/sample | epoch (1 worker) | examples/s | loader rows/s | NE | driver | largest worker (RSS) | its private memory | spill |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
+        out += _header(
+            "| users x 7 days | samples | build | samples/s per core | stored B/sample | event store B/sample | epoch (1 worker) | examples/s | loader rows/s | NE | driver | largest worker (RSS) | its private memory | spill |"
+        )
         for r in tr:
             out.append(
                 _row(
@@ -1084,10 +1085,9 @@ def markdown(results: dict) -> str:
         out.append("")
     al = results.get("alure") or []
     if al:
-        out += [
-            "| users x 2 days | bucket | histories | B/user in memory | embed | users/s per core | u2u | recall@15 | driver | largest worker | spill |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
+        out += _header(
+            "| users x 2 days | bucket | histories | B/user in memory | embed | users/s per core | u2u | recall@15 | driver | largest worker | spill |"
+        )
         for r in al:
             out.append(
                 _row(
@@ -1110,8 +1110,7 @@ def markdown(results: dict) -> str:
     cl = results.get("cluster")
     if cl:
         out += [
-            "| nodes x 1 CPU | segment (bucket + statistic) | samples |",
-            "|---|---|---|",
+            *_header("| nodes x 1 CPU | segment (bucket + statistic) | samples |"),
             _row(
                 [
                     "1",
@@ -1137,7 +1136,7 @@ def markdown(results: dict) -> str:
         ]
     cm = results.get("cost_model")
     if cm:
-        out += ["| at 40B samples a month, 1e9 users | core-hours a day |", "|---|---|"]
+        out += _header("| at 40B samples a month, 1e9 users | core-hours a day |")
         for k, v in cm["core_hours_per_day"].items():
             out.append(_row([k, f"{v:,.1f}"]))
     return "\n".join(out)
