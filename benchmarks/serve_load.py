@@ -76,7 +76,8 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
     checkpoint per policy."""
     from segment import cached_dataset
 
-    from dynamix_ray.histories import run_histories
+    from dynamix_ray.histories import read_histories, run_histories
+    from dynamix_ray.io import POINTER, copy_published
     from dynamix_ray.segments.pipeline import run_segment
     from dynamix_ray.train import load_checkpoint, resolve_checkpoint, save_checkpoint
 
@@ -86,15 +87,15 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
         data, GenerateConfig(users=args.users, days=args.days, seed=1)
     )
     segments = str(data / "segments")
-    if not (Path(segments) / "segments" / "_meta.json").exists():
+    if not (Path(segments) / "segments" / POINTER).exists():
         run_segment(events, segments, SegmentConfig(), progress=False)
     root = Path(args.out)
     alt = root / "segments_alt"
-    if not (alt / "segments" / "_meta.json").exists():
+    if not (alt / "segments" / POINTER).exists():
         run_segment(events, str(alt), SegmentConfig(epsilon=0.05), progress=False)
     live = root / "segments_live"  # the app's table; the fault test replaces it
     shutil.rmtree(live, ignore_errors=True)
-    shutil.copytree(Path(segments) / "segments", live / "segments")
+    copy_published(segments, str(live), "segments")
 
     checkpoints: dict[str, str] = {}
     trained: dict[str, bool] = {}
@@ -116,11 +117,11 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
             save_checkpoint(str(path), DynamixCTR(mcfg).eval(), mcfg, policy, rm)
             checkpoints[policy], trained[policy] = str(path), False
     hist = root / "histories"
-    meta_file = hist / "histories" / "_meta.json"
-    if (
-        not meta_file.exists()
-        or json.loads(meta_file.read_text())["max_seq_len"] != args.max_seq_len
-    ):
+    try:
+        fresh = read_histories(str(hist)).max_seq_len == args.max_seq_len
+    except FileNotFoundError:
+        fresh = False
+    if not fresh:
         run_histories(events, str(hist), None, args.max_seq_len, progress=False)
     return {
         "events": events,
@@ -471,14 +472,11 @@ def section_autoscaling(args, env, traffic, base: str, rate: float) -> dict[str,
 
 
 def publish(src_root: str, dst_root: str) -> None:
-    """Replace ``dst_root/segments`` by ``src_root/segments`` the way
-    ``dynamix segment`` commits (io.atomic_output)."""
-    from dynamix_ray.io import atomic_output, resolve
+    """Publish ``src_root``'s segment table as a new version of ``dst_root``'s,
+    the way ``dynamix segment`` publishes (io.publish)."""
+    from dynamix_ray.io import copy_published
 
-    fs, root = resolve(dst_root)
-    with atomic_output(fs, root, ["segments"]) as tmp:
-        for f in Path(src_root, "segments").iterdir():
-            shutil.copy(f, f"{tmp}/segments/{f.name}")
+    copy_published(src_root, dst_root, "segments")
 
 
 def section_faults(args, env, traffic, base: str, rate: float) -> dict[str, Any]:

@@ -10,8 +10,9 @@ with the one rule of ``gather.history_window``:
   CSR), what a snapshot stores;
 * :func:`run_histories` (``dynamix histories EVENTS OUT``): every user's
   compact histories as of ``as_of``, one Ray Data task per bucket of the event
-  store, each writing ``OUT/histories/<source>/bucket=K/part-0.parquet`` itself
-  (the driver holds nothing per user), plus ``OUT/histories/_meta.json``;
+  store, each writing ``OUT/histories/<version>/<source>/bucket=K/part-0.parquet``
+  itself (the driver holds nothing per user), plus the version's
+  ``_meta.json``, published by ``OUT/histories/_CURRENT.json`` (``io.publish``);
 * :class:`HistoryStore`: a snapshot loaded for serving, one
   ``SourceEvents`` per source; :meth:`HistoryStore.rows` gathers requests'
   histories exactly as the training loader does.
@@ -35,8 +36,11 @@ from dynamix_ray.gather import (
     history_window,
 )
 from dynamix_ray.io import (
-    atomic_output,
+    POINTER,
+    check_complete,
+    current_version,
     is_process_local,
+    publish,
     read_json,
     resolve,
     url_of,
@@ -192,7 +196,7 @@ def _snapshot_task(
                     **{k: pa.array(v) for k, v in cut.columns.items()},
                 }
             )
-            write_parquet(fs, f"{tmp}/histories/{src}/bucket={b:05d}/part-0.parquet", t)
+            write_parquet(fs, f"{tmp}/{src}/bucket={b:05d}/part-0.parquet", t)
     return {"users": len(users), "events": events}
 
 
@@ -204,8 +208,8 @@ def run_histories(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Write every user's compact histories as of ``as_of_ms`` (default: one ms
-    after the data's last event, from the store's meta) to ``OUT/histories/``
-    atomically; returns ``OUT/histories/_meta.json``.
+    after the data's last event, from the store's meta) to a new version of
+    ``OUT/histories/``, published atomically; returns its ``_meta.json``.
 
     Args:
         events_url: an event store or a SPEC §1 dataset (bucketed once into
@@ -223,8 +227,8 @@ def run_histories(
     local = is_process_local(fs) or is_process_local(resolve(store.url)[0])
     items = store.bucket_items()
     users, events = 0, dict[str, int]()
-    with atomic_output(fs, root, ["histories"]) as tmp_path:  # data and meta
-        tmp = url_of(fs, tmp_path)
+    with publish(fs, root, ["histories"]) as version:  # data and meta
+        tmp = url_of(fs, version.path("histories"))
         for r in map_items(
             _snapshot_task,
             items,
@@ -248,7 +252,7 @@ def run_histories(
             "input": events_url,
             "wall_s": round(time.perf_counter() - t0, 3),
         }
-        write_json(fs, f"{tmp_path}/histories/_meta.json", meta)
+        write_json(fs, f"{version.path('histories')}/_meta.json", meta)
     return meta
 
 
@@ -264,6 +268,7 @@ class HistoryStore:
     events: dict[str, SourceEvents]
     as_of_ms: int
     max_seq_len: int
+    version: str = ""  # the published version it was read from
 
     @property
     def user_id(self) -> np.ndarray:
@@ -328,23 +333,27 @@ class HistoryStore:
 
 
 def read_histories(url: str) -> HistoryStore:
-    """The :class:`HistoryStore` of a ``dynamix histories`` output root.
+    """The :class:`HistoryStore` of the published version of a ``dynamix
+    histories`` output root (checked against its pointer's counts).
 
     Raises:
-        FileNotFoundError: no committed snapshot there.
+        FileNotFoundError: nothing is published there.
+        io.IncompleteTable: the version's files are not the ones published.
     """
     fs, root = resolve(url)
-    if not fs.exists(f"{root}/histories/_meta.json"):
+    ptr = current_version(fs, root, "histories")
+    if ptr is None:
         raise FileNotFoundError(
-            f"{url}: no histories/_meta.json (run `dynamix histories`)"
+            f"{url}: no published histories (no histories/{POINTER}; run "
+            "`dynamix histories`)"
         )
-    meta = read_json(fs, f"{root}/histories/_meta.json")
+    folder = check_complete(fs, root, "histories", ptr)
+    meta = read_json(fs, f"{folder}/_meta.json")
     events: dict[str, SourceEvents] = {}
     for src in HISTORY_SOURCES:
-        folder = f"{root}/histories/{src}"
-        if not fs.exists(folder):
+        if not fs.exists(f"{folder}/{src}"):
             continue
-        files = sorted(p for p in fs.find(folder) if p.endswith(".parquet"))
+        files = sorted(p for p in fs.find(f"{folder}/{src}") if p.endswith(".parquet"))
         tables = []
         for p in files:
             with fs.open(p, "rb") as fh:
@@ -355,4 +364,6 @@ def read_histories(url: str) -> HistoryStore:
         # buckets hold disjoint users: one stable sort by user merges them
         order = np.argsort(t.column("user_id").to_numpy(), kind="stable")
         events[src] = SourceEvents.from_table(t.take(pa.array(order)))
-    return HistoryStore(events, int(meta["as_of_ms"]), int(meta["max_seq_len"]))
+    return HistoryStore(
+        events, int(meta["as_of_ms"]), int(meta["max_seq_len"]), str(ptr["version"])
+    )

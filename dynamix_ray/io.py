@@ -26,9 +26,17 @@ from fsspec.core import url_to_fs
 
 __all__ = [
     "BUCKETING_FILE",
+    "POINTER",
     "Dataset",
     "absolute_url",
     "atomic_output",
+    "IncompleteTable",
+    "check_complete",
+    "copy_published",
+    "collect_versions",
+    "current_version",
+    "publish",
+    "version_folder",
     "discover",
     "fingerprint",
     "group_by_bucket",
@@ -320,3 +328,223 @@ class atomic_output:  # noqa: N801 - used as a context manager, reads like a fun
         for name in self.files:
             self.fs.mv(f"{self.tmp}/{name}", f"{self.out}/{name}")
         self.fs.rm(self.tmp, recursive=True)
+
+
+#: The pointer object of a versioned table (``OUT/<part>/_CURRENT.json``).
+POINTER = "_CURRENT.json"
+#: Superseded versions younger than this stay (readers that resolved the
+#: pointer before the publish finish reading them).
+GC_GRACE_S = 3600.0
+#: The newest versions kept whatever their age (the current one always is).
+KEEP_VERSIONS = 2
+
+
+class IncompleteTable(RuntimeError):
+    """A version's files do not match what its pointer recorded."""
+
+
+def _version_id(now_s: float | None = None) -> str:
+    """``v<epoch ms, 13 digits>-<random>``: unique, and sorts by time."""
+    ms = int(1000 * (time.time() if now_s is None else now_s))
+    return f"v{ms:013d}-{uuid.uuid4().hex[:10]}"
+
+
+def _version_ms(name: str) -> int | None:
+    head = name[1:].split("-", 1)[0]
+    return int(head) if name.startswith("v") and head.isdigit() else None
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(fs, LocalFileSystem)
+
+
+def _parquet_rows(fs: fsspec.AbstractFileSystem, files: Iterable[str]) -> int:
+    total = 0
+    for p in files:
+        with fs.open(p, "rb") as fh:
+            total += pq.ParquetFile(fh).metadata.num_rows
+    return total
+
+
+def _describe(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, int]:
+    """Files, bytes and Parquet rows under ``folder`` (what a pointer records)."""
+    found = fs.find(folder, detail=True) if fs.exists(folder) else {}
+    files = sorted(p for p, info in found.items() if info.get("type") != "directory")
+    return {
+        "files": len(files),
+        "bytes": int(sum(int(found[p].get("size") or 0) for p in files)),
+        "rows": _parquet_rows(fs, [p for p in files if p.endswith(".parquet")]),
+    }
+
+
+def current_version(
+    fs: fsspec.AbstractFileSystem, root: str, part: str
+) -> dict[str, Any] | None:
+    """The pointer of ``root/part`` (``version``, ``published_ms``, ``files``,
+    ``bytes``, ``rows``), or ``None`` while nothing is published."""
+    try:
+        with fs.open(f"{root}/{part}/{POINTER}", "rb") as fh:
+            return dict(json.loads(fh.read()))
+    except FileNotFoundError:
+        return None
+
+
+def version_folder(
+    fs: fsspec.AbstractFileSystem, root: str, part: str, version: str | None = None
+) -> str:
+    """The folder of ``part``'s published version (or of ``version``).
+
+    Raises:
+        FileNotFoundError: nothing is published under ``root/part``.
+    """
+    if version is None:
+        ptr = current_version(fs, root, part)
+        if ptr is None:
+            raise FileNotFoundError(
+                f"{url_of(fs, root)}: no published '{part}' table (no {part}/{POINTER})"
+            )
+        version = str(ptr["version"])
+    return f"{root}/{part}/{version}"
+
+
+def check_complete(
+    fs: fsspec.AbstractFileSystem, root: str, part: str, pointer: dict[str, Any]
+) -> str:
+    """The folder of ``pointer``'s version, after checking that its files,
+    bytes and Parquet rows are the ones the publisher recorded.
+
+    Raises:
+        IncompleteTable: they are not (a partial copy, a collected version).
+    """
+    folder = f"{root}/{part}/{pointer['version']}"
+    got = _describe(fs, folder)
+    want = {k: pointer[k] for k in got}
+    if got != want:
+        raise IncompleteTable(
+            f"{url_of(fs, folder)}: holds {got}, its pointer recorded {want}"
+        )
+    return folder
+
+
+def _put_atomically(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """One object at ``path``, all or nothing: a rename on local disks, a single
+    put on object stores (where a put is atomic)."""
+    if _is_local(fs):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        fs.pipe_file(tmp, data)
+        try:
+            fs.mv(tmp, path)  # os.rename: atomic within one filesystem
+        except BaseException:
+            fs.rm(tmp)
+            raise
+    else:
+        fs.pipe_file(path, data)
+
+
+def collect_versions(
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    part: str,
+    grace_s: float = GC_GRACE_S,
+    keep: int = KEEP_VERSIONS,
+    now_s: float | None = None,
+) -> list[str]:
+    """Remove superseded versions of ``root/part`` older than ``grace_s`` (by
+    the time in their id, not an mtime), keeping the current one and the
+    ``keep`` newest. A version another publisher is still writing is young,
+    so it stays. Returns the removed folders."""
+    ptr = current_version(fs, root, part)
+    if ptr is None:
+        return []
+    now_ms = 1000 * (time.time() if now_s is None else now_s)
+    names = sorted(
+        (posixpath.basename(p) for p in fs.ls(f"{root}/{part}", detail=False)),
+        reverse=True,
+    )
+    versions = [n for n in names if _version_ms(n) is not None]
+    removed = []
+    for name in versions[keep:]:
+        ms = _version_ms(name)
+        if name == ptr["version"] or ms is None or now_ms - ms < 1000 * grace_s:
+            continue
+        path = f"{root}/{part}/{name}"
+        fs.rm(path, recursive=True)
+        removed.append(path)
+    return removed
+
+
+class publish:  # noqa: N801 - used as a context manager, reads like a function
+    """Write a new version of each of ``parts`` and publish it by a pointer.
+
+    ``with publish(fs, out, ["segments", "stats"]) as v:`` writes go to
+    ``v.path("segments")`` = ``out/segments/<version>/``. On success each part's
+    ``out/<part>/_CURRENT.json`` is put last, in one atomic step, naming the
+    version and its file and row counts; superseded versions are collected
+    after :data:`GC_GRACE_S`. On failure the new folders are removed and the
+    pointers are untouched. Nothing is moved, so a reader never sees a partial
+    version, whatever the filesystem, and version ids are unique, so two
+    publishers never write into one folder: the pointer names exactly one
+    complete version (the last put). See docs/serving.md, "Versioned tables".
+    """
+
+    def __init__(
+        self,
+        fs: fsspec.AbstractFileSystem,
+        out: str,
+        parts: list[str],
+        grace_s: float = GC_GRACE_S,
+    ):
+        self.fs, self.out, self.parts = fs, out.rstrip("/"), parts
+        self.grace_s = grace_s
+        self.version = _version_id()
+
+    def path(self, part: str) -> str:
+        return f"{self.out}/{part}/{self.version}"
+
+    def _discard(self, parts: list[str]) -> None:
+        for part in parts:
+            if self.fs.exists(self.path(part)):
+                self.fs.rm(self.path(part), recursive=True)
+
+    def __enter__(self) -> publish:
+        for part in self.parts:
+            self.fs.makedirs(self.path(part), exist_ok=True)
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            self._discard(self.parts)
+            return
+        for i, part in enumerate(self.parts):
+            pointer = {
+                "version": self.version,
+                "published_ms": int(time.time() * 1000),
+                **_describe(self.fs, self.path(part)),
+            }
+            data = json.dumps(pointer, sort_keys=True).encode()
+            try:
+                _put_atomically(self.fs, f"{self.out}/{part}/{POINTER}", data)
+            except BaseException:
+                self._discard(self.parts[i:])  # the parts not published
+                raise
+        for part in self.parts:
+            collect_versions(self.fs, self.out, part, self.grace_s)
+
+
+def copy_published(src_url: str, dst_url: str, part: str) -> str:
+    """Publish a copy of ``src_url``'s published ``part`` as a new version of
+    ``dst_url/part`` (e.g. a segment table built elsewhere, into the root a
+    router polls). Returns the new version id."""
+    src_fs, src_root = resolve(src_url)
+    dst_fs, dst_root = resolve(dst_url)
+    folder = version_folder(src_fs, src_root, part)
+    with publish(dst_fs, dst_root, [part]) as v:
+        for path in src_fs.find(folder):
+            with src_fs.open(path, "rb") as fh:
+                data = fh.read()
+            dst = f"{v.path(part)}{path[len(folder) :]}"
+            dst_fs.makedirs(posixpath.dirname(dst), exist_ok=True)
+            dst_fs.pipe_file(dst, data)
+    return v.version

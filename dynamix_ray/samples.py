@@ -412,7 +412,7 @@ def _bucket_arrays(table: pa.Table | None, cols: list[str]) -> Arrays:
 def _samples_task(
     item: dict[str, Any],
     store: EventStore,
-    segments_url: str,
+    segments: tuple[str, str],
     tmp: str,
     cfg: SampleConfig,
     boundary_ms: int,
@@ -435,7 +435,8 @@ def _samples_task(
                 f"{store.url}: '{name}' has no 'ad_id' column; a sample's label "
                 "(a conversion on the same ad, SPEC §6) needs it in both sources"
             )
-    seg = segment_rows(read_segment_bucket(segments_url, b))
+    url, version = segments
+    seg = segment_rows(read_segment_bucket(url, b, version))
     s = compact_samples(imps, conv, seg, cfg)
     n = len(s["t_ms"])
     s["sample_id"] = (np.int64(b) << _ID_BITS) + np.arange(n, dtype=np.int64)
@@ -554,7 +555,14 @@ def run_samples(
         for r in map_items(
             _samples_task,
             items,
-            (store, segments_url, f"{tmp}/samples", cfg, boundary, seed),
+            (
+                store,
+                (segments_url, seg_meta["table_version"]),
+                f"{tmp}/samples",
+                cfg,
+                boundary,
+                seed,
+            ),
             local=local,
             name="samples",
             progress=progress,

@@ -37,6 +37,7 @@ from dynamix_ray.alure.graph import (
 from dynamix_ray.cli import main as dynamix
 from dynamix_ray.config import GenerateConfig
 from dynamix_ray.histories import mode_by_user, user_histories
+from dynamix_ray.io import read_json, resolve, version_folder
 from dynamix_ray.model import ModelConfig
 from dynamix_ray.samples import SampleConfig
 from dynamix_ray.segments.pipeline import run_segment
@@ -381,7 +382,8 @@ def test_u2u_graph_and_evaluation_end_to_end(trained, tmp_path, capsys):
     assert "recall@50: u2u" in text and "planted clusters" in text
     edges = read_u2u(out).to_pandas()
     table = read_embeddings(emb).to_pandas()
-    meta = json.loads((tmp_path / "graph" / "u2u" / "_meta.json").read_text())
+    fs, root = resolve(str(tmp_path / "graph"))
+    meta = read_json(fs, f"{version_folder(fs, root, 'u2u')}/_meta.json")
     assert 0.0 <= meta["recall_at_k2"] <= 1.0
     assert (edges["user_id"] != edges["neighbor_id"]).all()
     assert edges.groupby("user_id").size().max() <= 5

@@ -12,8 +12,13 @@ import pyarrow as pa
 import pytest
 
 from dynamix_ray.config import GenerateConfig, SegmentConfig
-from dynamix_ray.io import resolve
-from dynamix_ray.segments.pipeline import SEGMENT_SCHEMA, read_segments, run_segment
+from dynamix_ray.io import resolve, version_folder
+from dynamix_ray.segments.pipeline import (
+    SEGMENT_SCHEMA,
+    read_segments,
+    read_segments_meta,
+    run_segment,
+)
 from dynamix_ray.synth import generate, read_truth_users, segment_recovery
 
 SMALL = GenerateConfig(users=300, days=3, seed=7)
@@ -150,11 +155,14 @@ def test_segments_and_statistics_are_written_per_bucket(plain_run):
     nb = result.meta["num_buckets"]
     assert nb >= 2
     total = 0
+    version = read_segments_meta(result.out)["table_version"]
+    fs, root = resolve(result.out)
+    stats_folder = version_folder(fs, root, "stats")
     for b in range(nb):
-        part = read_segment_bucket(result.out, b)
+        part = read_segment_bucket(result.out, b, version)
         total += part.num_rows
         assert (user_bucket(part.column("user_id").to_numpy(), nb) == b).all()
-        stats = pq.read_table(f"{result.out}/stats/bucket={b:05d}/part-0.parquet")
+        stats = pq.read_table(f"{stats_folder}/bucket={b:05d}/part-0.parquet")
         assert {"n_near", "m2_far", "n_filtered"} <= set(stats.column_names)
     assert total == table.num_rows
 
@@ -162,7 +170,7 @@ def test_segments_and_statistics_are_written_per_bucket(plain_run):
 def test_fixed_epsilon_and_parameters_are_recorded(ray_session, tiny_events, tmp_path):
     cfg = SegmentConfig(epsilon=0.5, window_s=3 * 3600, horizon_s=600, min_events=3)
     result = run_segment(tiny_events, str(tmp_path), cfg, progress=False)
-    meta = json.loads((tmp_path / "segments" / "_meta.json").read_text())
+    meta = read_segments_meta(str(tmp_path))
     assert meta["epsilon"] == 0.5 and meta["epsilon_source"] == "given"
     assert meta["params"]["window"] == "3h" and meta["params"]["min_events"] == 3
     table = read_segments(str(tmp_path))
@@ -196,7 +204,7 @@ def test_failed_first_run_leaves_no_table(ray_session, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(FileNotFoundError, match="ad_impressions"):
         run_segment(str(tmp_path / "nothing-here"), str(out), progress=False)
-    assert not (out / "segments").exists()
+    assert not (out / "segments" / "_CURRENT.json").exists()
 
 
 def test_planted_segments_are_recovered(ray_session, tmp_path):

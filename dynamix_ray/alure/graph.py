@@ -13,7 +13,7 @@ Per country (or for everyone when the embeddings carry none):
 
 Each group's index is built in a Ray task of its own (it reads the group's
 embeddings, trains k-means, measures recall) and written to
-``OUT/u2u_index/group=G.faiss``; the driver holds no embedding and no edge.
+``OUT/u2u_index/<version>/group=G.faiss``; the driver holds no embedding and no edge.
 
 The paper uses k1 = 400, k1' = 50, k2 = 15 per country on billions of users:
 probing 1/8 of the clusters, each query scans 1/8 of its country, so the
@@ -27,7 +27,8 @@ coarse quantizer, so neither costs O(k1) a point. Neighbour recall against
 exact brute-force search on a sample of queries is measured on every build
 and recorded in ``u2u/_meta.json``.
 
-Output ``OUT/u2u/*.parquet``: ``user_id``, ``neighbor_id`` (int64),
+Output ``OUT/u2u/<version>/*.parquet``, published by ``OUT/u2u/_CURRENT.json``
+(``io.publish``): ``user_id``, ``neighbor_id`` (int64),
 ``similarity`` (float32 cosine), ``rank`` (int16, 1 = nearest); directed edges.
 """
 
@@ -43,8 +44,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dynamix_ray.io import (
-    atomic_output,
+    POINTER,
+    check_complete,
+    current_version,
     is_process_local,
+    publish,
     pyarrow_fs,
     read_parquet_folder,
     resolve,
@@ -383,12 +387,15 @@ def _build_group(
 
 
 def read_u2u(url: str) -> pa.Table:
-    """The edges of a ``dynamix u2u`` output folder."""
+    """The edges of the published version of a ``dynamix u2u`` output folder
+    (checked against its pointer's counts)."""
     fs, root = resolve(url)
-    missing = f"{url}: no u2u/*.parquet (run `dynamix u2u`)"
-    if not fs.exists(f"{root}/u2u"):
+    ptr = current_version(fs, root, "u2u")
+    missing = f"{url}: no published u2u graph (no u2u/{POINTER}; run `dynamix u2u`)"
+    if ptr is None:
         raise FileNotFoundError(missing)
-    return read_parquet_folder(fs, f"{root}/u2u", missing).cast(U2U_SCHEMA)
+    folder = check_complete(fs, root, "u2u", ptr)
+    return read_parquet_folder(fs, folder, missing).cast(U2U_SCHEMA)
 
 
 def build_u2u(
@@ -444,8 +451,9 @@ def build_u2u(
         groups = sorted(found)
         with resolve(files[0])[0].open(files[0], "rb") as fh:
             dim = pq.ParquetFile(fh).schema_arrow.field("embedding").type.list_size
-    with atomic_output(fs, root, ["u2u", "u2u_index"]) as tmp:
-        index_root = url_of(fs, f"{tmp}/u2u_index")
+    with publish(fs, root, ["u2u", "u2u_index"]) as version:
+        index_root = url_of(fs, version.path("u2u_index"))
+        edges_root = version.path("u2u")
         t_build = time.perf_counter()
         built = list(
             map_items(
@@ -459,7 +467,7 @@ def build_u2u(
         )
         build_s = time.perf_counter() - t_build
         nprobes = {b["group"]: b["k1_probe"] for b in built}
-        # the committed index paths (the searchers run before the commit)
+        # the index paths in their version folder (searched before the publish)
         paths = {b["group"]: b["path"] for b in built}
         t_query = time.perf_counter()
         if local:
@@ -476,7 +484,7 @@ def build_u2u(
                     )
                     write_parquet(
                         fs,
-                        f"{tmp}/u2u/part-{i:05d}-{j // 4096:05d}.parquet",
+                        f"{edges_root}/part-{i:05d}-{j // 4096:05d}.parquet",
                         pa.table(edges, schema=U2U_SCHEMA),
                     )
         else:
@@ -495,11 +503,11 @@ def build_u2u(
                     batch_size=4096,
                     batch_format="numpy",
                 )
-                .write_parquet(f"{tmp}/u2u", filesystem=pyarrow_fs(fs))
+                .write_parquet(edges_root, filesystem=pyarrow_fs(fs))
             )
         query_s = time.perf_counter() - t_query
         users = edges_n = 0
-        for p in fs.find(f"{tmp}/u2u"):
+        for p in fs.find(edges_root):
             if p.endswith(".parquet"):
                 with fs.open(p, "rb") as fh:
                     edges_n += pq.ParquetFile(fh).metadata.num_rows
@@ -524,7 +532,7 @@ def build_u2u(
             "query_s": round(query_s, 3),
             "wall_s": round(time.perf_counter() - t0, 3),
         }
-        write_json(fs, f"{tmp}/u2u/_meta.json", meta)
+        write_json(fs, f"{edges_root}/_meta.json", meta)
     return meta
 
 

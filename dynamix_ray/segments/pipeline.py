@@ -19,8 +19,10 @@ Flow (each pass a Ray Data task per bucket of the event store, the logic in
    ``OUT/segments/bucket=K/part-0.parquet``; the sample builder joins them
    bucket by bucket.
 
-``segments/``, ``stats/`` and ``segments/_meta.json`` are committed together
-(``io.atomic_output``). ``memory://`` lives in one process: there every pass
+``segments/`` (with its ``_meta.json``) and ``stats/`` are versioned tables
+(``io.publish``): each run writes ``OUT/segments/<version>/``, and the pointer
+``OUT/segments/_CURRENT.json``, put last, publishes it (docs/serving.md,
+"Versioned tables"). ``memory://`` lives in one process: there every pass
 runs in the driver, the same code.
 """
 
@@ -40,11 +42,15 @@ from dynamix_ray import __version__
 from dynamix_ray.config import SegmentConfig, format_duration
 from dynamix_ray.events import EventStore, ensure_store
 from dynamix_ray.io import (
-    atomic_output,
+    POINTER,
+    check_complete,
+    current_version,
     is_process_local,
+    publish,
     read_json,
     resolve,
     url_of,
+    version_folder,
     write_json,
     write_parquet,
 )
@@ -64,6 +70,7 @@ __all__ = [
     "read_segment_bucket",
     "read_segments",
     "read_segments_meta",
+    "segments_pointer",
     "run_segment",
 ]
 
@@ -131,9 +138,10 @@ _STAT_SOURCES = {
 }
 
 
-def bucket_path(root: str, table: str, bucket: int) -> str:
-    """``ROOT/<table>/bucket=KKKKK/part-0.parquet`` (``segments``, ``stats``)."""
-    return f"{root}/{table}/bucket={bucket:05d}/part-0.parquet"
+def bucket_path(folder: str, bucket: int) -> str:
+    """``FOLDER/bucket=KKKKK/part-0.parquet`` (in a version of ``segments`` or
+    ``stats``)."""
+    return f"{folder}/bucket={bucket:05d}/part-0.parquet"
 
 
 def _column(tables: dict[str, pa.Table], src: str, col: str, dtype: Any) -> np.ndarray:
@@ -153,7 +161,7 @@ def _abs_corr(stats: Columns, min_events: int) -> np.ndarray:
 def _stats_task(
     item: dict[str, Any],
     store: EventStore,
-    tmp: str,
+    tables: dict[str, str],
     cfg: SegmentConfig,
     origin_ms: int,
 ) -> dict[str, Any]:
@@ -169,8 +177,8 @@ def _stats_task(
         cfg,
         origin_ms,
     )
-    fs, root = resolve(tmp)
-    write_parquet(fs, bucket_path(root, "stats", b), pa.table(stats))
+    fs, folder = resolve(tables["stats"])
+    write_parquet(fs, bucket_path(folder, b), pa.table(stats))
     n_near, n_far = stats["n_near"], stats["n_far"]
     kept = (n_near + n_far) > 0
     abs_corr = _abs_corr(stats, cfg.min_events)
@@ -186,18 +194,20 @@ def _stats_task(
     }
 
 
-def _read_stats(root: str, bucket: int) -> Columns:
-    fs, _ = resolve(root)
-    with fs.open(bucket_path(root, "stats", bucket), "rb") as fh:
+def _read_stats(tables: dict[str, str], bucket: int) -> Columns:
+    fs, folder = resolve(tables["stats"])
+    with fs.open(bucket_path(folder, bucket), "rb") as fh:
         t = pq.read_table(fh)
     return {c: t.column(c).to_numpy() for c in STAT_COLUMNS}
 
 
-def _answer_task(item: dict[str, Any], tmp: str, min_events: int, question: Any) -> Any:
+def _answer_task(
+    item: dict[str, Any], tables: dict[str, str], min_events: int, question: Any
+) -> Any:
     """A calibration pass: one bucket's answer to ``question`` about its
     eligible rows' ``|corr|`` (see ``select.py``)."""
     return select.answer(
-        _abs_corr(_read_stats(tmp, item["bucket"]), min_events), question
+        _abs_corr(_read_stats(tables, item["bucket"]), min_events), question
     )
 
 
@@ -211,12 +221,12 @@ def _fold(question: Any, answers: Any) -> Any:
 
 
 def _finalize_task(
-    item: dict[str, Any], tmp: str, cfg: SegmentConfig, epsilon: float
+    item: dict[str, Any], tables: dict[str, str], cfg: SegmentConfig, epsilon: float
 ) -> dict[str, Any]:
     """Pass 4: one bucket's SPEC §3 rows, written; active rows returned."""
-    fs, root = resolve(tmp)
-    table = _segment_table(_read_stats(tmp, item["bucket"]), cfg, epsilon)
-    write_parquet(fs, bucket_path(root, "segments", item["bucket"]), table)
+    fs, folder = resolve(tables["segments"])
+    table = _segment_table(_read_stats(tables, item["bucket"]), cfg, epsilon)
+    write_parquet(fs, bucket_path(folder, item["bucket"]), table)
     return {"active_rows": int(np.count_nonzero(table.column("segment").to_numpy()))}
 
 
@@ -276,8 +286,9 @@ def run_segment(
         )
     origin = window_origin_ms(cfg, store.meta["sources"]["ad_impressions"]["ts_min_ms"])
     items = store.bucket_items()
-    with atomic_output(out_fs, out_root, ["segments", "stats"]) as tmp_path:
-        tmp = url_of(out_fs, tmp_path)  # what the tasks resolve
+    with publish(out_fs, out_root, ["segments", "stats"]) as version:
+        # what the tasks resolve: this run's version folders
+        tmp = {t: url_of(out_fs, version.path(t)) for t in ("segments", "stats")}
         counts: dict[str, Any] = dict.fromkeys(
             ("rows", "eligible", "impressions", "filtered", "users"), 0
         )
@@ -382,36 +393,62 @@ def run_segment(
             import ray
 
             meta["ray_version"] = ray.__version__
-        write_json(out_fs, f"{tmp_path}/segments/_meta.json", meta)
+        write_json(out_fs, f"{version.path('segments')}/_meta.json", meta)
     return SegmentResult(out_url, meta)
 
 
-def read_segments_meta(out_url: str) -> dict[str, Any]:
-    """The committed ``segments/_meta.json`` of a ``dynamix segment`` output
-    root: epsilon, params, input fingerprint, counts."""
+def segments_pointer(out_url: str) -> dict[str, Any]:
+    """The published version of ``OUT/segments/`` (``io.current_version``).
+
+    Raises:
+        FileNotFoundError: no segment table is published there.
+    """
     fs, root = resolve(out_url)
-    return dict(read_json(fs, f"{root}/segments/_meta.json"))
+    ptr = current_version(fs, root, "segments")
+    if ptr is None:
+        raise FileNotFoundError(
+            f"{out_url}: no published segment table (no segments/{POINTER}; "
+            "run `dynamix segment`)"
+        )
+    return ptr
 
 
-def read_segment_bucket(out_url: str, bucket: int) -> pa.Table:
-    """Bucket ``bucket``'s rows of a committed segment table (empty when the
-    bucket had no kept impression)."""
+def read_segments_meta(out_url: str, version: str | None = None) -> dict[str, Any]:
+    """The ``_meta.json`` of the published (or the given) version of a
+    ``dynamix segment`` output root: epsilon, params, input fingerprint,
+    counts; ``table_version`` names the version read."""
     fs, root = resolve(out_url)
-    path = bucket_path(root, "segments", bucket)
+    version = version or str(segments_pointer(out_url)["version"])
+    meta = dict(
+        read_json(fs, f"{version_folder(fs, root, 'segments', version)}/_meta.json")
+    )
+    return {**meta, "table_version": version}
+
+
+def read_segment_bucket(out_url: str, bucket: int, version: str) -> pa.Table:
+    """Bucket ``bucket``'s rows of version ``version`` of a segment table
+    (empty when the bucket had no kept impression). Tasks get the version
+    the driver resolved, so that a publish mid-run cannot mix two tables."""
+    fs, root = resolve(out_url)
+    path = bucket_path(version_folder(fs, root, "segments", version), bucket)
     if not fs.exists(path):
         return SEGMENT_SCHEMA.empty_table()
     with fs.open(path, "rb") as fh:
         return pq.read_table(fh).cast(SEGMENT_SCHEMA)
 
 
-def read_segments(out_url: str) -> pa.Table:
-    """The committed segment table of a ``dynamix segment`` output root."""
+def read_segments(out_url: str, pointer: dict[str, Any] | None = None) -> pa.Table:
+    """The published segment table of a ``dynamix segment`` output root (or
+    the version of ``pointer``), checked against the counts its pointer
+    recorded.
+
+    Raises:
+        FileNotFoundError: nothing is published.
+        io.IncompleteTable: the version's files are not the ones published.
+    """
     fs, root = resolve(out_url)
-    folder = f"{root}/segments"
-    if not fs.exists(f"{folder}/_meta.json"):
-        raise FileNotFoundError(
-            f"{out_url}: no committed segment table (no _meta.json)"
-        )
+    pointer = pointer or segments_pointer(out_url)
+    folder = check_complete(fs, root, "segments", pointer)
     files = sorted(p for p in fs.find(folder) if p.endswith(".parquet"))
     tables = []
     for p in files:
