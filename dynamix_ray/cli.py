@@ -545,7 +545,26 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="autoscale each ranker between 1 and MAX replicas",
     )
-    p.add_argument("--host", default=None, help="HTTP host (default 127.0.0.1)")
+    p.add_argument(
+        "--host",
+        default=None,
+        help="HTTP host (default 127.0.0.1); another host needs --api-key-env "
+        "or --allow-unauthenticated",
+    )
+    p.add_argument(
+        "--api-key-env",
+        metavar="VAR",
+        default=None,
+        help="requests need 'Authorization: Bearer $VAR' (the variable must be "
+        "set where the Router runs: here for a local Ray, on every node of a "
+        "cluster)",
+    )
+    p.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="bind a non-loopback host without an API key (behind your own "
+        "authenticating proxy)",
+    )
     p.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
     p.add_argument(
         "--detach",
@@ -1145,9 +1164,34 @@ def serve_app_config(args: argparse.Namespace) -> tuple[dict, dict]:
         http["host"] = args.host
     if args.port:
         http["port"] = args.port
+    if args.api_key_env:
+        app_args["api_key_env"] = args.api_key_env
     http.setdefault("host", "127.0.0.1")
     http.setdefault("port", 8000)
+    if (
+        not _loopback(http["host"])
+        and not app_args.get("api_key_env")
+        and not args.allow_unauthenticated
+    ):
+        raise ValueError(
+            f"host {http['host']} is reachable from other machines, and the app "
+            "has no API key: pass --api-key-env VAR (or api_key_env in the "
+            "config), or --allow-unauthenticated behind your own proxy"
+        )
+    if app_args.get("api_key_env") and not os.environ.get(app_args["api_key_env"]):
+        raise ValueError(f"--api-key-env: ${app_args['api_key_env']} is not set")
     return app_args, http
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -1156,7 +1200,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from dynamix_ray.runtime import ensure_ray
-    from dynamix_ray.serve.app import build_app
+    from dynamix_ray.serve.app import AppConfig, build_app
 
     app_args, http = serve_app_config(args)
     if args.detach and not os.environ.get("RAY_ADDRESS"):
@@ -1164,8 +1208,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "--detach leaves the app on a running cluster: set RAY_ADDRESS (a "
             "local Ray started by this command ends with it)"
         )
-    app = build_app(app_args)  # validates before anything starts
-    ensure_ray()
+    cfg = AppConfig.model_validate(app_args).absolute()  # before anything starts
+    problems = cfg.path_problems()
+    if problems:
+        raise FileNotFoundError(
+            "the app's inputs are not there:\n  " + "\n  ".join(problems)
+        )
+    app = build_app(cfg)
+    ensure_ray(serving=True)
     serve.start(http_options={"host": http["host"], "port": http["port"]})
     serve.run(app, name="dynamix", route_prefix="/")
     url = f"http://{http['host']}:{http['port']}"

@@ -18,9 +18,16 @@ __all__ = ["ensure_ray", "cluster_cpus", "map_items"]
 log = logging.getLogger(__name__)
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
+#: Where a local Ray started for serving exports its Prometheus metrics
+#: (``cluster.yaml`` starts every node with the same port): docs/serving.md.
+METRICS_EXPORT_PORT = 8090
+
+
+def ensure_ray(num_cpus: int | None = None, serving: bool = False) -> None:
     """``ray.init`` once: joins ``RAY_ADDRESS`` if set, else starts a local Ray with
-    ``num_cpus`` (default: all cores)."""
+    ``num_cpus`` (default: all cores). ``serving``: the local Ray runs its
+    dashboard on 127.0.0.1 (``serve status`` and the dashboard's Serve view
+    need it) and exports metrics on :data:`METRICS_EXPORT_PORT`."""
     import ray
 
     if ray.is_initialized():
@@ -31,12 +38,16 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     else:
         # address="local": a new local Ray even when another one runs on this
         # machine (plain ray.init() would join the last `ray start` cluster).
-        ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            log_to_driver=True,
+        extra: dict[str, Any] = (
+            {
+                "include_dashboard": True,
+                "dashboard_host": "127.0.0.1",
+                "_metrics_export_port": METRICS_EXPORT_PORT,
+            }
+            if serving
+            else {"include_dashboard": False}
         )
+        ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, **extra)
 
 
 def cluster_cpus() -> int:

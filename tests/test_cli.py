@@ -141,6 +141,61 @@ def test_serve_config_file_and_flags_give_a_valid_app_config():
         serve_app_config(build_parser().parse_args(["serve", "--segments", "s"]))
 
 
+def test_serve_refuses_a_public_host_without_an_api_key(monkeypatch):
+    from dynamix_ray.cli import serve_app_config
+
+    flags = ["serve", "--segments", "s", "--histories", "h", "--active-checkpoint", "a"]
+    with pytest.raises(ValueError, match="--api-key-env"):
+        serve_app_config(build_parser().parse_args([*flags, "--host", "0.0.0.0"]))
+    with pytest.raises(ValueError, match=r"\$DYNAMIX_KEY is not set"):
+        serve_app_config(
+            build_parser().parse_args([*flags, "--api-key-env", "DYNAMIX_KEY"])
+        )
+    monkeypatch.setenv("DYNAMIX_KEY", "k")
+    app_args, http = serve_app_config(
+        build_parser().parse_args(
+            [*flags, "--host", "0.0.0.0", "--api-key-env", "DYNAMIX_KEY"]
+        )
+    )
+    assert app_args["api_key_env"] == "DYNAMIX_KEY" and http["host"] == "0.0.0.0"
+    _, http = serve_app_config(
+        build_parser().parse_args(
+            [*flags, "--host", "10.0.0.5", "--allow-unauthenticated"]
+        )
+    )
+    for host in ("127.0.0.1", "localhost", "::1"):
+        serve_app_config(build_parser().parse_args([*flags, "--host", host]))
+
+
+def test_serve_checks_every_path_before_ray_starts(tmp_path, capsys):
+    """Wrong paths fail in seconds, before any Ray or Serve, naming each path
+    and what it should hold."""
+    import time
+
+    import ray
+
+    was_up = ray.is_initialized()
+    t0 = time.perf_counter()
+    code = main(
+        [
+            "serve",
+            "--segments",
+            str(tmp_path / "no-segments"),
+            "--histories",
+            str(tmp_path / "no-histories"),
+            "--active-checkpoint",
+            str(tmp_path / "no-ckpt"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "no-segments has no published segments/ table" in err
+    assert "`dynamix segment`" in err and "no-histories" in err
+    assert "active.checkpoint" in err and "passive.checkpoint" in err
+    assert ray.is_initialized() == was_up  # nothing was started
+    print(f"refused in {time.perf_counter() - t0:.2f} s")
+
+
 def test_demo_runs_end_to_end_on_tiny_sizes(ray_session, tmp_path, capsys):
     """`make demo`'s path: generate, segment, train every arm, measure, serve
     real requests and a short load, stop, write the report; every output
@@ -161,8 +216,8 @@ def test_demo_runs_end_to_end_on_tiny_sizes(ray_session, tmp_path, capsys):
     assert "candidates[0].media_type" in text
     exp = out / "experiment"
     for part in (
-        "segments_run/segments/_meta.json",
-        "experiment/histories/histories/_meta.json",
+        "segments_run/segments/_CURRENT.json",
+        "experiment/histories/histories/_CURRENT.json",
         "experiment/runs/boost-selective/seed0/metrics.json",
         "serving_timeline.json",
     ):

@@ -30,7 +30,7 @@ import yaml
 
 from dynamix_ray.config import GenerateConfig
 from dynamix_ray.localcluster import LocalCluster, _free_ports, _name
-from dynamix_ray.segments.pipeline import read_segments, run_segment
+from dynamix_ray.segments.pipeline import read_segments, read_segments_meta, run_segment
 from dynamix_ray.synth import generate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def assert_same_table(got: pa.Table, want: pa.Table) -> None:
 
 
 def _meta(out: Path) -> dict:
-    return json.loads((out / "segments" / "_meta.json").read_text())
+    return read_segments_meta(str(out))
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +278,7 @@ def _submit_and_kill(
 
 
 def _assert_nothing_committed(out: Path) -> None:
-    assert not (out / "segments" / "_meta.json").exists()
+    assert not (out / "segments" / "_CURRENT.json").exists()
     with pytest.raises(FileNotFoundError):
         read_segments(str(out))
 
@@ -311,7 +311,7 @@ def test_killed_worker_retries_or_fails_cleanly(
 @pytest.mark.timeout(300)
 def test_killed_driver_commits_nothing(cluster, larger_events, tmp_path):
     """SIGKILL the job's driver mid-run: the job fails and no table that looks
-    complete (segments/_meta.json) is left behind."""
+    complete (a published segments/_CURRENT.json) is left behind."""
     out, log = tmp_path / "job", tmp_path / "log"
     killed, rc, status = _submit_and_kill(cluster, larger_events, out, log, driver=True)
     assert "pipelines/segment.py" in killed
@@ -361,6 +361,14 @@ def test_cluster_yaml_is_a_valid_ray_up_config(gpu):
         assert types["gpu_worker"]["resources"]["GPU"] == 1
     assert cfg["max_workers"] >= 1 and cfg["idle_timeout_minutes"] > 0
     assert "~/dynamix_ray" in cfg["file_mounts"]
+    # the dashboard (an unauthenticated job-submission API) on loopback only;
+    # metrics on the documented port on every node
+    from dynamix_ray.runtime import METRICS_EXPORT_PORT
+
+    head = " ".join(cfg["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in text
+    for cmd in (head, " ".join(cfg["worker_start_ray_commands"])):
+        assert f"--metrics-export-port={METRICS_EXPORT_PORT}" in cmd
     setup = " && ".join(cfg["setup_commands"])
     assert setup.index("pip install torch==2.13.0") < setup.index(
         "pip install -e ~/dynamix_ray"

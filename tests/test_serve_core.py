@@ -285,3 +285,28 @@ def test_router_options_put_the_handles_on_the_replica_loop_keeping_the_runtime_
     }
     got = router_options(_cfg(router=mine))["ray_actor_options"]
     assert got["runtime_env"]["env_vars"] == {SEPARATE_LOOP_ENV: "1"}
+
+
+def test_one_failing_request_does_not_fail_its_batch_mates():
+    """A forward pass that raises is re-run request by request: the bad one
+    gets its own error, its batch mates their scores."""
+    from dynamix_ray.serve.ranker import score_isolated
+
+    passes: list[list[int]] = []
+
+    def score(user_ids, ts_ms, candidates):
+        passes.append(list(user_ids))
+        if 13 in user_ids:
+            raise ValueError("bad request 13")
+        return [np.full(len(c), 0.5) for c in candidates]
+
+    cands = [np.ones((n, len(CANDIDATE_ATTRIBUTES)), np.int64) for n in (2, 1, 3)]
+    got = score_isolated(score, [1, 13, 2], [0, 0, 0], cands)
+    assert isinstance(got[1], ValueError) and "13" in str(got[1])
+    assert got[0].tolist() == [0.5, 0.5] and got[2].tolist() == [0.5] * 3
+    assert passes == [[1, 13, 2], [1], [13], [2]]  # one pass, then one each
+    # a batch that works is one pass; a lone bad request is its own error
+    passes.clear()
+    assert len(score_isolated(score, [1, 2], [0, 0], cands[:2])) == 2
+    assert passes == [[1, 2]]
+    assert isinstance(score_isolated(score, [13], [0], cands[:1])[0], ValueError)

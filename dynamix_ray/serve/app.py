@@ -15,8 +15,17 @@ and polls its version every ``reload_interval_s``; a newer table is read in a
 background thread and swapped in with one reference assignment, so requests
 never wait for or fail on a reload.
 
-Endpoints: ``POST /rank``, ``POST /candidates``, ``GET /healthz``, and
-FastAPI's ``/docs`` and ``/openapi.json``. Metrics (``ray.util.metrics``, on
+Endpoints: ``POST /rank``, ``POST /candidates``, ``GET /healthz``,
+``/openapi.json`` (every status the app answers, documented) and ``/docs``
+(Swagger UI served from the package, no CDN).
+
+Bounded under abuse and overload (docs/serving.md): bodies are capped
+(413) and parsed from bytes with the candidate cap in the schema (a 1 MiB body
+of empty candidates is a small 422 in milliseconds); every router -> ranker
+call has a deadline (504); queues are bounded (``max_queued_requests``) and
+a full one sheds load with 503 + ``Retry-After``; a ranker's bug is a 500
+with its traceback logged, apart from an unavailable replica (503), and one
+failing request never fails its batch mates. Metrics (``ray.util.metrics``, on
 Ray's Prometheus endpoint): ``dynamix_requests_total{route, segment, code}``,
 ``dynamix_request_latency_ms{route, segment}``, and the rankers' batch sizes
 and forward times.
@@ -25,6 +34,7 @@ and forward times.
 # No `from __future__ import annotations`: FastAPI reads the route methods'
 # annotations after Serve wraps them, where string annotations do not resolve.
 import asyncio
+import hmac
 import logging
 import os
 import threading
@@ -34,10 +44,14 @@ from typing import Any, cast
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -46,16 +60,24 @@ from dynamix_ray.io import absolute_url
 from dynamix_ray.serve.api import (
     CandidatesRequest,
     CandidatesResponse,
+    ErrorBody,
     RankRequest,
     RankResponse,
     error_body,
+    openapi_schemas,
+    rank_request_model,
 )
 from dynamix_ray.serve.ranker import (
     CANDIDATE_ATTRIBUTES,
     SEGMENT_NAMES,
     RankerDeployment,
 )
-from dynamix_ray.serve.store import SegmentStore, read_segment_store, segments_version
+from dynamix_ray.serve.store import (
+    SegmentStore,
+    TableWatch,
+    read_segment_store,
+    segments_version,
+)
 
 __all__ = ["AppConfig", "DeploymentOptions", "RankerSpec", "Router", "build_app"]
 
@@ -78,11 +100,15 @@ class DeploymentOptions(BaseModel):
         default_factory=lambda: {"num_cpus": 0.25}
     )
     max_ongoing_requests: int = Field(32, ge=1)
+    #: Requests waiting for a replica, per caller, at most (-1: unbounded,
+    #: Serve's default); past it the caller gets 503 + Retry-After.
+    max_queued_requests: int = Field(64, ge=-1)
 
     def serve_options(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "ray_actor_options": self.ray_actor_options,
             "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
         }
         if self.autoscaling_config is not None:
             out["autoscaling_config"] = self.autoscaling_config
@@ -130,9 +156,22 @@ class AppConfig(BaseModel):
         candidates: optional ALURE retrieval for ``/candidates``.
         max_candidates: candidates per ``/rank`` request at most.
         max_body_bytes: request bodies over this get 413.
-        reload_interval_s: how often the router checks for a new segment table.
+        reload_interval_s: how often the router checks for a new segment table
+            (a version that failed to load is retried with backoff from here).
+        request_timeout_s: the deadline of a request's model call, retries
+            included; past it the answer is 504.
+        max_reload_failures: ``/healthz`` is 503 after this many reloads in a
+            row failed.
+        max_table_age_s: ``/healthz`` is 503 when the loaded segment table was
+            published longer ago than this (``None``: no bound).
+        retry_after_s: the ``Retry-After`` of a 503.
+        api_key_env: the name of an environment variable (in the Router's
+            process) holding the API key; when set, /rank and /candidates need
+            ``Authorization: Bearer <key>`` (401 otherwise). ``dynamix serve``
+            refuses a non-loopback host without it (or
+            ``--allow-unauthenticated``).
         retries: re-sends of a request whose ranker replica died (ranking is
-            idempotent).
+            idempotent), within the deadline.
         grpc_handles: router -> ranker calls over Serve's direct gRPC transport
             (``handle.options(_by_reference=False)``, Ray 2.55+) instead of
             Ray actor calls (``False``); benchmarks/serve_load.py measures both.
@@ -156,12 +195,18 @@ class AppConfig(BaseModel):
             num_replicas=1,
             ray_actor_options={"num_cpus": 0.1},
             max_ongoing_requests=256,
+            max_queued_requests=1024,
         )
     )
     candidates: RetrieverSpec | None = None
     max_candidates: int = Field(1000, ge=1)
     max_body_bytes: int = Field(1 << 20, ge=1024)
     reload_interval_s: float = Field(10.0, gt=0)
+    request_timeout_s: float = Field(2.0, gt=0)
+    max_reload_failures: int = Field(3, ge=1)
+    max_table_age_s: float | None = Field(None, gt=0)
+    retry_after_s: int = Field(1, ge=1)
+    api_key_env: str | None = None
     retries: int = Field(2, ge=0)
     grpc_handles: bool = True
     handles_on_replica_loop: bool = True
@@ -180,12 +225,137 @@ class AppConfig(BaseModel):
             d["candidates"]["events"] = absolute_url(d["candidates"]["events"])
         return AppConfig.model_validate(d)
 
+    def path_problems(self) -> list[str]:
+        """What is wrong with the paths, one line each naming the path and
+        what it should be (empty: all good). ``dynamix serve`` checks this
+        before Ray and Serve start, so a wrong path fails in seconds."""
+        from dynamix_ray.io import current_version, resolve
+        from dynamix_ray.model.checkpoint import resolve_checkpoint
+
+        problems: list[str] = []
+
+        def published(url: str, part: str, made_by: str) -> None:
+            try:
+                fs, root = resolve(url)
+                if current_version(fs, root, part) is None:
+                    problems.append(
+                        f"{part}: {url} has no published {part}/ table (expected "
+                        f"the OUT of `{made_by}`)"
+                    )
+            except Exception as e:  # noqa: BLE001 - reported, with its path
+                problems.append(
+                    f"{part}: {url}: cannot read it ({type(e).__name__}: {e})"
+                )
+
+        published(self.segments, "segments", "dynamix segment")
+        published(self.histories, "histories", "dynamix histories")
+        for name in ("active", "passive"):
+            try:
+                resolve_checkpoint(getattr(self, name).checkpoint)
+            except FileNotFoundError as e:
+                problems.append(f"{name}.checkpoint: {e}")
+        if self.candidates is not None:
+            published(self.candidates.u2u, "u2u", "dynamix u2u")
+            try:
+                fs, root = resolve(self.candidates.events)
+                if not fs.exists(f"{root}/conversions"):
+                    problems.append(
+                        f"candidates.events: {self.candidates.events} has no "
+                        "conversions/ (expected the events the u2u graph was built on)"
+                    )
+            except Exception as e:  # noqa: BLE001
+                problems.append(f"candidates.events: {self.candidates.events}: {e}")
+        return problems
+
 
 api = FastAPI(
     title="DynamiX ranking",
     description="Segment-routed CTR ranking (DynamiX) and u2u retrieval (ALURE).",
     version="1",
+    docs_url=None,  # served below from the package's own Swagger UI assets
+    redoc_url=None,
 )
+
+
+def _swagger_assets() -> str:
+    import swagger_ui_bundle
+
+    return str(swagger_ui_bundle.swagger_ui_path)
+
+
+api.mount("/docs-assets", StaticFiles(directory=_swagger_assets()), name="docs-assets")
+
+
+@api.get("/docs", include_in_schema=False)
+async def _docs() -> HTMLResponse:
+    # relative URLs: they resolve under any route prefix
+    return get_swagger_ui_html(
+        openapi_url="openapi.json",
+        title="DynamiX ranking",
+        swagger_js_url="docs-assets/swagger-ui-bundle.js",
+        swagger_css_url="docs-assets/swagger-ui.css",
+        swagger_favicon_url="docs-assets/favicon-32x32.png",
+    )
+
+
+#: Every status the app answers besides 200, as /openapi.json documents them.
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "a body that is not UTF-8, a bad header"},
+    401: {"model": ErrorBody, "description": "no or a wrong API key (when one is set)"},
+    404: {"model": ErrorBody, "description": "not configured (u2u retrieval)"},
+    405: {"model": ErrorBody, "description": "wrong method"},
+    413: {"model": ErrorBody, "description": "body larger than max_body_bytes"},
+    422: {
+        "model": ErrorBody,
+        "description": "invalid body; the message names the field",
+    },
+    500: {"model": ErrorBody, "description": "a bug in a model deployment (logged)"},
+    503: {
+        "model": ErrorBody,
+        "description": "overloaded or no model replica (see Retry-After)",
+        "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+    },
+    504: {"model": ErrorBody, "description": "the request's deadline passed"},
+}
+
+
+def _json_body(model: str) -> dict[str, Any]:
+    """``openapi_extra`` of a route that parses its body itself."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {"$ref": f"#/components/schemas/{model}"}
+                }
+            },
+        }
+    }
+
+
+def _openapi(rank_model: type[BaseModel] = RankRequest) -> dict[str, Any]:
+    """FastAPI's document with pydantic's own component schemas (exact int64
+    bounds) and the app's candidate cap."""
+    doc = get_openapi(
+        title=api.title,
+        version=api.version,
+        description=api.description,
+        routes=api.routes,
+    )
+    models: list[type[BaseModel]] = [
+        rank_model,
+        CandidatesRequest,
+        RankResponse,
+        CandidatesResponse,
+        ErrorBody,
+    ]
+    doc.setdefault("components", {}).setdefault("schemas", {}).update(
+        openapi_schemas(models)
+    )
+    return doc
+
+
+api.openapi = _openapi  # type: ignore[method-assign]
 
 
 @api.exception_handler(RequestValidationError)
@@ -285,6 +455,25 @@ def _replay(messages: list[Any], then: Any) -> Any:
 api.add_middleware(BodyLimit)
 
 
+async def _awaited(response: Any) -> Any:
+    """A Serve response as a coroutine (what ``asyncio.wait_for`` takes)."""
+    return await response
+
+
+class Deadline(Exception):
+    """A request's deadline passed before its model answered."""
+
+
+#: Failures of a deployment to take the call (no replica, a full queue, a
+#: replica that died and stayed dead): 503, and the request may be re-sent.
+_UNAVAILABLE = (
+    BackPressureError,
+    DeploymentUnavailableError,
+    RayActorError,
+    ActorUnavailableError,
+)
+
+
 @serve.deployment(name="Router")
 @serve.ingress(api)
 class Router:
@@ -308,12 +497,32 @@ class Router:
                 retriever = retriever.options(_by_reference=False)
         self.rankers = {1: active, 0: passive}
         self.retriever = retriever
-        self.segments: SegmentStore = read_segment_store(self.cfg.segments)
-        self.reloads = self.reload_errors = 0
+        self.api_key: str | None = None
+        if self.cfg.api_key_env:
+            self.api_key = os.environ.get(self.cfg.api_key_env) or None
+            if self.api_key is None:
+                raise ValueError(
+                    f"api_key_env: ${self.cfg.api_key_env} is not set in the "
+                    "Router's process (set it on every node, or pass it in the "
+                    "Router's runtime_env)"
+                )
+        self.rank_model = rank_request_model(self.cfg.max_candidates)
+        url = self.cfg.segments
+        self.watch: TableWatch[SegmentStore] = TableWatch(
+            read=lambda: read_segment_store(url),
+            version_of=lambda t: t.version,
+            published_ms_of=lambda t: t.published_ms,
+            retry_s=self.cfg.reload_interval_s,
+            max_failures=self.cfg.max_reload_failures,
+            max_age_s=self.cfg.max_table_age_s,
+        )
+        self.reload_segments()
         self.inflight = {"active": 0, "passive": 0}  # this router's calls now
-        self.last_reload_error: str | None = None
         api.state.max_body_bytes = self.cfg.max_body_bytes
         api.state.router = self
+        api.openapi_schema = None
+        rank_model = self.rank_model
+        api.openapi = lambda: _openapi(rank_model)  # type: ignore[method-assign]
         self._requests = metrics.Counter(
             "dynamix_requests_total",
             "Requests by route, segment and HTTP status.",
@@ -331,6 +540,10 @@ class Router:
         )
         self._poller.start()
 
+    @property
+    def segments(self) -> SegmentStore | None:
+        return self.watch.current
+
     def count(self, route: str, segment: str, code: int) -> None:
         """One request in ``dynamix_requests_total``; paths other than the
         app's routes share the label ``other`` (no series per stray path)."""
@@ -343,58 +556,124 @@ class Router:
 
     def reload_segments(self) -> bool:
         """Swap in the published segment table if it is newer; ``True`` if so.
-        Errors keep the current table and are counted (``/healthz``)."""
+        Errors keep the current table; they are counted and logged, and a
+        version that failed waits (backoff) before it is read again."""
         try:
-            version = segments_version(self.cfg.segments)
-            if version is None or version == self.segments.version:
-                return False
-            self.segments = read_segment_store(self.cfg.segments)  # one assignment
-            self.reloads += 1
-            log.info("segments: now version %s", self.segments.version)
-            return True
-        except Exception as e:  # noqa: BLE001 - keep serving the old table
-            self.reload_errors += 1
-            self.last_reload_error = f"{type(e).__name__}: {e}"
-            log.warning("segments: reload failed, keeping the old table: %s", e)
+            published = segments_version(self.cfg.segments)
+        except Exception as e:  # noqa: BLE001 - the store is down: keep serving
+            self.watch.note_failure(e, None)
+            log.warning("segments: cannot read the pointer: %s", e)
             return False
+        swapped = self.watch.poll(published)
+        if swapped:
+            log.info("segments: now version %s", published)
+        elif self.watch.last_error and published in self.watch._failed:
+            log.warning(
+                "segments: version %s failed to load, keeping the old table: %s",
+                published,
+                self.watch.last_error,
+            )
+        return swapped
 
-    async def _call(self, handle: DeploymentHandle, method: str, *args: Any) -> Any:
-        for attempt in range(self.cfg.retries + 1):
-            try:
-                return await getattr(handle, method).remote(*args)
-            except (RayActorError, ActorUnavailableError):
-                if attempt == self.cfg.retries:
-                    raise
-                await asyncio.sleep(0.05 * 2**attempt)
-        raise AssertionError("unreachable")
+    def _authorized(self, request: Request) -> bool:
+        if self.api_key is None:
+            return True
+        got = request.headers.get("authorization", "")
+        want = f"Bearer {self.api_key}"
+        return hmac.compare_digest(got.encode(), want.encode())
 
-    def _unavailable(self, route: str, segment: str, err: Exception) -> JSONResponse:
-        """503 (counted, logged) when a ranker or the retriever failed after the
-        retries: the request was valid."""
-        self.count(route, segment, 503)
-        log.warning("%s: %s failed: %s", route, segment, err)
+    def _refuse(
+        self, route: str, code: int, message: str, **headers: str
+    ) -> JSONResponse:
+        self.count(route, "none", code)
         return JSONResponse(
-            status_code=503,
-            content={
-                "error": f"{route}: {segment} model unavailable ({type(err).__name__})"
-            },
+            status_code=code, content={"error": message}, headers=headers or None
         )
 
-    @api.post("/rank", response_model=RankResponse)
-    async def rank(self, req: RankRequest) -> Any:
+    async def _parse(
+        self, request: Request, route: str, model: type[BaseModel]
+    ) -> BaseModel | JSONResponse:
+        """The request's body as ``model``, or the 401/422 answer."""
+        if not self._authorized(request):
+            return self._refuse(
+                route,
+                401,
+                f"{route}: missing or wrong API key",
+                **{"WWW-Authenticate": "Bearer"},
+            )
+        try:
+            return model.model_validate_json(await request.body())
+        except ValidationError as e:
+            self.count(route, "none", 422)
+            return JSONResponse(
+                status_code=422, content=error_body(cast(Any, e.errors()))
+            )
+
+    async def _call(self, handle: DeploymentHandle, method: str, *args: Any) -> Any:
+        """The deployment's answer within the deadline; re-sent (within it)
+        when the replica died. Raises :class:`Deadline`, the ``_UNAVAILABLE``
+        errors, or the deployment's own error."""
+        deadline = time.monotonic() + self.cfg.request_timeout_s
+        for attempt in range(self.cfg.retries + 1):
+            response = getattr(handle, method).remote(*args)
+            left = deadline - time.monotonic()
+            try:
+                return await asyncio.wait_for(_awaited(response), max(left, 0.001))
+            except TimeoutError:
+                response.cancel()
+                raise Deadline(
+                    f"no answer within {self.cfg.request_timeout_s} s"
+                ) from None
+            except (RayActorError, ActorUnavailableError):
+                pause = 0.05 * 2**attempt
+                if attempt == self.cfg.retries or time.monotonic() + pause > deadline:
+                    raise
+                await asyncio.sleep(pause)
+        raise AssertionError("unreachable")
+
+    def _failed(self, route: str, segment: str, err: Exception) -> JSONResponse:
+        """The answer to a valid request whose model call failed: 504 past
+        the deadline, 503 + Retry-After when no replica could take it, 500
+        (traceback logged) when the deployment itself raised."""
+        if isinstance(err, Deadline):
+            code, message = 504, f"{route}: {segment} model: {err}"
+            log.warning("%s: %s deadline passed", route, segment)
+        elif isinstance(err, _UNAVAILABLE):
+            code = 503
+            message = f"{route}: {segment} model unavailable ({type(err).__name__})"
+            log.warning("%s: %s unavailable: %s", route, segment, err)
+        else:
+            code, message = 500, f"{route}: {segment} model failed (logged)"
+            log.error("%s: %s model raised", route, segment, exc_info=err)
+        self.count(route, segment, code)
+        headers = {"Retry-After": str(self.cfg.retry_after_s)} if code == 503 else None
+        return JSONResponse(
+            status_code=code, content={"error": message}, headers=headers
+        )
+
+    @api.post(
+        "/rank",
+        response_model=RankResponse,
+        responses=_ERRORS,
+        openapi_extra=_json_body("RankRequest"),
+    )
+    async def rank(self, request: Request) -> Any:
         """Scores for each candidate, by the user's segment's ranker."""
         t0 = time.perf_counter()
-        if len(req.candidates) > self.cfg.max_candidates:
-            self.count("/rank", "none", 422)
-            msg = f"at most {self.cfg.max_candidates} candidates, got {len(req.candidates)}"
-            return JSONResponse(
-                status_code=422,
-                content=error_body(
-                    [{"loc": ("body", "candidates"), "msg": msg, "type": "too_long"}]
-                ),
+        req = await self._parse(request, "/rank", self.rank_model)
+        if isinstance(req, JSONResponse):
+            return req
+        assert isinstance(req, RankRequest)
+        table = self.segments
+        if table is None:
+            return self._refuse(
+                "/rank",
+                503,
+                "/rank: no segment table is loaded yet",
+                **{"Retry-After": str(self.cfg.retry_after_s)},
             )
         ts = req.ts if req.ts is not None else int(time.time() * 1000)
-        seg = self.segments.segment_of(req.user_id, ts)
+        seg = table.segment_of(req.user_id, ts)
         cands = np.array(
             [[getattr(c, a) for a in CANDIDATE_ATTRIBUTES] for c in req.candidates],
             np.int64,
@@ -404,7 +683,7 @@ class Router:
         try:
             out = await self._call(self.rankers[seg], "rank", req.user_id, ts, cands)
         except Exception as e:  # noqa: BLE001 - our failure, not the client's
-            return self._unavailable("/rank", name, e)
+            return self._failed("/rank", name, e)
         finally:
             self.inflight[name] -= 1
         self.count("/rank", name, 200)
@@ -422,35 +701,45 @@ class Router:
             }
         )
 
-    @api.post("/candidates", response_model=CandidatesResponse)
-    async def candidates(self, req: CandidatesRequest) -> Any:
+    @api.post(
+        "/candidates",
+        response_model=CandidatesResponse,
+        responses=_ERRORS,
+        openapi_extra=_json_body("CandidatesRequest"),
+    )
+    async def candidates(self, request: Request) -> Any:
         """ALURE u2u ad candidates of the user (ads its neighbours converted on,
         plus their advertisers' other ads), best first."""
+        req = await self._parse(request, "/candidates", CandidatesRequest)
+        if isinstance(req, JSONResponse):
+            return req
+        assert isinstance(req, CandidatesRequest)
         if self.retriever is None:
-            self.count("/candidates", "none", 404)
-            return JSONResponse(
-                status_code=404,
-                content={
-                    "error": "candidates: u2u retrieval is not configured "
-                    "(the app config's `candidates`)"
-                },
+            return self._refuse(
+                "/candidates",
+                404,
+                "candidates: u2u retrieval is not configured (the app config's "
+                "`candidates`)",
             )
         ts = req.ts if req.ts is not None else int(time.time() * 1000)
         try:
             out = await self._call(self.retriever, "candidates", req.user_id, req.k, ts)
         except Exception as e:  # noqa: BLE001 - our failure, not the client's
-            return self._unavailable("/candidates", "none", e)
+            return self._failed("/candidates", "none", e)
         self.count("/candidates", "none", 200)
-        return CandidatesResponse(user_id=req.user_id, **out)
+        return JSONResponse({"user_id": req.user_id, **out})
 
-    @api.get("/healthz")
-    async def healthz(self) -> dict[str, Any]:
-        return {
-            "status": "ok",
-            "segments": self.segments.summary(),
-            "segment_reloads": self.reloads,
-            "segment_reload_errors": self.reload_errors,
-            "last_reload_error": self.last_reload_error,
+    @api.get(
+        "/healthz", responses={503: {"model": ErrorBody, "description": "unhealthy"}}
+    )
+    async def healthz(self) -> JSONResponse:
+        """200 with the segment table's version and age; 503 with the reason
+        when none is loaded, the last reloads failed, or it is too old."""
+        healthy, state = self.watch.health()
+        table = self.segments
+        body: dict[str, Any] = {
+            "status": "ok" if healthy else "unhealthy",
+            "segments": {**(table.summary() if table else {}), **state},
             "inflight": dict(self.inflight),
             "handles": {
                 "transport": "grpc" if self.cfg.grpc_handles else "actor_calls",
@@ -458,6 +747,9 @@ class Router:
                 "on_replica_loop": os.environ.get(SEPARATE_LOOP_ENV) == "0",
             },
         }
+        if not healthy:
+            body["error"] = f"/healthz: {state['reason']}"
+        return JSONResponse(status_code=200 if healthy else 503, content=body)
 
 
 class Retriever:

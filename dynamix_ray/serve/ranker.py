@@ -17,9 +17,10 @@ what reached the model (``stats``) and exports batch sizes through
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import numpy as np
@@ -35,9 +36,11 @@ from dynamix_ray.model.checkpoint import (
 )
 from dynamix_ray.model.config import CANDIDATE_ATTRIBUTES
 
-__all__ = ["CANDIDATE_ATTRIBUTES", "Ranker", "RankerDeployment"]
+__all__ = ["CANDIDATE_ATTRIBUTES", "Ranker", "RankerDeployment", "score_isolated"]
 
 SEGMENT_NAMES = {0: "passive", 1: "active"}
+
+log = logging.getLogger("ray.serve")
 
 
 class Ranker:
@@ -129,6 +132,32 @@ class Ranker:
         return np.split(probs, np.cumsum(counts)[:-1])
 
 
+def score_isolated(
+    score: Callable[[list[int], list[int], list[np.ndarray]], list[np.ndarray]],
+    user_ids: list[int],
+    ts_ms: list[int],
+    candidates: list[np.ndarray],
+    name: str = "ranker",
+) -> list[np.ndarray | Exception]:
+    """``score`` of a batch in one pass; when that raises, each request is
+    scored alone, so a bad request gets its own error (logged with its
+    traceback) and its batch mates still get their scores."""
+    try:
+        return list(score(user_ids, ts_ms, candidates))
+    except Exception as e:  # noqa: BLE001 - isolate the request that raised
+        if len(user_ids) == 1:
+            log.error("%s: a request failed", name, exc_info=e)
+            return [e]
+    out: list[np.ndarray | Exception] = []
+    for u, t, c in zip(user_ids, ts_ms, candidates, strict=True):
+        try:
+            out.append(score([u], [t], [c])[0])
+        except Exception as e:  # noqa: BLE001 - this request's own failure
+            log.error("%s: a request failed", name, exc_info=e)
+            out.append(e)
+    return out
+
+
 class RankerDeployment:
     """Ray Serve replica around :class:`Ranker` (deployed as ``ActiveRanker``
     and ``PassiveRanker`` by :func:`dynamix_ray.serve.app.build_app`)."""
@@ -150,7 +179,7 @@ class RankerDeployment:
             spec.get("removed"),
             "cuda" if use_gpu else "cpu",
         )
-        batched = cast(Any, self).rank
+        batched = cast(Any, self)._rank_batch
         batched.set_max_batch_size(int(spec.get("max_batch_size", 8)))
         batched.set_batch_wait_timeout_s(float(spec.get("batch_wait_timeout_s", 0.0)))
         self._lock = threading.Lock()
@@ -193,15 +222,29 @@ class RankerDeployment:
         self._forward_ms.observe(ms)
         return out
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)  # type: ignore[arg-type]
-    async def rank(  # type: ignore[misc]
-        self, user_ids: list[int], ts_ms: list[int], candidates: list[np.ndarray]
-    ) -> list[dict[str, Any]]:
+    async def rank(
+        self, user_id: int, ts_ms: int, candidates: np.ndarray
+    ) -> dict[str, Any]:
         """One request: ``(user_id, ts_ms, (C, A) int64)`` -> ``{"scores",
-        "model_version", "policy"}``; Serve gathers concurrent calls."""
-        scores = await asyncio.to_thread(self._score, user_ids, ts_ms, candidates)
+        "model_version", "policy"}``; concurrent calls share a forward pass.
+        Raises this request's own error only."""
+        out = await cast(Any, self)._rank_batch(user_id, ts_ms, candidates)
+        if isinstance(out, BaseException):
+            raise out
+        return cast(dict[str, Any], out)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)  # type: ignore[arg-type]
+    async def _rank_batch(  # type: ignore[misc]
+        self, user_ids: list[int], ts_ms: list[int], candidates: list[np.ndarray]
+    ) -> list[dict[str, Any] | Exception]:
+        """A batch of requests in one forward pass (:func:`score_isolated`)."""
+        scores = await asyncio.to_thread(
+            score_isolated, self._score, user_ids, ts_ms, candidates, self.name
+        )
         return [
-            {
+            s
+            if isinstance(s, Exception)
+            else {
                 "scores": s.tolist(),
                 "model_version": self.ranker.model_version,
                 "policy": self.ranker.policy,

@@ -9,22 +9,32 @@ for the first window, passive) never changes an answer, so only the windows
 where a user's segment *changes* are kept. Three arrays sorted by (user,
 window end): ``user_id`` int64, ``window_end_ms`` int64, ``segment`` int8.
 
-Publishing: ``dynamix segment`` replaces ``OUT/segments/`` atomically; the
-table's version is a hash of its ``_meta.json``. :class:`SegmentStore` objects
-never change; a reloader builds a new one and swaps the reference.
+Publishing: ``dynamix segment`` writes a new version of ``OUT/segments/``
+and publishes it by its pointer (``io.publish``); the store's version is the
+pointer's. :class:`SegmentStore` objects never change; a reloader builds a new
+one and swaps the reference. :class:`TableWatch` is that reloader's plain
+core: which version to try when, and whether the app is healthy.
 """
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
 from dynamix_ray.gather import last_at_or_before
 from dynamix_ray.io import resolve
 
-__all__ = ["SegmentStore", "compact_changes", "read_segment_store", "segments_version"]
+__all__ = [
+    "SegmentStore",
+    "TableWatch",
+    "compact_changes",
+    "read_segment_store",
+    "segments_version",
+]
 
 
 def compact_changes(
@@ -55,6 +65,7 @@ class SegmentStore:
     version: str = ""
     source_rows: int = 0
     users_with_changes: int = 0
+    published_ms: int = 0
 
     @classmethod
     def from_rows(
@@ -63,13 +74,14 @@ class SegmentStore:
         window_end_ms: np.ndarray,
         segment: np.ndarray,
         version: str = "",
+        published_ms: int = 0,
     ) -> SegmentStore:
         bad = np.setdiff1d(np.unique(np.asarray(segment)), (0, 1))
         if len(bad):
             raise ValueError(f"segment values {bad.tolist()}; expected 0 or 1")
         u, e, s = compact_changes(user_id, window_end_ms, segment)
         n_users = int((np.diff(u) != 0).sum() + 1) if len(u) else 0  # u is sorted
-        return cls(u, e, s, version, len(np.asarray(user_id)), n_users)
+        return cls(u, e, s, version, len(np.asarray(user_id)), n_users, published_ms)
 
     def lookup(self, user_ids: np.ndarray, ts_ms: np.ndarray) -> np.ndarray:
         """(N,) int8 segments of users at instants (0 passive, 1 active)."""
@@ -90,6 +102,7 @@ class SegmentStore:
     def summary(self) -> dict[str, object]:
         return {
             "version": self.version,
+            "published_ms": self.published_ms,
             "rows": int(self.source_rows),
             "change_rows": len(self.user_id),
             "users_with_changes": self.users_with_changes,
@@ -98,33 +111,122 @@ class SegmentStore:
 
 
 def segments_version(url: str) -> str | None:
-    """A hash of ``OUT/segments/_meta.json`` (``None`` while none is committed,
-    e.g. for the instant between the old table's move and the new one's)."""
+    """The published version of ``OUT/segments/`` (``None`` while none is)."""
+    from dynamix_ray.io import current_version
+
     fs, root = resolve(url)
-    try:
-        with fs.open(f"{root}/segments/_meta.json", "rb") as fh:
-            return hashlib.sha1(fh.read()).hexdigest()[:16]
-    except FileNotFoundError:  # other errors reach the caller (and its counters)
-        return None
+    ptr = current_version(fs, root, "segments")  # other errors reach the caller
+    return None if ptr is None else str(ptr["version"])
 
 
 def read_segment_store(url: str) -> SegmentStore:
-    """The :class:`SegmentStore` of a ``dynamix segment`` output root.
+    """The :class:`SegmentStore` of the published version of a ``dynamix
+    segment`` output root.
 
     Raises:
-        FileNotFoundError: no committed segment table.
-        RuntimeError: the table changed while it was read (retry later).
+        FileNotFoundError: no published segment table.
+        io.IncompleteTable: the version's files are not the ones published.
     """
     from dynamix_ray.samples import segment_rows
-    from dynamix_ray.segments.pipeline import read_segments
+    from dynamix_ray.segments.pipeline import read_segments, segments_pointer
 
-    before = segments_version(url)
-    if before is None:
-        raise FileNotFoundError(f"{url}: no committed segment table (no _meta.json)")
-    rows = segment_rows(read_segments(url))
-    after = segments_version(url)
-    if after != before:
-        raise RuntimeError(f"{url}: the segment table changed while it was read")
+    ptr = segments_pointer(url)
+    rows = segment_rows(read_segments(url, ptr))
     return SegmentStore.from_rows(
-        rows["user_id"], rows["window_end_ms"], rows["segment"], before
+        rows["user_id"],
+        rows["window_end_ms"],
+        rows["segment"],
+        str(ptr["version"]),
+        int(ptr.get("published_ms", 0)),
     )
+
+
+T = TypeVar("T")
+
+
+@dataclass
+class TableWatch(Generic[T]):
+    """Which published table to serve, and whether that is healthy.
+
+    Plain state, no threads: :meth:`poll` is called every reload interval
+    with the published version; it reads a new one with ``read`` and swaps
+    it in, or keeps the current table when the read fails. A version that
+    failed is retried with exponential backoff (``retry_s * 2**failures``, at
+    most ``max_retry_s``), not re-read every poll. :meth:`health` is what
+    ``/healthz`` answers: healthy only when a table is loaded, the last
+    ``max_failures`` reloads did not all fail, and the table is younger than
+    ``max_age_s``. Error texts are kept for the logs; callers see the type.
+    """
+
+    read: Callable[[], T]
+    version_of: Callable[[T], str]
+    published_ms_of: Callable[[T], int]
+    retry_s: float = 10.0
+    max_retry_s: float = 600.0
+    max_failures: int = 3
+    max_age_s: float | None = None
+    clock: Callable[[], float] = time.time
+    current: T | None = None
+    reloads: int = 0
+    failures: int = 0  # consecutive failed reloads
+    total_failures: int = 0
+    last_error: str | None = None  # for the logs: may name paths
+    last_error_type: str | None = None
+    _failed: dict[str, tuple[int, float]] = field(default_factory=dict)
+
+    def poll(self, published: str | None) -> bool:
+        """Load ``published`` if it is new and not backing off; ``True`` when
+        a new table was swapped in."""
+        if published is None or (
+            self.current is not None and published == self.version_of(self.current)
+        ):
+            return False
+        tries, not_before = self._failed.get(published, (0, 0.0))
+        now = self.clock()
+        if now < not_before:
+            return False
+        try:
+            table = self.read()
+        except Exception as e:  # noqa: BLE001 - keep serving the old table
+            self.note_failure(e, published, tries, now)
+            return False
+        self.current = table  # one assignment: readers see the old or the new
+        self.reloads += 1
+        self.failures = 0
+        self._failed.pop(published, None)
+        return True
+
+    def note_failure(
+        self, err: Exception, version: str | None, tries: int = 0, now: float = 0.0
+    ) -> None:
+        self.failures += 1
+        self.total_failures += 1
+        self.last_error = f"{type(err).__name__}: {err}"
+        self.last_error_type = type(err).__name__
+        if version is not None:
+            wait = min(self.max_retry_s, self.retry_s * 2**tries)
+            self._failed[version] = (tries + 1, (now or self.clock()) + wait)
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """``(healthy, body)``; ``body`` names no path and no error text."""
+        body: dict[str, Any] = {
+            "reloads": self.reloads,
+            "consecutive_failures": self.failures,
+            "failures": self.total_failures,
+            "last_error_type": self.last_error_type,
+        }
+        if self.current is None:
+            return False, {**body, "reason": "no table is loaded"}
+        age_s = max(0.0, self.clock() - self.published_ms_of(self.current) / 1000)
+        body.update(version=self.version_of(self.current), age_s=round(age_s, 1))
+        if self.failures >= self.max_failures:
+            return False, {
+                **body,
+                "reason": f"the last {self.failures} reloads failed",
+            }
+        if self.max_age_s is not None and age_s > self.max_age_s:
+            return False, {
+                **body,
+                "reason": f"the table is {age_s:.0f} s old (bound {self.max_age_s:.0f} s)",
+            }
+        return True, body
