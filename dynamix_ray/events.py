@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import posixpath
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -62,6 +61,7 @@ from dynamix_ray.io import (
 )
 from dynamix_ray.runtime import cluster_cpus, map_items
 from dynamix_ray.schema import REJECT_REASONS, SOURCES, SchemaError, validate
+from dynamix_ray.shuffle import read_slice, write_slices
 
 __all__ = [
     "EVENTS_PER_BUCKET",
@@ -88,7 +88,6 @@ PIECE_ROWS = 1 << 20
 #: zstd here, for 20% more bytes).
 STORE_COMPRESSION = "lz4"
 _DAY_MS = 86_400_000
-_INDEX_HEADER = 128  # bytes before the int64 offsets in a piece's .idx file
 
 
 def store_schema(source: str, present: Iterable[str]) -> pa.Schema:
@@ -311,30 +310,8 @@ def _map_piece(item: dict[str, Any], in_url: str, tmp: str, num_buckets: int) ->
     bucket = user_bucket(valid.column("user_id").to_numpy(), num_buckets)
     # grouped by bucket only (a stable radix sort): the reduce sorts by
     # (user, ts), merging every piece's slice
-    order = np.argsort(bucket.astype(np.int32), kind="stable")
-    valid, bucket = valid.take(pa.array(order)), bucket[order]
-    bounds = np.searchsorted(bucket, np.arange(num_buckets + 1))
-    offsets = np.zeros(num_buckets + 1, np.int64)
     data = f"{tmp}/_shuffle/{source}/piece-{item['piece']:06d}"
-    out_fs.makedirs(posixpath.dirname(data), exist_ok=True)
-    with out_fs.open(f"{data}.arrows", "wb") as fh:
-        pos = 0
-        for b in range(num_buckets):
-            offsets[b] = pos
-            part = valid.slice(bounds[b], bounds[b + 1] - bounds[b])
-            if part.num_rows == 0:
-                continue
-            sink = pa.BufferOutputStream()
-            opts = pa.ipc.IpcWriteOptions(compression="lz4")
-            with pa.ipc.new_stream(sink, part.schema, options=opts) as w:
-                w.write_table(part)
-            buf = sink.getvalue()
-            fh.write(buf.to_pybytes())
-            pos += buf.size
-        offsets[num_buckets] = pos
-    with out_fs.open(f"{data}.idx", "wb") as fh:
-        fh.write(b"dynamix-shuffle-index-v1".ljust(_INDEX_HEADER, b"\0"))
-        fh.write(offsets.tobytes())
+    write_slices(out_fs, data, valid, bucket, num_buckets)
     lo, hi = _ts_range(valid)
     return {
         "source": source,
@@ -343,19 +320,6 @@ def _map_piece(item: dict[str, Any], in_url: str, tmp: str, num_buckets: int) ->
         "ts_min_ms": lo,
         "ts_max_ms": hi,
     }
-
-
-def _read_slice(fs: Any, data: str, bucket: int) -> pa.Table | None:
-    """Bucket ``bucket``'s slice of one piece (two ranged reads)."""
-    with fs.open(f"{data}.idx", "rb") as fh:
-        fh.seek(_INDEX_HEADER + 8 * bucket)
-        start, end = np.frombuffer(fh.read(16), np.int64)
-    if end <= start:
-        return None
-    with fs.open(f"{data}.arrows", "rb") as fh:
-        fh.seek(int(start))
-        raw = fh.read(int(end - start))
-    return pa.ipc.open_stream(pa.py_buffer(raw)).read_all()
 
 
 # ----------------------------------------------------------------- reduce side
@@ -395,7 +359,7 @@ def _reduce_shuffled(item: dict[str, Any], tmp: str) -> dict:
         parts = [
             t
             for p in pieces
-            if (t := _read_slice(fs, f"{tmp}/_shuffle/{source}/piece-{p:06d}", b))
+            if (t := read_slice(fs, f"{tmp}/_shuffle/{source}/piece-{p:06d}", b))
             is not None
         ]
         out["sources"][source] = _write_bucket(fs, tmp, source, b, parts)
