@@ -495,6 +495,35 @@ def _add_u2u(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _add_candidates(sub: argparse._SubParsersAction) -> None:
+    from dynamix_ray.alure.candidates import CandidateConfig
+
+    c = CandidateConfig()
+    p = sub.add_parser(
+        "candidates",
+        help="precompute every user's u2u ad candidates (what /candidates looks up)",
+        description="Every user's capped ALURE u2u candidates as of --as-of: "
+        "the ads their graph neighbours converted on (recency-weighted by "
+        "similarity), plus those advertisers' top ads; Ray Data tasks per user "
+        "bucket with two shuffles through storage. Writes a new version of "
+        "OUT/candidates/, published by OUT/candidates/_CURRENT.json.",
+    )
+    p.add_argument("u2u", help="output folder of `dynamix u2u`")
+    p.add_argument("events", help="the events the graph's users come from")
+    p.add_argument("out", help="output folder")
+    p.add_argument(
+        "--as-of",
+        type=parse_instant_ms,
+        default=None,
+        help="epoch ms or ISO date (UTC); default: the end of the data",
+    )
+    p.add_argument("--cap", type=int, default=c.cap, help="candidates per user")
+    p.add_argument(
+        "--half-life-s", type=float, default=c.half_life_s, help="recency half-life"
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
 def _add_histories(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "histories",
@@ -535,8 +564,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--active-policy", default=None, help="default: the checkpoint's")
     p.add_argument("--passive-policy", default=None, help="default: the checkpoint's")
-    p.add_argument("--u2u", default=None, help="a `dynamix u2u` OUT for /candidates")
-    p.add_argument("--events", default=None, help="events of the u2u graph")
+    p.add_argument(
+        "--candidates",
+        default=None,
+        help="a `dynamix candidates` OUT: /candidates looks users up in it",
+    )
     p.add_argument("--replicas", type=int, default=1, help="replicas per ranker")
     p.add_argument(
         "--autoscale",
@@ -589,6 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(sub)
     _add_embed(sub)
     _add_u2u(sub)
+    _add_candidates(sub)
     _add_histories(sub)
     _add_serve(sub)
     _add_demo(sub)
@@ -1093,6 +1126,26 @@ def cmd_u2u(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_candidates(args: argparse.Namespace) -> int:
+    from dynamix_ray.alure.candidates import CandidateConfig
+    from dynamix_ray.alure.candidates_job import run_candidates
+
+    m = run_candidates(
+        args.u2u,
+        args.events,
+        args.out,
+        CandidateConfig(cap=args.cap, half_life_s=args.half_life_s),
+        args.as_of,
+        progress=not args.no_progress,
+    )
+    print(
+        f"dynamix candidates: {m['users']:,} users, {m['rows']:,} candidates "
+        f"(at most {m['config']['cap']} each) as of {m['as_of_ms']}, "
+        f"{m['wall_s']:.1f} s\n  table {args.out.rstrip('/')}/candidates/"
+    )
+    return 0
+
+
 def cmd_histories(args: argparse.Namespace) -> int:
     from dynamix_ray.histories import run_histories
 
@@ -1156,10 +1209,8 @@ def serve_app_config(args: argparse.Namespace) -> tuple[dict, dict]:
                 **scaling,
             },
         }
-        if args.u2u:
-            if not args.events:
-                raise ValueError("--u2u needs --events (the graph's events)")
-            app_args["candidates"] = {"u2u": args.u2u, "events": args.events}
+        if args.candidates:
+            app_args["candidates"] = {"table": args.candidates}
     if args.host:
         http["host"] = args.host
     if args.port:
@@ -1243,6 +1294,7 @@ _COMMANDS = {
     "report": cmd_report,
     "embed": cmd_embed,
     "u2u": cmd_u2u,
+    "candidates": cmd_candidates,
     "histories": cmd_histories,
     "serve": cmd_serve,
     "demo": cmd_demo,

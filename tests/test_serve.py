@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dynamix_ray.alure.candidates import CandidateConfig, u2u_candidates
+from dynamix_ray.alure.candidates_job import run_candidates
 from dynamix_ray.alure.embed import embeddings_table
 from dynamix_ray.alure.evaluate import read_events_frame
 from dynamix_ray.alure.graph import U2UConfig, build_u2u, read_u2u
@@ -54,8 +55,7 @@ def _app_config(root, tiny_events, active_replicas: int = 1) -> dict:
         "passive": {**ranker, "num_replicas": 1},
         "router": {"ray_actor_options": {"num_cpus": 0.1}},
         "candidates": {
-            "u2u": str(root / "u2u"),
-            "events": tiny_events,
+            "table": str(root / "cands"),
             "ray_actor_options": {"num_cpus": 0.1},
         },
         "max_candidates": MAX_CANDIDATES,
@@ -80,6 +80,7 @@ def app(ray_session, tiny_events, tmp_path_factory):
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     table = embeddings_table({"user_id": users, "embedding": emb}, 0, "test", 8)
     build_u2u(table, str(root / "u2u"), U2UConfig(k2=5), progress=False)
+    run_candidates(str(root / "u2u"), tiny_events, str(root / "cands"), progress=False)
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -292,28 +293,32 @@ def test_metrics_reach_rays_prometheus_endpoint(app):
 
 
 def test_candidates_equal_the_batch_computation(app):
+    """/candidates looks the precomputed table up; it equals the one-process
+    rule (u2u_candidates) at the table's instant, for several users."""
     edges = read_u2u(str(app.root / "u2u")).to_pandas()
-    user = int(edges["user_id"].iloc[0])
     conv = read_events_frame(app.events, "conversions", ["user_id", "ts_ms", "ad_id"])
     ads = read_events_frame(app.events, "ad_impressions", ["ad_id", "advertiser_id"])
-    ts = int(conv["ts_ms"].max()) + 1
-    want = u2u_candidates(
-        edges,
-        conv,
-        ads.drop_duplicates("ad_id"),
-        ts,
-        CandidateConfig(cap=7),
-        users=[user],
+    users = edges["user_id"].drop_duplicates().to_numpy()[:5]
+    first = app.http.post(
+        f"{app.url}/candidates", json={"user_id": int(users[0])}, timeout=30
     )
-    r = app.http.post(
-        f"{app.url}/candidates", json={"user_id": user, "k": 7, "ts": ts}, timeout=30
-    )
-    assert r.status_code == 200, r.text
-    assert r.json()["ads"] == want["ad_id"].tolist() and len(want) > 0
+    as_of = first.json()["as_of_ms"]  # the table's: the end of the data
+    assert as_of > int(conv["ts_ms"].max())
+    want = u2u_candidates(edges, conv, ads, as_of, CandidateConfig(cap=7), users=users)
+    assert want["user_id"].nunique() == len(users)
+    for user in users:
+        r = app.http.post(
+            f"{app.url}/candidates", json={"user_id": int(user), "k": 7}, timeout=30
+        )
+        assert r.status_code == 200, r.text
+        w = want[want["user_id"] == user]
+        assert r.json()["ads"] == w["ad_id"].tolist() and len(w) > 0
+        np.testing.assert_allclose(r.json()["scores"], w["score"], rtol=1e-9)
+        assert r.json()["as_of_ms"] == as_of
     r = app.http.post(f"{app.url}/candidates", json={"user_id": 10**15}, timeout=30)
     assert r.status_code == 200 and r.json()["ads"] == []
     r = app.http.post(
-        f"{app.url}/candidates", json={"user_id": user, "k": 0}, timeout=30
+        f"{app.url}/candidates", json={"user_id": int(user), "k": 0}, timeout=30
     )
     assert r.status_code == 422 and "k" in r.json()["error"]
 

@@ -22,6 +22,11 @@ import pandas as pd
 
 __all__ = [
     "CandidateConfig",
+    "ad_catalog",
+    "advertiser_top",
+    "direct_scores",
+    "expand_and_rank",
+    "neighbour_conversions",
     "adjusted_rand_index",
     "most_popular",
     "purity",
@@ -49,6 +54,77 @@ class CandidateConfig:
             raise ValueError(f"invalid CandidateConfig {self}")
 
 
+def neighbour_conversions(
+    conversions: pd.DataFrame, as_of_ms: int, cfg: CandidateConfig
+) -> pd.DataFrame:
+    """Conversions before ``as_of_ms`` as ``neighbor_id``, ``ad_id``, ``decay``
+    (``2^(-age / half_life)``)."""
+    conv = conversions[conversions["ts_ms"] < as_of_ms]
+    age_s = (as_of_ms - conv["ts_ms"].to_numpy()) / 1000.0
+    return pd.DataFrame(
+        {
+            "neighbor_id": conv["user_id"].to_numpy(),
+            "ad_id": conv["ad_id"].to_numpy(),
+            "decay": np.exp2(-age_s / cfg.half_life_s),
+        }
+    )
+
+
+def direct_scores(edges: pd.DataFrame, conv: pd.DataFrame) -> pd.DataFrame:
+    """``user_id``, ``ad_id``, ``score``: the sum over the user's neighbours'
+    conversions of ``similarity * decay`` (``conv`` of
+    :func:`neighbour_conversions`)."""
+    direct = edges[["user_id", "neighbor_id", "similarity"]].merge(
+        conv, on="neighbor_id"
+    )
+    direct["score"] = direct["similarity"].astype(np.float64) * direct["decay"]
+    return direct.groupby(["user_id", "ad_id"], as_index=False)["score"].sum()
+
+
+def ad_catalog(ads: pd.DataFrame) -> pd.DataFrame:
+    """``ad_id`` -> ``advertiser_id`` (one per ad: the smallest seen)."""
+    return ads.groupby("ad_id", as_index=False)["advertiser_id"].min()
+
+
+def advertiser_top(
+    catalog: pd.DataFrame, popularity: pd.Series, cfg: CandidateConfig
+) -> pd.DataFrame:
+    """``ad_id``, ``advertiser_id`` of each advertiser's ``per_advertiser``
+    most-converted ads (``popularity``: conversions per ``ad_id``; ties: ad
+    id)."""
+    c = catalog.assign(pop=catalog["ad_id"].map(popularity).fillna(0).to_numpy())
+    c = c.sort_values(["advertiser_id", "pop", "ad_id"], ascending=[True, False, True])
+    return c.groupby("advertiser_id").head(cfg.per_advertiser)[
+        ["ad_id", "advertiser_id"]
+    ]
+
+
+def expand_and_rank(
+    direct: pd.DataFrame,
+    catalog: pd.DataFrame,
+    top: pd.DataFrame,
+    cfg: CandidateConfig,
+) -> pd.DataFrame:
+    """``direct`` scores plus each scored advertiser's top ads (at
+    ``advertiser_weight`` times the advertiser's best direct score);
+    deduplicated (best score), ranked (score, then ad id), capped."""
+    parts = [direct]
+    if cfg.per_advertiser > 0 and len(direct):
+        best = direct.merge(catalog, on="ad_id")
+        best = best.groupby(["user_id", "advertiser_id"], as_index=False)["score"].max()
+        more = best.merge(top, on="advertiser_id")
+        more["score"] = more["score"] * cfg.advertiser_weight
+        parts.append(more[["user_id", "ad_id", "score"]])
+    out = pd.concat(parts, ignore_index=True)
+    out = out.groupby(["user_id", "ad_id"], as_index=False)["score"].max()
+    out = out.sort_values(
+        ["user_id", "score", "ad_id"], ascending=[True, False, True], kind="stable"
+    )
+    out["rank"] = out.groupby("user_id").cumcount() + 1
+    out = out[out["rank"] <= cfg.cap]
+    return out.reset_index(drop=True)
+
+
 def u2u_candidates(
     edges: pd.DataFrame,
     conversions: pd.DataFrame,
@@ -57,7 +133,8 @@ def u2u_candidates(
     cfg: CandidateConfig | None = None,
     users: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """Candidates of every user of ``edges`` (or of ``users``).
+    """Candidates of every user of ``edges`` (or of ``users``), in one
+    process: the reference of the distributed job (``candidates_job``).
 
     Args:
         edges: ``user_id``, ``neighbor_id``, ``similarity``.
@@ -72,42 +149,10 @@ def u2u_candidates(
     cfg = cfg or CandidateConfig()
     if users is not None:
         edges = edges[edges["user_id"].isin(users)]
-    conv = conversions[conversions["ts_ms"] < as_of_ms]
-    age_s = (as_of_ms - conv["ts_ms"].to_numpy()) / 1000.0
-    conv = pd.DataFrame(
-        {
-            "neighbor_id": conv["user_id"].to_numpy(),
-            "ad_id": conv["ad_id"].to_numpy(),
-            "decay": np.exp2(-age_s / cfg.half_life_s),
-        }
-    )
-    direct = edges[["user_id", "neighbor_id", "similarity"]].merge(
-        conv, on="neighbor_id"
-    )
-    direct["score"] = direct["similarity"].astype(np.float64) * direct["decay"]
-    direct = direct.groupby(["user_id", "ad_id"], as_index=False)["score"].sum()
-
-    parts = [direct]
-    if cfg.per_advertiser > 0 and len(direct):
-        catalog = ads[["ad_id", "advertiser_id"]].drop_duplicates("ad_id")
-        pop = conversions[conversions["ts_ms"] < as_of_ms].groupby("ad_id").size()
-        catalog = catalog.assign(
-            pop=catalog["ad_id"].map(pop).fillna(0).to_numpy()
-        ).sort_values(["advertiser_id", "pop", "ad_id"], ascending=[True, False, True])
-        top = catalog.groupby("advertiser_id").head(cfg.per_advertiser)
-        best = direct.merge(catalog[["ad_id", "advertiser_id"]], on="ad_id")
-        best = best.groupby(["user_id", "advertiser_id"], as_index=False)["score"].max()
-        more = best.merge(top[["ad_id", "advertiser_id"]], on="advertiser_id")
-        more["score"] = more["score"] * cfg.advertiser_weight
-        parts.append(more[["user_id", "ad_id", "score"]])
-    out = pd.concat(parts, ignore_index=True)
-    out = out.groupby(["user_id", "ad_id"], as_index=False)["score"].max()
-    out = out.sort_values(
-        ["user_id", "score", "ad_id"], ascending=[True, False, True], kind="stable"
-    )
-    out["rank"] = out.groupby("user_id").cumcount() + 1
-    out = out[out["rank"] <= cfg.cap]
-    return out.reset_index(drop=True)
+    direct = direct_scores(edges, neighbour_conversions(conversions, as_of_ms, cfg))
+    catalog = ad_catalog(ads)
+    pop = conversions[conversions["ts_ms"] < as_of_ms].groupby("ad_id").size()
+    return expand_and_rank(direct, catalog, advertiser_top(catalog, pop, cfg), cfg)
 
 
 def most_popular(conversions: pd.DataFrame, as_of_ms: int, k: int) -> np.ndarray:

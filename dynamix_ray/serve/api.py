@@ -128,13 +128,13 @@ class CandidatesRequest(BaseModel):
 
     user_id: UserId  # type: ignore[valid-type]
     k: json_int(ge=1, description="ads wanted (at most the app's cap)") = 100  # type: ignore[valid-type]
-    ts: Instant | None = None  # type: ignore[valid-type]
 
 
 class CandidatesResponse(BaseModel):
     user_id: int
     ads: list[int]
     scores: list[float]
+    as_of_ms: int = Field(description="the precomputed table's instant")
 
 
 class ErrorDetail(BaseModel):

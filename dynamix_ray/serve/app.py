@@ -128,6 +128,9 @@ class RankerSpec(DeploymentOptions):
     batch_wait_timeout_s: float = Field(0.0, ge=0)
     torch_threads: int = Field(1, ge=1)
     use_gpu: bool = False
+    #: histories memory-mapped from one copy per node (``False``: each
+    #: replica reads its own copy into memory, as before; for comparison)
+    shared_histories: bool = True
 
     @field_validator("policy")
     @classmethod
@@ -138,10 +141,10 @@ class RankerSpec(DeploymentOptions):
 
 
 class RetrieverSpec(DeploymentOptions):
-    """ALURE u2u retrieval: a ``dynamix u2u`` OUT and the events it came from."""
+    """ALURE u2u retrieval: a ``dynamix candidates`` OUT (every user's
+    candidates, precomputed); ``cap`` bounds ``k``."""
 
-    u2u: str
-    events: str
+    table: str
     cap: int = Field(1500, ge=1)
 
 
@@ -221,8 +224,7 @@ class AppConfig(BaseModel):
         for r in ("active", "passive"):
             d[r]["checkpoint"] = absolute_url(d[r]["checkpoint"])
         if d.get("candidates"):
-            d["candidates"]["u2u"] = absolute_url(d["candidates"]["u2u"])
-            d["candidates"]["events"] = absolute_url(d["candidates"]["events"])
+            d["candidates"]["table"] = absolute_url(d["candidates"]["table"])
         return AppConfig.model_validate(d)
 
     def path_problems(self) -> list[str]:
@@ -255,16 +257,7 @@ class AppConfig(BaseModel):
             except FileNotFoundError as e:
                 problems.append(f"{name}.checkpoint: {e}")
         if self.candidates is not None:
-            published(self.candidates.u2u, "u2u", "dynamix u2u")
-            try:
-                fs, root = resolve(self.candidates.events)
-                if not fs.exists(f"{root}/conversions"):
-                    problems.append(
-                        f"candidates.events: {self.candidates.events} has no "
-                        "conversions/ (expected the events the u2u graph was built on)"
-                    )
-            except Exception as e:  # noqa: BLE001
-                problems.append(f"candidates.events: {self.candidates.events}: {e}")
+            published(self.candidates.table, "candidates", "dynamix candidates")
         return problems
 
 
@@ -709,7 +702,8 @@ class Router:
     )
     async def candidates(self, request: Request) -> Any:
         """ALURE u2u ad candidates of the user (ads its neighbours converted on,
-        plus their advertisers' other ads), best first."""
+        plus their advertisers' other ads), best first, as of the table's
+        ``as_of_ms``: a look-up of the precomputed table."""
         req = await self._parse(request, "/candidates", CandidatesRequest)
         if isinstance(req, JSONResponse):
             return req
@@ -721,9 +715,8 @@ class Router:
                 "candidates: u2u retrieval is not configured (the app config's "
                 "`candidates`)",
             )
-        ts = req.ts if req.ts is not None else int(time.time() * 1000)
         try:
-            out = await self._call(self.retriever, "candidates", req.user_id, req.k, ts)
+            out = await self._call(self.retriever, "candidates", req.user_id, req.k)
         except Exception as e:  # noqa: BLE001 - our failure, not the client's
             return self._failed("/candidates", "none", e)
         self.count("/candidates", "none", 200)
@@ -753,40 +746,21 @@ class Router:
 
 
 class Retriever:
-    """ALURE u2u candidates for one user per call (``/candidates``)."""
+    """``/candidates``: one look-up per call in the precomputed table
+    (``alure.candidates_job``), whatever the number of users or conversions."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
-        from dynamix_ray.alure.evaluate import read_events_frame
-        from dynamix_ray.alure.graph import read_u2u
+        from dynamix_ray.alure.candidates_job import read_candidates
 
-        edges = read_u2u(spec["u2u"]).to_pandas().sort_values("user_id", kind="stable")
-        self.edges = edges.reset_index(drop=True)
-        self.edge_users = self.edges["user_id"].to_numpy()
-        self.conversions = read_events_frame(
-            spec["events"], "conversions", ["user_id", "ts_ms", "ad_id"]
-        )
-        ads = read_events_frame(
-            spec["events"], "ad_impressions", ["ad_id", "advertiser_id"]
-        )
-        self.ads = ads.drop_duplicates("ad_id")
+        self.table = read_candidates(spec["table"])
         self.cap = int(spec.get("cap", 1500))
 
-    def candidates(self, user_id: int, k: int, ts_ms: int) -> dict[str, Any]:
-        from dynamix_ray.alure.candidates import CandidateConfig, u2u_candidates
-
-        lo, hi = np.searchsorted(self.edge_users, [user_id, user_id + 1])
-        if hi == lo:
-            return {"ads": [], "scores": []}
-        got = u2u_candidates(
-            self.edges.iloc[lo:hi],
-            self.conversions,
-            self.ads,
-            ts_ms,
-            CandidateConfig(cap=min(k, self.cap)),
-        )
+    def candidates(self, user_id: int, k: int) -> dict[str, Any]:
+        ads, scores = self.table.lookup(user_id, min(k, self.cap))
         return {
-            "ads": got["ad_id"].astype(np.int64).tolist(),
-            "scores": got["score"].astype(float).tolist(),
+            "ads": ads.tolist(),
+            "scores": scores.tolist(),
+            "as_of_ms": self.table.as_of_ms,
         }
 
 

@@ -1,0 +1,350 @@
+"""``dynamix candidates``: every user's capped u2u candidates, precomputed
+as of an instant into a versioned table, so that ``/candidates`` is one
+look-up (docs/serving.md, "Candidates in O(1)").
+
+The rule is :func:`candidates.u2u_candidates` (the one-process reference,
+tested equal); here it runs as three passes of tasks over the event store's
+user buckets, with two shuffles through storage (``shuffle.py``), so no task
+holds more than a bucket and the driver holds only the ad catalog (per ad,
+not per user):
+
+1. **catalog** (a task per bucket): ``ad_id -> advertiser_id`` and
+   conversions per ad before ``as_of``, merged in the driver into each
+   advertiser's top ads;
+2. **edges by neighbour** (a task per u2u edge file): the edges, grouped by
+   the *neighbour's* bucket;
+3. **direct scores** (a task per bucket B): the edges whose neighbour is in B,
+   joined with B's conversions: partial ``(user, ad, score)`` sums, grouped by
+   the *user's* bucket;
+4. **rank** (a task per bucket): a bucket's users' partial sums added up,
+   their advertisers' top ads added, ranked and capped, written to
+   ``OUT/candidates/<version>/bucket=K/part-0.parquet``.
+
+Files: O(edge files + buckets). The table is published by its pointer
+(``io.publish``) with ``_meta.json`` (``as_of_ms``, the config, the u2u
+version it came from).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dynamix_ray.alure.candidates import (
+    CandidateConfig,
+    ad_catalog,
+    advertiser_top,
+    direct_scores,
+    expand_and_rank,
+    neighbour_conversions,
+)
+from dynamix_ray.events import EventStore, ensure_store
+from dynamix_ray.io import (
+    POINTER,
+    check_complete,
+    current_version,
+    is_process_local,
+    publish,
+    read_json,
+    resolve,
+    url_of,
+    user_bucket,
+    write_json,
+    write_parquet,
+)
+from dynamix_ray.runtime import map_items
+from dynamix_ray.shuffle import read_slice, write_slices
+
+__all__ = ["CANDIDATES_SCHEMA", "CandidateTable", "read_candidates", "run_candidates"]
+
+CANDIDATES_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.int64()),
+        ("ad_id", pa.int64()),
+        ("score", pa.float64()),
+        ("rank", pa.int32()),
+    ]
+)
+_DIRECT = pa.schema(
+    [("user_id", pa.int64()), ("ad_id", pa.int64()), ("score", pa.float64())]
+)
+
+
+def _conversions(store: EventStore, bucket: int, as_of_ms: int) -> pd.DataFrame:
+    got = store.read_bucket(bucket, {"conversions": ["user_id", "ts", "ad_id"]})
+    if "conversions" not in got:
+        return pd.DataFrame({"user_id": [], "ts_ms": [], "ad_id": []}, dtype=np.int64)
+    df = got["conversions"].to_pandas().rename(columns={"ts": "ts_ms"})
+    return df[df["ts_ms"] < as_of_ms]
+
+
+def _catalog_task(item: dict[str, Any], store: EventStore, as_of_ms: int) -> dict:
+    """Pass 1: one bucket's ``ad -> advertiser`` pairs and conversions per ad."""
+    b = item["bucket"]
+    imps = store.read_bucket(b, {"ad_impressions": ["ad_id", "advertiser_id"]})
+    ads = (
+        ad_catalog(imps["ad_impressions"].to_pandas())
+        if "ad_impressions" in imps
+        else pd.DataFrame({"ad_id": [], "advertiser_id": []}, dtype=np.int64)
+    )
+    pop = _conversions(store, b, as_of_ms).groupby("ad_id").size()
+    return {"ads": ads, "pop": pop}
+
+
+def _edges_task(item: dict[str, Any], work: str, num_buckets: int) -> dict:
+    """Pass 2: one edge file, grouped by the neighbour's bucket."""
+    fs, _ = resolve(item["file"])
+    with fs.open(item["file"], "rb") as fh:
+        t = pq.read_table(fh, columns=["user_id", "neighbor_id", "similarity"])
+    wfs, wroot = resolve(work)
+    dest = user_bucket(t.column("neighbor_id").to_numpy(), num_buckets)
+    write_slices(wfs, f"{wroot}/edges/piece-{item['piece']:06d}", t, dest, num_buckets)
+    return {"edges": t.num_rows}
+
+
+def _direct_task(
+    item: dict[str, Any],
+    store: EventStore,
+    work: str,
+    n_pieces: int,
+    as_of_ms: int,
+    cfg: CandidateConfig,
+) -> dict:
+    """Pass 3: edges into bucket B's users x B's conversions -> partial sums,
+    grouped by the user's bucket."""
+    b, nb = item["bucket"], store.num_buckets
+    wfs, wroot = resolve(work)
+    parts = [
+        t
+        for p in range(n_pieces)
+        if (t := read_slice(wfs, f"{wroot}/edges/piece-{p:06d}", b)) is not None
+    ]
+    if parts:
+        edges = pa.concat_tables(parts).to_pandas()
+        conv = neighbour_conversions(_conversions(store, b, as_of_ms), as_of_ms, cfg)
+        direct = direct_scores(edges, conv)
+    else:
+        direct = _DIRECT.empty_table().to_pandas()
+    table = pa.Table.from_pandas(direct, schema=_DIRECT, preserve_index=False)
+    dest = user_bucket(table.column("user_id").to_numpy(), nb)
+    write_slices(wfs, f"{wroot}/direct/piece-{b:06d}", table, dest, nb)
+    return {"rows": table.num_rows}
+
+
+def _rank_task(
+    item: dict[str, Any],
+    work: str,
+    num_buckets: int,
+    catalog: pd.DataFrame,
+    top: pd.DataFrame,
+    cfg: CandidateConfig,
+    out: str,
+) -> dict:
+    """Pass 4: bucket B's users' partial sums -> ranked, capped candidates."""
+    b = item["bucket"]
+    wfs, wroot = resolve(work)
+    parts = [
+        t
+        for p in range(num_buckets)
+        if (t := read_slice(wfs, f"{wroot}/direct/piece-{p:06d}", b)) is not None
+    ]
+    if not parts:
+        return {"users": 0, "rows": 0}
+    partial = pa.concat_tables(parts).to_pandas()
+    direct = partial.groupby(["user_id", "ad_id"], as_index=False)["score"].sum()
+    ranked = expand_and_rank(direct, catalog, top, cfg)
+    table = pa.Table.from_pandas(
+        ranked[["user_id", "ad_id", "score", "rank"]],
+        schema=CANDIDATES_SCHEMA,
+        preserve_index=False,
+    )
+    ofs, oroot = resolve(out)
+    write_parquet(ofs, f"{oroot}/bucket={b:05d}/part-0.parquet", table)
+    return {"users": int(ranked["user_id"].nunique()), "rows": table.num_rows}
+
+
+def run_candidates(
+    u2u_url: str,
+    events_url: str,
+    out_url: str,
+    cfg: CandidateConfig | None = None,
+    as_of_ms: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Every user's u2u candidates as of ``as_of_ms`` (default: one ms after
+    the data's last event) into a new published version of
+    ``OUT/candidates/``; returns its ``_meta.json``.
+
+    Args:
+        u2u_url: a ``dynamix u2u`` OUT (its published graph is read).
+        events_url: the events the graph's users come from (an event store,
+            or input bucketed once into ``OUT/events``).
+    """
+    cfg = cfg or CandidateConfig()
+    t0 = time.perf_counter()
+    out = out_url.rstrip("/")
+    store = ensure_store(
+        events_url, [f"{out}/events"], f"{out}/events", progress=progress
+    )
+    as_of = as_of_ms if as_of_ms is not None else store.ts_max_ms + 1
+    ufs, uroot = resolve(u2u_url)
+    graph = current_version(ufs, uroot, "u2u")
+    if graph is None:
+        raise FileNotFoundError(
+            f"{u2u_url}: no published u2u graph (no u2u/{POINTER}; run `dynamix u2u`)"
+        )
+    folder = check_complete(ufs, uroot, "u2u", graph)
+    edge_files = sorted(p for p in ufs.find(folder) if p.endswith(".parquet"))
+    fs, root = resolve(out_url)
+    local = (
+        is_process_local(fs)
+        or is_process_local(ufs)
+        or is_process_local(resolve(store.url)[0])
+    )
+    items = store.bucket_items()
+    phases: dict[str, float] = {}
+    with publish(fs, root, ["candidates"]) as version:
+        work_path = f"{root}/.work-{version.version}"  # scratch, not published
+        work = url_of(fs, work_path)
+        try:
+            t = time.perf_counter()
+            ads, pops = [], []
+            for r in map_items(
+                _catalog_task,
+                items,
+                (store, as_of),
+                local=local,
+                name="candidates: catalog",
+                progress=progress,
+            ):
+                ads.append(r["ads"])
+                pops.append(r["pop"])
+            catalog = ad_catalog(pd.concat(ads, ignore_index=True))
+            pop = pd.concat(pops).groupby(level=0).sum() if pops else pd.Series()
+            top = advertiser_top(catalog, pop, cfg)
+            phases["catalog"] = time.perf_counter() - t
+
+            t = time.perf_counter()
+            pieces = [
+                {"piece": i, "file": url_of(ufs, f)} for i, f in enumerate(edge_files)
+            ]
+            edges = sum(
+                r["edges"]
+                for r in map_items(
+                    _edges_task,
+                    pieces,
+                    (work, store.num_buckets),
+                    local=local,
+                    name="candidates: edges by neighbour",
+                    progress=progress,
+                )
+            )
+            phases["edges"] = time.perf_counter() - t
+
+            t = time.perf_counter()
+            for _ in map_items(
+                _direct_task,
+                items,
+                (store, work, len(pieces), as_of, cfg),
+                local=local,
+                name="candidates: direct scores",
+                progress=progress,
+            ):
+                pass
+            phases["direct"] = time.perf_counter() - t
+
+            t = time.perf_counter()
+            users = rows = 0
+            dest = url_of(fs, version.path("candidates"))
+            for r in map_items(
+                _rank_task,
+                items,
+                (work, store.num_buckets, catalog, top, cfg, dest),
+                local=local,
+                name="candidates: rank",
+                progress=progress,
+            ):
+                users += r["users"]
+                rows += r["rows"]
+            phases["rank"] = time.perf_counter() - t
+        finally:
+            if fs.exists(work_path):
+                fs.rm(work_path, recursive=True)
+        meta = {
+            "as_of_ms": as_of,
+            "config": asdict(cfg),
+            "u2u": {"url": u2u_url, "version": graph["version"]},
+            "store": store.url,
+            "store_fingerprint": store.fingerprint,
+            "num_buckets": store.num_buckets,
+            "edges": edges,
+            "ads": len(catalog),
+            "users": users,
+            "rows": rows,
+            "phase_s": {k: round(v, 3) for k, v in phases.items()},
+            "wall_s": round(time.perf_counter() - t0, 3),
+        }
+        write_json(fs, f"{version.path('candidates')}/_meta.json", meta)
+    return meta
+
+
+class CandidateTable:
+    """A published candidates table in memory, for look-ups: users sorted,
+    each user's ads best first (CSR: ``offsets`` into ``ad_id`` and
+    ``score``). A look-up is a binary search and a slice: its cost does not
+    grow with conversions, and barely (log n) with users."""
+
+    def __init__(self, table: pa.Table, meta: dict[str, Any], version: str) -> None:
+        uid = table.column("user_id").to_numpy()
+        rank = table.column("rank").to_numpy()
+        order = np.lexsort((rank, uid))
+        uid = uid[order]
+        self.ad_id = table.column("ad_id").to_numpy()[order]
+        self.score = table.column("score").to_numpy()[order]
+        starts = np.flatnonzero(np.r_[True, uid[1:] != uid[:-1]][: len(uid)])
+        self.user_id = uid[starts]
+        self.offsets = np.r_[starts, len(uid)].astype(np.int64)
+        self.meta, self.version = meta, version
+        self.as_of_ms = int(meta["as_of_ms"])
+
+    def __len__(self) -> int:
+        return len(self.user_id)
+
+    def lookup(self, user_id: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The user's best ``k`` ads and their scores (empty when none)."""
+        i = int(np.searchsorted(self.user_id, user_id))
+        if i == len(self.user_id) or self.user_id[i] != user_id:
+            return self.ad_id[:0], self.score[:0]
+        lo = int(self.offsets[i])
+        hi = min(int(self.offsets[i + 1]), lo + k)
+        return self.ad_id[lo:hi], self.score[lo:hi]
+
+
+def read_candidates(url: str) -> CandidateTable:
+    """The published version of a ``dynamix candidates`` OUT.
+
+    Raises:
+        FileNotFoundError: nothing is published there.
+        io.IncompleteTable: the version's files are not the ones published.
+    """
+    fs, root = resolve(url)
+    ptr = current_version(fs, root, "candidates")
+    if ptr is None:
+        raise FileNotFoundError(
+            f"{url}: no published candidates (no candidates/{POINTER}; run "
+            "`dynamix candidates`)"
+        )
+    folder = check_complete(fs, root, "candidates", ptr)
+    files = sorted(p for p in fs.find(folder) if p.endswith(".parquet"))
+    tables = []
+    for p in files:
+        with fs.open(p, "rb") as fh:
+            tables.append(pq.read_table(fh).cast(CANDIDATES_SCHEMA))
+    table = pa.concat_tables(tables) if tables else CANDIDATES_SCHEMA.empty_table()
+    return CandidateTable(table, read_json(fs, f"{folder}/_meta.json"), ptr["version"])
