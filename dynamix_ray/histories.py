@@ -20,6 +20,7 @@ with the one rule of ``gather.history_window``:
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -332,7 +333,7 @@ class HistoryStore:
         return out
 
 
-def read_histories(url: str) -> HistoryStore:
+def read_histories(url: str, pointer: dict[str, Any] | None = None) -> HistoryStore:
     """The :class:`HistoryStore` of the published version of a ``dynamix
     histories`` output root (checked against its pointer's counts).
 
@@ -341,7 +342,7 @@ def read_histories(url: str) -> HistoryStore:
         io.IncompleteTable: the version's files are not the ones published.
     """
     fs, root = resolve(url)
-    ptr = current_version(fs, root, "histories")
+    ptr = pointer or current_version(fs, root, "histories")
     if ptr is None:
         raise FileNotFoundError(
             f"{url}: no published histories (no histories/{POINTER}; run "
@@ -367,3 +368,103 @@ def read_histories(url: str) -> HistoryStore:
     return HistoryStore(
         events, int(meta["as_of_ms"]), int(meta["max_seq_len"]), str(ptr["version"])
     )
+
+
+#: Where a node keeps memory-mappable copies of published histories
+#: (``DYNAMIX_NODE_CACHE`` overrides it): docs/serving.md, "One copy per node".
+NODE_CACHE_ENV = "DYNAMIX_NODE_CACHE"
+
+
+def node_cache_dir() -> str:
+    import tempfile
+
+    return os.environ.get(NODE_CACHE_ENV) or os.path.join(
+        tempfile.gettempdir(), "dynamix-node-cache"
+    )
+
+
+def _cache_key(fs: Any, root: str, version: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(f"{url_of(fs, root)}\0{version}".encode()).hexdigest()[:20]
+
+
+def _write_arrays(store: HistoryStore, folder: str) -> None:
+    import json
+
+    os.makedirs(folder, exist_ok=True)
+    manifest: dict[str, Any] = {
+        "as_of_ms": store.as_of_ms,
+        "max_seq_len": store.max_seq_len,
+        "version": store.version,
+        "sources": {},
+    }
+    for src, ev in store.events.items():
+        arrays = {"user_id": ev.user_id, "offsets": ev.offsets, "ts_ms": ev.ts_ms}
+        arrays.update({f"col.{k}": v for k, v in ev.columns.items()})
+        for name, a in arrays.items():
+            np.save(os.path.join(folder, f"{src}.{name}.npy"), np.ascontiguousarray(a))
+        manifest["sources"][src] = list(ev.columns)
+    with open(os.path.join(folder, "manifest.json"), "w") as fh:
+        json.dump(manifest, fh)
+
+
+def _map_arrays(folder: str) -> HistoryStore:
+    import json
+
+    with open(os.path.join(folder, "manifest.json")) as fh:
+        manifest = json.load(fh)
+
+    def load(src: str, name: str) -> np.ndarray:
+        return np.load(os.path.join(folder, f"{src}.{name}.npy"), mmap_mode="r")
+
+    events = {
+        src: SourceEvents(
+            load(src, "user_id"),
+            load(src, "offsets"),
+            load(src, "ts_ms"),
+            {c: load(src, f"col.{c}") for c in cols},
+        )
+        for src, cols in manifest["sources"].items()
+    }
+    return HistoryStore(
+        events,
+        int(manifest["as_of_ms"]),
+        int(manifest["max_seq_len"]),
+        manifest["version"],
+    )
+
+
+def open_shared_histories(url: str, cache_dir: str | None = None) -> HistoryStore:
+    """The published histories of ``url``, memory-mapped from one copy per
+    node: the first replica on a node converts the version into ``.npy``
+    arrays under :func:`node_cache_dir` (built aside, then renamed into place:
+    a crash leaves no half copy, and two replicas racing keep the first);
+    every replica then maps them read-only, so the pages are shared and a
+    replica's own memory does not grow with the snapshot or the replica
+    count (benchmarks/serve_memory.py). Same answers as :func:`read_histories`.
+    """
+    import shutil
+    import uuid
+
+    fs, root = resolve(url)
+    ptr = current_version(fs, root, "histories")
+    if ptr is None:
+        raise FileNotFoundError(
+            f"{url}: no published histories (no histories/{POINTER}; run "
+            "`dynamix histories`)"
+        )
+    base = cache_dir or node_cache_dir()
+    folder = os.path.join(base, _cache_key(fs, root, str(ptr["version"])))
+    if not os.path.exists(os.path.join(folder, "manifest.json")):
+        tmp = f"{folder}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        try:
+            _write_arrays(read_histories(url, ptr), tmp)
+            try:
+                os.rename(tmp, folder)  # atomic; fails if another replica won
+            except OSError:
+                if not os.path.exists(os.path.join(folder, "manifest.json")):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return _map_arrays(folder)

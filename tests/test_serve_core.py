@@ -3,6 +3,8 @@ the request schema. No Serve here (tests/test_serve.py runs the app)."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -310,3 +312,28 @@ def test_one_failing_request_does_not_fail_its_batch_mates():
     assert len(score_isolated(score, [1, 2], [0, 0], cands[:2])) == 2
     assert passes == [[1, 2]]
     assert isinstance(score_isolated(score, [13], [0], cands[:1])[0], ValueError)
+
+
+def test_shared_histories_answer_like_the_snapshot_and_map_one_copy(
+    ray_session, tiny_events, tmp_path
+):
+    """The node-shared, memory-mapped copy gives the same rows as the
+    in-memory snapshot; a second opener maps the first one's files."""
+    from dynamix_ray.histories import open_shared_histories, read_histories
+
+    out = str(tmp_path / "h")
+    run_histories(tiny_events, out, None, 8, progress=False)
+    cache = str(tmp_path / "cache")
+    a = open_shared_histories(out, cache)
+    b = open_shared_histories(out, cache)
+    plain = read_histories(out)
+    assert a.version == plain.version and len(os.listdir(cache)) == 1
+    ev = next(iter(a.events.values()))
+    assert isinstance(ev.ts_ms, np.memmap) and not ev.ts_ms.flags.writeable
+    users = np.r_[plain.user_id[:50], 10**15]
+    ts = np.full(len(users), plain.as_of_ms - 3_600_000)
+    want = plain.rows(users, ts, None, 60_000, 8)
+    for got in (a.rows(users, ts, None, 60_000, 8), b.rows(users, ts, None, 60_000, 8)):
+        assert got.keys() == want.keys()
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)

@@ -166,14 +166,16 @@ class RankerDeployment:
         import torch
         from ray.util import metrics
 
-        from dynamix_ray.histories import read_histories
+        from dynamix_ray.histories import open_shared_histories, read_histories
 
         torch.set_num_threads(int(spec.get("torch_threads", 1)))
         use_gpu = bool(spec.get("use_gpu")) and torch.cuda.is_available()
         self.name = f"{SEGMENT_NAMES[segment].capitalize()}Ranker"
         self.ranker = Ranker(
             spec["checkpoint"],
-            read_histories(histories),
+            open_shared_histories(histories)  # one copy per node
+            if spec.get("shared_histories", True)
+            else read_histories(histories),
             segment,
             spec.get("policy"),
             spec.get("removed"),
