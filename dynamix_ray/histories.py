@@ -435,6 +435,10 @@ def _map_arrays(folder: str) -> HistoryStore:
     )
 
 
+def _build_arrays(url: str, pointer: dict[str, Any], folder: str) -> None:
+    _write_arrays(read_histories(url, pointer), folder)
+
+
 def open_shared_histories(url: str, cache_dir: str | None = None) -> HistoryStore:
     """The published histories of ``url``, memory-mapped from one copy per
     node: the first replica on a node converts the version into ``.npy``
@@ -444,6 +448,7 @@ def open_shared_histories(url: str, cache_dir: str | None = None) -> HistoryStor
     replica's own memory does not grow with the snapshot or the replica
     count (benchmarks/serve_memory.py). Same answers as :func:`read_histories`.
     """
+    import multiprocessing
     import shutil
     import uuid
 
@@ -459,7 +464,21 @@ def open_shared_histories(url: str, cache_dir: str | None = None) -> HistoryStor
     if not os.path.exists(os.path.join(folder, "manifest.json")):
         tmp = f"{folder}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         try:
-            _write_arrays(read_histories(url, ptr), tmp)
+            # in a process of its own: the snapshot read whole to convert it
+            # would otherwise stay in this replica's heap after it is freed
+            # (memory:// is seen by this process only: converted here)
+            if is_process_local(fs):
+                _build_arrays(url, ptr, tmp)
+            else:
+                ctx = multiprocessing.get_context("spawn")
+                proc = ctx.Process(target=_build_arrays, args=(url, ptr, tmp))
+                proc.start()
+                proc.join()
+            if not is_process_local(fs) and proc.exitcode != 0:
+                raise RuntimeError(
+                    f"{url}: converting histories version {ptr['version']} for "
+                    f"the node cache failed (exit code {proc.exitcode})"
+                )
             try:
                 os.rename(tmp, folder)  # atomic; fails if another replica won
             except OSError:

@@ -476,3 +476,22 @@ def test_an_openapi_fuzzer_finds_nothing(app):
         "GET /healthz",
     }
     assert not failures, "\n\n".join(failures)
+
+
+def test_grafana_dashboard_reads_only_metrics_the_app_exports():
+    """docs/grafana-dynamix.json's queries name metrics the code defines
+    (``ray_`` + the name given to ``ray.util.metrics``)."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    dash = json.loads((repo / "docs" / "grafana-dynamix.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = {
+        re.sub(r"_(bucket|sum|count)$", "", m)
+        for e in exprs
+        for m in re.findall(r"ray_(dynamix_[a-z_]+)", e)
+    }
+    code = "".join(p.read_text() for p in (repo / "dynamix_ray" / "serve").glob("*.py"))
+    defined = set(re.findall(r'"(dynamix_[a-z_]+)",\s*\n\s*"', code))
+    assert used and used <= defined, (used - defined, defined)
