@@ -7,8 +7,10 @@ A synthetic published histories snapshot (every source, ``--events`` events a
 user on average, at most ``--max-seq-len``) and a small random checkpoint;
 only the ``ActiveRanker`` deployment runs. Per replica process (psutil):
 RSS, USS (pages only it holds) and PSS (shared pages split among their
-users); the node's total is the sum of PSS. Figures go to
-``<out>/serve_memory.json``.
+users). Mapped pages a replica never touched are not resident, so with the
+shared store the node's cost is the replicas' USS plus the node cache's size
+once (``cache_mib``, held by the page cache when read): ``node_mib``.
+Figures go to ``<out>/serve_memory.json``.
 
     python benchmarks/serve_memory.py                       # 10k, 100k, 1M users
     python benchmarks/serve_memory.py --users 10000 --replicas 1,2   # smoke
@@ -134,7 +136,13 @@ def measure(hist: str, ckpt: str, replicas: int, shared: bool) -> dict:
     time.sleep(1)
     per = replica_memory("ActiveRanker")
     serve.delete("mem_bench")
+    cache = Path(os.environ["DYNAMIX_NODE_CACHE"])
+    cache_mib = (
+        sum(f.stat().st_size for f in cache.rglob("*.npy")) / 2**20 if shared else 0.0
+    )
     return {
+        "cache_mib": round(cache_mib, 1),
+        "node_mib": round(sum(r["uss_mib"] for r in per) + cache_mib, 1),
         "replicas": replicas,
         "shared": shared,
         "start_s": round(start_s, 1),
@@ -181,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print(
                     f"{n:>9,} users, {r} replica(s), shared={shared}: max private "
-                    f"(USS) {row['max_uss_mib']} MiB a replica, node PSS "
-                    f"{row['node_pss_mib']} MiB, start {row['start_s']} s",
+                    f"(USS) {row['max_uss_mib']} MiB a replica, node "
+                    f"{row['node_mib']} MiB (USS + cache {row['cache_mib']}), "
+                    f"start {row['start_s']} s",
                     flush=True,
                 )
         shutil.rmtree(hist, ignore_errors=True)

@@ -495,6 +495,15 @@ def _add_u2u(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _add_as_of(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--as-of",
+        type=parse_instant_ms,
+        default=None,
+        help="epoch ms or ISO date (UTC); default: the end of the data",
+    )
+
+
 def _add_candidates(sub: argparse._SubParsersAction) -> None:
     from dynamix_ray.alure.candidates import CandidateConfig
 
@@ -511,12 +520,7 @@ def _add_candidates(sub: argparse._SubParsersAction) -> None:
     p.add_argument("u2u", help="output folder of `dynamix u2u`")
     p.add_argument("events", help="the events the graph's users come from")
     p.add_argument("out", help="output folder")
-    p.add_argument(
-        "--as-of",
-        type=parse_instant_ms,
-        default=None,
-        help="epoch ms or ISO date (UTC); default: the end of the data",
-    )
+    _add_as_of(p)
     p.add_argument("--cap", type=int, default=c.cap, help="candidates per user")
     p.add_argument(
         "--half-life-s", type=float, default=c.half_life_s, help="recency half-life"
@@ -535,12 +539,7 @@ def _add_histories(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("events", help="dataset root (SPEC §1)")
     p.add_argument("out", help="output folder")
-    p.add_argument(
-        "--as-of",
-        type=parse_instant_ms,
-        default=None,
-        help="epoch ms or ISO date (UTC); default: the end of the data",
-    )
+    _add_as_of(p)
     p.add_argument("--max-seq-len", type=int, default=64)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 

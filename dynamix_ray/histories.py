@@ -37,11 +37,10 @@ from dynamix_ray.gather import (
     history_window,
 )
 from dynamix_ray.io import (
-    POINTER,
     check_complete,
-    current_version,
     is_process_local,
     publish,
+    published_version,
     read_json,
     resolve,
     url_of,
@@ -342,12 +341,7 @@ def read_histories(url: str, pointer: dict[str, Any] | None = None) -> HistorySt
         io.IncompleteTable: the version's files are not the ones published.
     """
     fs, root = resolve(url)
-    ptr = pointer or current_version(fs, root, "histories")
-    if ptr is None:
-        raise FileNotFoundError(
-            f"{url}: no published histories (no histories/{POINTER}; run "
-            "`dynamix histories`)"
-        )
+    ptr = pointer or published_version(url, "histories")
     folder = check_complete(fs, root, "histories", ptr)
     meta = read_json(fs, f"{folder}/_meta.json")
     events: dict[str, SourceEvents] = {}
@@ -453,12 +447,7 @@ def open_shared_histories(url: str, cache_dir: str | None = None) -> HistoryStor
     import uuid
 
     fs, root = resolve(url)
-    ptr = current_version(fs, root, "histories")
-    if ptr is None:
-        raise FileNotFoundError(
-            f"{url}: no published histories (no histories/{POINTER}; run "
-            "`dynamix histories`)"
-        )
+    ptr = published_version(url, "histories")
     base = cache_dir or node_cache_dir()
     folder = os.path.join(base, _cache_key(fs, root, str(ptr["version"])))
     if not os.path.exists(os.path.join(folder, "manifest.json")):

@@ -36,6 +36,7 @@ __all__ = [
     "collect_versions",
     "current_version",
     "publish",
+    "published_version",
     "version_folder",
     "discover",
     "fingerprint",
@@ -391,6 +392,40 @@ def current_version(
         return None
 
 
+#: The command that publishes each versioned table (named in errors).
+MADE_BY = {
+    "segments": "dynamix segment",
+    "stats": "dynamix segment",
+    "histories": "dynamix histories",
+    "u2u": "dynamix u2u",
+    "u2u_index": "dynamix u2u",
+    "candidates": "dynamix candidates",
+}
+
+
+def published_version(url: str, part: str) -> dict[str, Any]:
+    """The pointer of ``url``'s published ``part`` (:func:`current_version`).
+
+    Raises:
+        FileNotFoundError: nothing is published there (the message names the
+            command that publishes it).
+    """
+    fs, root = resolve(url)
+    return _published(fs, root, part, url)
+
+
+def _published(
+    fs: fsspec.AbstractFileSystem, root: str, part: str, url: str
+) -> dict[str, Any]:
+    ptr = current_version(fs, root, part)
+    if ptr is None:
+        raise FileNotFoundError(
+            f"{url}: no published {part} table (no {part}/{POINTER}; run "
+            f"`{MADE_BY.get(part, 'dynamix')}`)"
+        )
+    return ptr
+
+
 def version_folder(
     fs: fsspec.AbstractFileSystem, root: str, part: str, version: str | None = None
 ) -> str:
@@ -400,12 +435,7 @@ def version_folder(
         FileNotFoundError: nothing is published under ``root/part``.
     """
     if version is None:
-        ptr = current_version(fs, root, part)
-        if ptr is None:
-            raise FileNotFoundError(
-                f"{url_of(fs, root)}: no published '{part}' table (no {part}/{POINTER})"
-            )
-        version = str(ptr["version"])
+        version = str(_published(fs, root, part, url_of(fs, root))["version"])
     return f"{root}/{part}/{version}"
 
 

@@ -189,8 +189,8 @@ def test_serve_checks_every_path_before_ray_starts(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert code == 2
-    assert "no-segments has no published segments/ table" in err
-    assert "`dynamix segment`" in err and "no-histories" in err
+    assert "no-segments: no published segments table" in err
+    assert "run `dynamix segment`" in err and "no-histories" in err
     assert "active.checkpoint" in err and "passive.checkpoint" in err
     assert ray.is_initialized() == was_up  # nothing was started
     print(f"refused in {time.perf_counter() - t0:.2f} s")

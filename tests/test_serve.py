@@ -5,7 +5,6 @@ load, and a killed ranker replica. Traffic is bounded and stops by itself."""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from types import SimpleNamespace
@@ -23,6 +22,7 @@ from dynamix_ray.alure.evaluate import read_events_frame
 from dynamix_ray.alure.graph import U2UConfig, build_u2u, read_u2u
 from dynamix_ray.config import SegmentConfig
 from dynamix_ray.histories import read_histories, run_histories
+from dynamix_ray.localcluster import _free_ports
 from dynamix_ray.model import DynamixCTR, ModelConfig
 from dynamix_ray.model.checkpoint import save_checkpoint
 from dynamix_ray.model.config import CANDIDATE_ATTRIBUTES
@@ -33,12 +33,6 @@ TINY = ModelConfig(emb_dim=4, d_model=8, user_dim=8, head_hidden=16, max_seq_len
 MAX_CANDIDATES = 20
 MAX_BODY = 16 * 1024
 CAND = {a: i + 1 for i, a in enumerate(CANDIDATE_ATTRIBUTES)}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _app_config(root, tiny_events, active_replicas: int = 1) -> dict:
@@ -82,7 +76,7 @@ def app(ray_session, tiny_events, tmp_path_factory):
     build_u2u(table, str(root / "u2u"), U2UConfig(k2=5), progress=False)
     run_candidates(str(root / "u2u"), tiny_events, str(root / "cands"), progress=False)
 
-    port = _free_port()
+    (port,) = _free_ports(1)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     cfg = _app_config(root, tiny_events)
     serve.run(build_app(cfg), name="dynamix", route_prefix="/")

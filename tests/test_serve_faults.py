@@ -12,7 +12,6 @@ and stops by itself.
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,7 @@ import pytest
 import requests
 
 from dynamix_ray.io import copy_published, current_version, resolve
+from dynamix_ray.localcluster import _free_ports
 from dynamix_ray.model.config import CANDIDATE_ATTRIBUTES
 from dynamix_ray.segments.pipeline import run_segment
 from dynamix_ray.serve.api import Candidate, rank_request_model
@@ -32,12 +32,6 @@ import _fake_rankers as fake  # noqa: E402
 KEY_ENV, KEY = "DYNAMIX_TEST_API_KEY", "s3cret-for-tests"
 MAX_BODY = 16 * 1024
 CAND = {a: i + 1 for i, a in enumerate(CANDIDATE_ATTRIBUTES)}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +76,7 @@ def app(ray_session, tiny_events, tmp_path_factory):
         .bind(name)
         for name in ("FakeActive", "FakePassive")
     ]
-    port = _free_port()
+    (port,) = _free_ports(1)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(
         Router.options(**router_options(cfg)).bind(cfg.model_dump(), *rankers),

@@ -46,11 +46,10 @@ from dynamix_ray.alure.candidates import (
 )
 from dynamix_ray.events import EventStore, ensure_store
 from dynamix_ray.io import (
-    POINTER,
     check_complete,
-    current_version,
     is_process_local,
     publish,
+    published_version,
     read_json,
     resolve,
     url_of,
@@ -82,6 +81,16 @@ def _conversions(store: EventStore, bucket: int, as_of_ms: int) -> pd.DataFrame:
         return pd.DataFrame({"user_id": [], "ts_ms": [], "ad_id": []}, dtype=np.int64)
     df = got["conversions"].to_pandas().rename(columns={"ts": "ts_ms"})
     return df[df["ts_ms"] < as_of_ms]
+
+
+def _slices(work: str, kind: str, pieces: int, bucket: int) -> list[pa.Table]:
+    """Bucket ``bucket``'s rows of every ``kind`` piece of the scratch shuffle."""
+    fs, root = resolve(work)
+    return [
+        t
+        for p in range(pieces)
+        if (t := read_slice(fs, f"{root}/{kind}/piece-{p:06d}", bucket)) is not None
+    ]
 
 
 def _catalog_task(item: dict[str, Any], store: EventStore, as_of_ms: int) -> dict:
@@ -120,11 +129,7 @@ def _direct_task(
     grouped by the user's bucket."""
     b, nb = item["bucket"], store.num_buckets
     wfs, wroot = resolve(work)
-    parts = [
-        t
-        for p in range(n_pieces)
-        if (t := read_slice(wfs, f"{wroot}/edges/piece-{p:06d}", b)) is not None
-    ]
+    parts = _slices(work, "edges", n_pieces, b)
     if parts:
         edges = pa.concat_tables(parts).to_pandas()
         conv = neighbour_conversions(_conversions(store, b, as_of_ms), as_of_ms, cfg)
@@ -148,12 +153,7 @@ def _rank_task(
 ) -> dict:
     """Pass 4: bucket B's users' partial sums -> ranked, capped candidates."""
     b = item["bucket"]
-    wfs, wroot = resolve(work)
-    parts = [
-        t
-        for p in range(num_buckets)
-        if (t := read_slice(wfs, f"{wroot}/direct/piece-{p:06d}", b)) is not None
-    ]
+    parts = _slices(work, "direct", num_buckets, b)
     if not parts:
         return {"users": 0, "rows": 0}
     partial = pa.concat_tables(parts).to_pandas()
@@ -194,11 +194,7 @@ def run_candidates(
     )
     as_of = as_of_ms if as_of_ms is not None else store.ts_max_ms + 1
     ufs, uroot = resolve(u2u_url)
-    graph = current_version(ufs, uroot, "u2u")
-    if graph is None:
-        raise FileNotFoundError(
-            f"{u2u_url}: no published u2u graph (no u2u/{POINTER}; run `dynamix u2u`)"
-        )
+    graph = published_version(u2u_url, "u2u")
     folder = check_complete(ufs, uroot, "u2u", graph)
     edge_files = sorted(p for p in ufs.find(folder) if p.endswith(".parquet"))
     fs, root = resolve(out_url)
@@ -334,12 +330,7 @@ def read_candidates(url: str) -> CandidateTable:
         io.IncompleteTable: the version's files are not the ones published.
     """
     fs, root = resolve(url)
-    ptr = current_version(fs, root, "candidates")
-    if ptr is None:
-        raise FileNotFoundError(
-            f"{url}: no published candidates (no candidates/{POINTER}; run "
-            "`dynamix candidates`)"
-        )
+    ptr = published_version(url, "candidates")
     folder = check_complete(fs, root, "candidates", ptr)
     files = sorted(p for p in fs.find(folder) if p.endswith(".parquet"))
     tables = []

@@ -44,11 +44,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dynamix_ray.io import (
-    POINTER,
     check_complete,
-    current_version,
     is_process_local,
     publish,
+    published_version,
     pyarrow_fs,
     read_parquet_folder,
     resolve,
@@ -390,11 +389,8 @@ def read_u2u(url: str) -> pa.Table:
     """The edges of the published version of a ``dynamix u2u`` output folder
     (checked against its pointer's counts)."""
     fs, root = resolve(url)
-    ptr = current_version(fs, root, "u2u")
-    missing = f"{url}: no published u2u graph (no u2u/{POINTER}; run `dynamix u2u`)"
-    if ptr is None:
-        raise FileNotFoundError(missing)
-    folder = check_complete(fs, root, "u2u", ptr)
+    folder = check_complete(fs, root, "u2u", published_version(url, "u2u"))
+    missing = f"{url}: the published u2u graph has no edge file"
     return read_parquet_folder(fs, folder, missing).cast(U2U_SCHEMA)
 
 

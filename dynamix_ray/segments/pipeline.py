@@ -42,11 +42,10 @@ from dynamix_ray import __version__
 from dynamix_ray.config import SegmentConfig, format_duration
 from dynamix_ray.events import EventStore, ensure_store
 from dynamix_ray.io import (
-    POINTER,
     check_complete,
-    current_version,
     is_process_local,
     publish,
+    published_version,
     read_json,
     resolve,
     url_of,
@@ -403,14 +402,7 @@ def segments_pointer(out_url: str) -> dict[str, Any]:
     Raises:
         FileNotFoundError: no segment table is published there.
     """
-    fs, root = resolve(out_url)
-    ptr = current_version(fs, root, "segments")
-    if ptr is None:
-        raise FileNotFoundError(
-            f"{out_url}: no published segment table (no segments/{POINTER}; "
-            "run `dynamix segment`)"
-        )
-    return ptr
+    return published_version(out_url, "segments")
 
 
 def read_segments_meta(out_url: str, version: str | None = None) -> dict[str, Any]:

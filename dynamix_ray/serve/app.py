@@ -231,33 +231,30 @@ class AppConfig(BaseModel):
         """What is wrong with the paths, one line each naming the path and
         what it should be (empty: all good). ``dynamix serve`` checks this
         before Ray and Serve start, so a wrong path fails in seconds."""
-        from dynamix_ray.io import current_version, resolve
+        from dynamix_ray.io import published_version
         from dynamix_ray.model.checkpoint import resolve_checkpoint
 
         problems: list[str] = []
 
-        def published(url: str, part: str, made_by: str) -> None:
+        def published(url: str, part: str) -> None:
             try:
-                fs, root = resolve(url)
-                if current_version(fs, root, part) is None:
-                    problems.append(
-                        f"{part}: {url} has no published {part}/ table (expected "
-                        f"the OUT of `{made_by}`)"
-                    )
+                published_version(url, part)
+            except FileNotFoundError as e:
+                problems.append(f"{part}: {e}")
             except Exception as e:  # noqa: BLE001 - reported, with its path
                 problems.append(
                     f"{part}: {url}: cannot read it ({type(e).__name__}: {e})"
                 )
 
-        published(self.segments, "segments", "dynamix segment")
-        published(self.histories, "histories", "dynamix histories")
+        published(self.segments, "segments")
+        published(self.histories, "histories")
         for name in ("active", "passive"):
             try:
                 resolve_checkpoint(getattr(self, name).checkpoint)
             except FileNotFoundError as e:
                 problems.append(f"{name}.checkpoint: {e}")
         if self.candidates is not None:
-            published(self.candidates.table, "candidates", "dynamix candidates")
+            published(self.candidates.table, "candidates")
         return problems
 
 
