@@ -18,6 +18,7 @@ Figures go to ``<out>/candidates_bench.json``.
 
     python benchmarks/candidates.py
     python benchmarks/candidates.py --lookup-users 10000 --job-users 2000  # smoke
+    python benchmarks/candidates.py --lookup-users "" --conversions "" --job-users 20000,80000
 """
 
 from __future__ import annotations
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     ray.data.DataContext.get_current().enable_progress_bars = False
     work = Path(args.work or tempfile.mkdtemp(prefix="cands-bench-"))
     res: dict = {"lookup": [], "per_call": [], "job": []}
-    for n in (int(x) for x in args.lookup_users.split(",")):
+    for n in (int(x) for x in args.lookup_users.split(",") if x):
         table = synthetic_table(n, args.per_user)
         local = lookup_latency(table, args.queries, args.k)
         path = str(work / f"table_{n}")
@@ -222,11 +223,11 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         shutil.rmtree(path, ignore_errors=True)
-    for c in (int(x) for x in args.conversions.split(",")):
+    for c in (int(x) for x in args.conversions.split(",") if x):
         r = {"conversions": c, **per_call_computation(c, 30)}
         res["per_call"].append(r)
         print(f"former per-call computation at {c:>9,} conversions: {r}", flush=True)
-    for n in (int(x) for x in args.job_users.split(",")):
+    for n in (int(x) for x in args.job_users.split(",") if x):
         r = job_run(n, work)
         res["job"].append(r)
         print(f"job at {n:,} users: {r}", flush=True)

@@ -51,6 +51,7 @@ def _app_config(root, tiny_events, active_replicas: int = 1) -> dict:
         "candidates": {
             "table": str(root / "cands"),
             "ray_actor_options": {"num_cpus": 0.1},
+            "reload_interval_s": 0.5,
         },
         "max_candidates": MAX_CANDIDATES,
         "max_body_bytes": MAX_BODY,
@@ -315,6 +316,25 @@ def test_candidates_equal_the_batch_computation(app):
         f"{app.url}/candidates", json={"user_id": int(user), "k": 0}, timeout=30
     )
     assert r.status_code == 422 and "k" in r.json()["error"]
+
+
+def test_a_new_candidates_version_is_picked_up(app):
+    user = int(read_u2u(str(app.root / "u2u")).column("user_id")[0].as_py())
+
+    def as_of() -> int:
+        r = app.http.post(f"{app.url}/candidates", json={"user_id": user}, timeout=30)
+        assert r.status_code == 200, r.text
+        return int(r.json()["as_of_ms"])
+
+    before = as_of()
+    run_candidates(
+        str(app.root / "u2u"),
+        app.events,
+        str(app.root / "cands"),
+        as_of_ms=before - 86_400_000,
+        progress=False,
+    )
+    assert _wait(lambda: as_of() == before - 86_400_000, 30)
 
 
 class _Load:

@@ -296,7 +296,13 @@ class CandidateTable:
     ``score``). A look-up is a binary search and a slice: its cost does not
     grow with conversions, and barely (log n) with users."""
 
-    def __init__(self, table: pa.Table, meta: dict[str, Any], version: str) -> None:
+    def __init__(
+        self,
+        table: pa.Table,
+        meta: dict[str, Any],
+        version: str,
+        published_ms: int = 0,
+    ) -> None:
         uid = table.column("user_id").to_numpy()
         rank = table.column("rank").to_numpy()
         order = np.lexsort((rank, uid))
@@ -306,7 +312,7 @@ class CandidateTable:
         starts = np.flatnonzero(np.r_[True, uid[1:] != uid[:-1]][: len(uid)])
         self.user_id = uid[starts]
         self.offsets = np.r_[starts, len(uid)].astype(np.int64)
-        self.meta, self.version = meta, version
+        self.meta, self.version, self.published_ms = meta, version, published_ms
         self.as_of_ms = int(meta["as_of_ms"])
 
     def __len__(self) -> int:
@@ -338,4 +344,9 @@ def read_candidates(url: str) -> CandidateTable:
         with fs.open(p, "rb") as fh:
             tables.append(pq.read_table(fh).cast(CANDIDATES_SCHEMA))
     table = pa.concat_tables(tables) if tables else CANDIDATES_SCHEMA.empty_table()
-    return CandidateTable(table, read_json(fs, f"{folder}/_meta.json"), ptr["version"])
+    return CandidateTable(
+        table,
+        read_json(fs, f"{folder}/_meta.json"),
+        ptr["version"],
+        int(ptr.get("published_ms", 0)),
+    )

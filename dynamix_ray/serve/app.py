@@ -146,6 +146,8 @@ class RetrieverSpec(DeploymentOptions):
 
     table: str
     cap: int = Field(1500, ge=1)
+    #: how often the Retriever checks for a newer published version
+    reload_interval_s: float = Field(60.0, gt=0)
 
 
 class AppConfig(BaseModel):
@@ -744,21 +746,56 @@ class Router:
 
 class Retriever:
     """``/candidates``: one look-up per call in the precomputed table
-    (``alure.candidates_job``), whatever the number of users or conversions."""
+    (``alure.candidates_job``), whatever the number of users or conversions.
+    A newer published version is loaded in a thread and swapped in
+    (:class:`~dynamix_ray.serve.store.TableWatch`: a broken one is retried
+    with backoff while the last good table keeps answering)."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
         from dynamix_ray.alure.candidates_job import read_candidates
+        from dynamix_ray.io import published_version
 
-        self.table = read_candidates(spec["table"])
-        self.cap = int(spec.get("cap", 1500))
+        cfg = RetrieverSpec.model_validate(spec)
+        self.cap, url = cfg.cap, cfg.table
+        self._version = lambda: str(published_version(url, "candidates")["version"])
+        self.watch: TableWatch[Any] = TableWatch(
+            read=lambda: read_candidates(url),
+            version_of=lambda t: t.version,
+            published_ms_of=lambda t: t.published_ms,
+            retry_s=cfg.reload_interval_s,
+        )
+        if not self.watch.poll(self._version()):
+            raise RuntimeError(
+                f"candidates: cannot load {url}: {self.watch.last_error}"
+            )
+        self._interval = cfg.reload_interval_s
+        self._stop = threading.Event()
+        threading.Thread(
+            target=self._poll, name="candidates-reload", daemon=True
+        ).start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                published = self._version()
+            except Exception as e:  # noqa: BLE001 - keep the current table
+                self.watch.note_failure(e, None)
+                continue
+            if self.watch.poll(published):
+                log.info("candidates: now version %s", published)
 
     def candidates(self, user_id: int, k: int) -> dict[str, Any]:
-        ads, scores = self.table.lookup(user_id, min(k, self.cap))
+        table = self.watch.current
+        assert table is not None  # loaded in __init__, only ever replaced
+        ads, scores = table.lookup(user_id, min(k, self.cap))
         return {
             "ads": ads.tolist(),
             "scores": scores.tolist(),
-            "as_of_ms": self.table.as_of_ms,
+            "as_of_ms": table.as_of_ms,
         }
+
+    def health(self) -> dict[str, Any]:
+        return self.watch.health()[1]
 
 
 def build_app(args: dict[str, Any] | AppConfig) -> serve.Application:
