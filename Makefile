@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test lint typecheck pytest bench clean
+.PHONY: venv services demo test lint typecheck pytest bench clean
 
 venv: $(STAMP)
 
@@ -27,7 +27,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy dynamix_ray
 
-pytest: $(STAMP)
+# Services the tests start themselves (tests/test_online.py runs its own
+# redis-server on 127.0.0.1 and stops it): Debian's package, installed once.
+services:
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server (Debian) for the online-store tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+
+pytest: $(STAMP) services
 	$(PY) -m pytest
 
 test: lint typecheck pytest

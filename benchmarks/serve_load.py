@@ -27,6 +27,13 @@ Sections (each bounded in time and count; all traffic on loopback):
    replica count of each ranker over time (JSON + PNG).
 6. **faults**: open-loop load with 2 active replicas; one is killed, later a
    new segment table is published; failures and throughput per second.
+7. **knee**: open-loop rates (``--knee-rates``) at 10 and 100 candidates a
+   request, and against the no-op deployment: the highest rate whose
+   answers were all 200 with p99 <= 100 ms.
+8. **shedding**: 3x the 100-candidate knee for ``--shed-s`` seconds, then
+   half the knee: every request's status and latency (none may hang: each is
+   200, 503 or 504 within the deadline), and how long the app took to answer
+   everything with 200 again after the load dropped.
 """
 
 # No `from __future__ import annotations`: DirectRanker is a FastAPI ingress
@@ -471,6 +478,110 @@ def section_autoscaling(args, env, traffic, base: str, rate: float) -> dict[str,
     return out
 
 
+def _open_rate(url: str, traffic: Traffic, rate: float, duration_s: float) -> dict:
+    from collections import Counter
+
+    from dynamix_ray.serve.loadgen import open_loop, pct
+
+    recs = asyncio.run(
+        open_loop(url, traffic, rate, duration_s, lambda t: 2 / 3, max_outstanding=2048)
+    )
+    ok = [r["ms"] for r in recs if r["status"] == 200]
+    return {
+        "rate": rate,
+        "sent": len(recs),
+        "ok": len(ok),
+        "codes": dict(Counter(str(r["status"]) for r in recs)),
+        "p50_ms": pct(ok, 50),
+        "p99_ms": pct(ok, 99),
+        "max_ms": max((r["ms"] for r in recs), default=None),
+    }
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def _knee(rows: list[dict]) -> float | None:
+    good = [
+        r["rate"] for r in rows if r["ok"] == r["sent"] and (r["p99_ms"] or 1e9) <= 100
+    ]
+    return max(good, default=None)
+
+
+def section_knee(args, env, base: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    targets = [("noop", f"{base}/noop", args.candidates)] + [
+        (f"rank_{n}", f"{base}/rank", n) for n in (10, 100)
+    ]
+    for name, url, n in targets:
+        traffic = Traffic(env["events"], env["histories"], env["segments"], n)
+        rows = []
+        for rate in args.knee_rates:
+            r = _open_rate(url, traffic, rate, args.knee_s)
+            rows.append(r)
+            print(
+                f"  {name} {rate:>5.0f} QPS: ok {r['ok']}/{r['sent']} p50 "
+                f"{_num(r['p50_ms'])} p99 {_num(r['p99_ms'])} ms {r['codes']}",
+                flush=True,
+            )
+            if r["ok"] < r["sent"] or (r["p99_ms"] or 1e9) > 400:
+                break  # well past the knee
+        out[name] = {"rates": rows, "knee_qps": _knee(rows)}
+        print(f"  {name}: knee {out[name]['knee_qps']} QPS", flush=True)
+    return out
+
+
+def section_shedding(args, env, base: str, knee: float) -> dict[str, Any]:
+    from dynamix_ray.serve.loadgen import open_loop, pct
+
+    traffic = Traffic(env["events"], env["histories"], env["segments"], args.candidates)
+    over, after = 3 * knee, knee / 2
+    recs = asyncio.run(
+        open_loop(
+            f"{base}/rank",
+            traffic,
+            over,
+            args.shed_s,
+            lambda t: 2 / 3,
+            max_outstanding=4096,
+        )
+    )
+    rest = asyncio.run(
+        open_loop(
+            f"{base}/rank", traffic, after, 15.0, lambda t: 2 / 3, max_outstanding=4096
+        )
+    )
+    from dynamix_ray.serve.app import AppConfig
+
+    deadline_ms = 1000 * AppConfig.model_fields["request_timeout_s"].default
+    codes: dict[str, int] = {}
+    for r in recs:
+        codes[str(r["status"])] = codes.get(str(r["status"]), 0) + 1
+    by = {c: [r["ms"] for r in recs if str(r["status"]) == c] for c in codes}
+    # recovery: the first second after the drop from which every request is a 200
+    bad_t = [r["t"] for r in rest if r["status"] != 200]
+    recovered_s = (max(bad_t) + 1 / after) if bad_t else 0.0
+    return {
+        "overload_qps": over,
+        "seconds": args.shed_s,
+        "sent": len(recs),
+        "codes": codes,
+        "p99_ms_by_code": {c: pct(v, 99) for c, v in by.items()},
+        "max_ms_by_code": {c: max(v) for c, v in by.items()},
+        "answered_within_deadline_plus_1s": sum(
+            1 for r in recs if r["ms"] <= deadline_ms + 1000
+        ),
+        "after": {
+            "qps": after,
+            "sent": len(rest),
+            "ok": sum(r["status"] == 200 for r in rest),
+            "recovered_after_s": round(recovered_s, 2),
+            "p99_ms": pct([r["ms"] for r in rest if r["status"] == 200], 99),
+        },
+    }
+
+
 def publish(src_root: str, dst_root: str) -> None:
     """Publish ``src_root``'s segment table as a new version of ``dst_root``'s,
     the way ``dynamix segment`` publishes (io.publish)."""
@@ -627,6 +738,14 @@ def main() -> None:
         default=0.6,
         help="open-loop rate as a share of the measured capacity",
     )
+    p.add_argument(
+        "--knee-rates",
+        type=float,
+        nargs="+",
+        default=[10, 20, 40, 60, 80, 100, 130, 160, 200, 260, 340],
+    )
+    p.add_argument("--knee-s", type=float, default=10.0, help="seconds per rate")
+    p.add_argument("--shed-s", type=float, default=30.0)
     p.add_argument("--port", type=int, default=8765)
     p.add_argument(
         "--sections",
@@ -638,6 +757,8 @@ def main() -> None:
             "policies",
             "autoscaling",
             "faults",
+            "knee",
+            "shedding",
         ],
     )
     args = p.parse_args()
@@ -709,6 +830,21 @@ def main() -> None:
     if "faults" in args.sections:
         print("6. faults: kill an active replica, publish new segments", flush=True)
         res["faults"] = section_faults(args, env, traffic, base, rate)
+    if "knee" in args.sections or "shedding" in args.sections:
+        deploy(app_config(env, "baseline", args))  # one replica each again
+        time.sleep(2)
+    if "knee" in args.sections:
+        print("7. knee: open-loop rates, 10 and 100 candidates, and no-op", flush=True)
+        res["knee"] = section_knee(args, env, base)
+    if "shedding" in args.sections:
+        knee = (
+            (res.get("knee", {}).get(f"rank_{args.candidates}") or {}).get("knee_qps")
+            or (res.get("knee", {}).get("rank_100") or {}).get("knee_qps")
+            or rate
+        )
+        print(f"8. shedding: 3 x {knee:.0f} QPS for {args.shed_s:.0f} s", flush=True)
+        res["shedding"] = section_shedding(args, env, base, knee)
+        print(f"  {res['shedding']}", flush=True)
     serve.shutdown()
     res["wall_s"] = time.perf_counter() - t_start
     path = out_dir / "serve_bench.json"

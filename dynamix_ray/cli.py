@@ -544,6 +544,33 @@ def _add_histories(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _add_ingest(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ingest",
+        help="append events to the Redis online store the rankers read (fresh histories)",
+        description="Append every event of EVENTS to users' histories in Redis "
+        "(created on first use): an event store bucket by bucket in Ray tasks "
+        "(the bootstrap), event files (SPEC §1: new files as they land) in "
+        "this process. `dynamix serve --histories redis://...` then ranks from "
+        "it; a request sees an event as soon as it is appended and older than "
+        "its ts - 60 s.",
+    )
+    p.add_argument("events", help="an event store or SPEC §1 event files")
+    p.add_argument(
+        "redis",
+        help="redis://HOST:PORT/DB?ns=NAME (ns: a namespace; default dynamix)",
+    )
+    p.add_argument("--max-seq-len", type=int, default=64)
+    p.add_argument(
+        "--margin",
+        type=int,
+        default=None,
+        help="events kept beyond --max-seq-len per user and source (for those "
+        "newer than a request's cut; default --max-seq-len)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
@@ -556,7 +583,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", help="Serve config YAML (import_path + args)")
     p.add_argument("--segments", help="a `dynamix segment` OUT (polled for updates)")
-    p.add_argument("--histories", help="a `dynamix histories` OUT")
+    p.add_argument(
+        "--histories",
+        help="a `dynamix histories` OUT, or redis://... (`dynamix ingest`: fresh)",
+    )
     p.add_argument("--active-checkpoint", help="checkpoint or `dynamix train` OUT")
     p.add_argument(
         "--passive-checkpoint", help="default: the active ranker's checkpoint"
@@ -622,6 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_u2u(sub)
     _add_candidates(sub)
     _add_histories(sub)
+    _add_ingest(sub)
     _add_serve(sub)
     _add_demo(sub)
     return parser
@@ -1244,6 +1275,24 @@ def _loopback(host: str) -> bool:
         return False
 
 
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from dynamix_ray.online import ingest
+
+    m = ingest(
+        args.events,
+        args.redis,
+        args.max_seq_len,
+        args.margin,
+        progress=not args.no_progress,
+    )
+    total = sum(m["events"].values())
+    print(
+        f"dynamix ingest: {total:,} events ({', '.join(f'{s} {n:,}' for s, n in m['events'].items())}) "
+        f"into {args.redis.split('?')[0]} in {m['wall_s']:.1f} s"
+    )
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import time
 
@@ -1295,6 +1344,7 @@ _COMMANDS = {
     "u2u": cmd_u2u,
     "candidates": cmd_candidates,
     "histories": cmd_histories,
+    "ingest": cmd_ingest,
     "serve": cmd_serve,
     "demo": cmd_demo,
 }

@@ -249,7 +249,15 @@ class AppConfig(BaseModel):
                 )
 
         published(self.segments, "segments")
-        published(self.histories, "histories")
+        if self.histories.startswith(("redis://", "rediss://", "unix://")):
+            try:
+                from dynamix_ray.online import RedisHistories
+
+                RedisHistories.connect(self.histories).check()
+            except Exception as e:  # noqa: BLE001 - reported, with its URL
+                problems.append(f"histories: {type(e).__name__}: {e}")
+        else:
+            published(self.histories, "histories")
         for name in ("active", "passive"):
             try:
                 resolve_checkpoint(getattr(self, name).checkpoint)

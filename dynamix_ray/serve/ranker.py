@@ -57,7 +57,7 @@ class Ranker:
     def __init__(
         self,
         checkpoint: str,
-        histories: HistoryStore,
+        histories: HistoryStore | Any,
         segment: int,
         policy: str | None = None,
         removed: Sequence[str] | None = None,
@@ -158,6 +158,19 @@ def score_isolated(
     return out
 
 
+def open_histories(url: str, shared: bool = True) -> Any:
+    """The rankers' features: a Redis online store (``redis://...``, fresh,
+    :mod:`dynamix_ray.online`), else a published snapshot, memory-mapped from
+    one copy per node (``shared``) or read into this process."""
+    from dynamix_ray.histories import open_shared_histories, read_histories
+
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from dynamix_ray.online import RedisHistories
+
+        return RedisHistories.connect(url)
+    return open_shared_histories(url) if shared else read_histories(url)
+
+
 class RankerDeployment:
     """Ray Serve replica around :class:`Ranker` (deployed as ``ActiveRanker``
     and ``PassiveRanker`` by :func:`dynamix_ray.serve.app.build_app`)."""
@@ -166,16 +179,12 @@ class RankerDeployment:
         import torch
         from ray.util import metrics
 
-        from dynamix_ray.histories import open_shared_histories, read_histories
-
         torch.set_num_threads(int(spec.get("torch_threads", 1)))
         use_gpu = bool(spec.get("use_gpu")) and torch.cuda.is_available()
         self.name = f"{SEGMENT_NAMES[segment].capitalize()}Ranker"
         self.ranker = Ranker(
             spec["checkpoint"],
-            open_shared_histories(histories)  # one copy per node
-            if spec.get("shared_histories", True)
-            else read_histories(histories),
+            open_histories(histories, bool(spec.get("shared_histories", True))),
             segment,
             spec.get("policy"),
             spec.get("removed"),
