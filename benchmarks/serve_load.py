@@ -157,7 +157,11 @@ def app_config(
         "histories": env["histories"],
         "active": {**ranker, **over.get("active", {})},
         "passive": {**ranker, **over.get("passive", {})},
-        "router": {"ray_actor_options": {"num_cpus": 0.2}, "max_ongoing_requests": 512},
+        "router": {
+            "ray_actor_options": {"num_cpus": 0.2},
+            "max_ongoing_requests": 512,
+            **over.get("router", {}),
+        },
         "max_candidates": max(1000, args.candidates),
         "reload_interval_s": 1.0,
     }
@@ -532,9 +536,32 @@ def section_knee(args, env, base: str) -> dict[str, Any]:
     return out
 
 
+#: Queue bounds of the shedding section, sized so that what is admitted is
+#: served within the deadline at the knee (~60 QPS x 2 s here): a ranker holds
+#: at most 8 + 16 requests, the router 96 + 32; the rest is refused at once.
+SHED_BOUNDS = {
+    "ranker": {"max_ongoing_requests": 8, "max_queued_requests": 16},
+    "router": {"max_ongoing_requests": 96, "max_queued_requests": 32},
+}
+
+
 def section_shedding(args, env, base: str, knee: float) -> dict[str, Any]:
     from dynamix_ray.serve.loadgen import open_loop, pct
 
+    bounds = (
+        SHED_BOUNDS if args.shed_bounds == "tight" else {"ranker": {}, "router": {}}
+    )
+    deploy(
+        app_config(
+            env,
+            "baseline",
+            args,
+            active=bounds["ranker"],
+            passive=bounds["ranker"],
+            router=bounds["router"],
+        )
+    )
+    time.sleep(2)
     traffic = Traffic(env["events"], env["histories"], env["segments"], args.candidates)
     over, after = 3 * knee, knee / 2
     recs = asyncio.run(
@@ -563,6 +590,7 @@ def section_shedding(args, env, base: str, knee: float) -> dict[str, Any]:
     bad_t = [r["t"] for r in rest if r["status"] != 200]
     recovered_s = (max(bad_t) + 1 / after) if bad_t else 0.0
     return {
+        "bounds": args.shed_bounds,
         "overload_qps": over,
         "seconds": args.shed_s,
         "sent": len(recs),
@@ -746,6 +774,20 @@ def main() -> None:
     )
     p.add_argument("--knee-s", type=float, default=10.0, help="seconds per rate")
     p.add_argument("--shed-s", type=float, default=30.0)
+    p.add_argument(
+        "--shed-bounds",
+        choices=["tight", "default"],
+        default="tight",
+        help="queue bounds of the shedding run: SHED_BOUNDS (sized to the knee "
+        "and the deadline), or the throughput sections' (512 in the router)",
+    )
+    p.add_argument(
+        "--shed-knee",
+        type=float,
+        default=None,
+        help="the knee to overload 3x (default: this run's, else the last "
+        "serve_bench.json's)",
+    )
     p.add_argument("--port", type=int, default=8765)
     p.add_argument(
         "--sections",
@@ -775,7 +817,17 @@ def main() -> None:
     t_start = time.perf_counter()
     env = setup(args)
     print(f"data {env['events']}; checkpoints trained: {env['trained']}", flush=True)
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    from dynamix_ray.serve.app import PROXY_GRACE_S, AppConfig
+
+    # the app's rule: Serve's end-to-end timeout is the deadline + grace
+    proxy_timeout = AppConfig.model_fields["request_timeout_s"].default + PROXY_GRACE_S
+    serve.start(
+        http_options={
+            "host": "127.0.0.1",
+            "port": args.port,
+            "request_timeout_s": proxy_timeout,
+        }
+    )
     base = f"http://127.0.0.1:{args.port}"
     deploy(app_config(env, "baseline", args))
     deploy_noop()
@@ -837,9 +889,13 @@ def main() -> None:
         print("7. knee: open-loop rates, 10 and 100 candidates, and no-op", flush=True)
         res["knee"] = section_knee(args, env, base)
     if "shedding" in args.sections:
+        last = out_dir / "serve_bench.json"
+        known = res.get("knee") or (
+            json.loads(last.read_text()).get("knee", {}) if last.exists() else {}
+        )
         knee = (
-            (res.get("knee", {}).get(f"rank_{args.candidates}") or {}).get("knee_qps")
-            or (res.get("knee", {}).get("rank_100") or {}).get("knee_qps")
+            args.shed_knee
+            or (known.get(f"rank_{args.candidates}") or {}).get("knee_qps")
             or rate
         )
         print(f"8. shedding: 3 x {knee:.0f} QPS for {args.shed_s:.0f} s", flush=True)

@@ -828,7 +828,7 @@ def _demo_serve(
     from ray import serve
 
     from dynamix_ray.model.config import CANDIDATE_ATTRIBUTES
-    from dynamix_ray.serve.app import build_app
+    from dynamix_ray.serve.app import AppConfig, build_app
     from dynamix_ray.serve.loadgen import Traffic, record_autoscaling
 
     auto = {
@@ -846,7 +846,7 @@ def _demo_serve(
         "autoscaling_config": auto,
     }
     segments, histories = f"{out}/segments_run", f"{exp_out}/histories"
-    app = build_app(
+    cfg = AppConfig.model_validate(
         {
             "segments": segments,
             "histories": histories,
@@ -854,7 +854,14 @@ def _demo_serve(
             "passive": ranker,
         }
     )
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = build_app(cfg)
+    serve.start(
+        http_options={
+            "host": "127.0.0.1",
+            "port": port,
+            "request_timeout_s": cfg.proxy_timeout_s,
+        }
+    )
     try:
         serve.run(app, name="dynamix", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
@@ -1315,7 +1322,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     app = build_app(cfg)
     ensure_ray(serving=True)
-    serve.start(http_options={"host": http["host"], "port": http["port"]})
+    serve.start(
+        http_options={
+            "host": http["host"],
+            "port": http["port"],
+            "request_timeout_s": http.get("request_timeout_s", cfg.proxy_timeout_s),
+        }
+    )
     serve.run(app, name="dynamix", route_prefix="/")
     url = f"http://{http['host']}:{http['port']}"
     print(

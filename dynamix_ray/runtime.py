@@ -51,9 +51,11 @@ def ensure_ray(num_cpus: int | None = None, serving: bool = False) -> None:
 
 
 def cluster_cpus() -> int:
-    """CPUs of the connected cluster (at least 1)."""
+    """CPUs of the connected cluster (at least 1); connects first
+    (:func:`ensure_ray`) when this process has no Ray yet."""
     import ray
 
+    ensure_ray()
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 

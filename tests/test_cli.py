@@ -129,7 +129,8 @@ def test_serve_config_file_and_flags_give_a_valid_app_config():
     app_args, http = serve_app_config(args)
     cfg = AppConfig.model_validate(app_args)
     assert cfg.active.autoscaling_config and cfg.passive.autoscaling_config
-    assert http == {"host": "127.0.0.1", "port": 8000}
+    assert http == {"host": "127.0.0.1", "port": 8000, "request_timeout_s": 3.0}
+    assert http["request_timeout_s"] == cfg.proxy_timeout_s  # the one rule
     flags = ["serve", "--segments", "s", "--histories", "h", "--active-checkpoint", "a"]
     app_args, _ = serve_app_config(
         build_parser().parse_args([*flags, "--autoscale", "3"])

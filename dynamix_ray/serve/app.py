@@ -83,6 +83,9 @@ __all__ = ["AppConfig", "DeploymentOptions", "RankerSpec", "Router", "build_app"
 
 log = logging.getLogger("ray.serve")
 
+#: Seconds the HTTP proxy waits beyond a request's model-call deadline.
+PROXY_GRACE_S = 1.0
+
 #: Serve's switch for where a process's handles route requests (see
 #: ``AppConfig.handles_on_replica_loop``).
 SEPARATE_LOOP_ENV = "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"
@@ -199,8 +202,10 @@ class AppConfig(BaseModel):
         default_factory=lambda: DeploymentOptions(
             num_replicas=1,
             ray_actor_options={"num_cpus": 0.1},
-            max_ongoing_requests=256,
-            max_queued_requests=1024,
+            # (ongoing + queued) ~ the app's capacity x the deadline, so what
+            # is admitted is served in time (docs/serving.md, "Sizing")
+            max_ongoing_requests=96,
+            max_queued_requests=32,
         )
     )
     candidates: RetrieverSpec | None = None
@@ -228,6 +233,14 @@ class AppConfig(BaseModel):
         if d.get("candidates"):
             d["candidates"]["table"] = absolute_url(d["candidates"]["table"])
         return AppConfig.model_validate(d)
+
+    @property
+    def proxy_timeout_s(self) -> float:
+        """Serve's end-to-end HTTP timeout (``http_options.request_timeout_s``)
+        for this app: the model-call deadline plus :data:`PROXY_GRACE_S`. It
+        bounds the time a request may wait in Serve's queues before the
+        router even sees it (answered 408 by Serve's proxy)."""
+        return self.request_timeout_s + PROXY_GRACE_S
 
     def path_problems(self) -> list[str]:
         """What is wrong with the paths, one line each naming the path and
@@ -316,6 +329,10 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         "headers": {"Retry-After": {"schema": {"type": "integer"}}},
     },
     504: {"model": ErrorBody, "description": "the request's deadline passed"},
+    408: {
+        "description": "Serve's proxy timeout: the request waited in Serve's "
+        "queues past the deadline + 1 s (overload; Serve's own body)"
+    },
 }
 
 
