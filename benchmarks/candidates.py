@@ -45,14 +45,7 @@ from dynamix_ray.alure.candidates_job import (  # noqa: E402
     run_candidates,
 )
 from dynamix_ray.io import publish, resolve, write_json, write_parquet  # noqa: E402
-
-
-def _pct(xs: list[float]) -> dict[str, float]:
-    a = np.asarray(xs)
-    return {
-        "p50_ms": round(float(np.percentile(a, 50)), 4),
-        "p99_ms": round(float(np.percentile(a, 99)), 4),
-    }
+from dynamix_ray.serve.loadgen import p50_p99  # noqa: E402
 
 
 def synthetic_table(users: int, per_user: int, seed: int = 0) -> pa.Table:
@@ -78,7 +71,7 @@ def lookup_latency(table: pa.Table, queries: int, k: int) -> dict[str, float]:
         t0 = time.perf_counter()
         t.lookup(int(u), k)
         lat.append(1000 * (time.perf_counter() - t0))
-    return _pct(lat)
+    return p50_p99(lat)
 
 
 def handle_latency(out: str, users: int, queries: int, k: int) -> dict[str, float]:
@@ -102,7 +95,7 @@ def handle_latency(out: str, users: int, queries: int, k: int) -> dict[str, floa
         handle.candidates.remote(int(u), k).result()
         lat.append(1000 * (time.perf_counter() - t0))
     serve.delete("cands_bench")
-    return _pct(lat)
+    return p50_p99(lat)
 
 
 def write_table(table: pa.Table, out: str) -> None:
@@ -145,7 +138,7 @@ def per_call_computation(conversions: int, queries: int) -> dict[str, float]:
         t0 = time.perf_counter()
         u2u_candidates(edges, conv, ads, 10**9, CandidateConfig(cap=100))
         lat.append(1000 * (time.perf_counter() - t0))
-    return _pct(lat)
+    return p50_p99(lat)
 
 
 def job_run(users: int, work: Path) -> dict:

@@ -37,14 +37,7 @@ from dynamix_ray.online import (  # noqa: E402
     ingest,
     local_redis,
 )
-
-
-def _pct(xs: list[float]) -> dict[str, float]:
-    a = np.asarray(xs)
-    return {
-        "p50_ms": round(float(np.percentile(a, 50)), 3),
-        "p99_ms": round(float(np.percentile(a, 99)), 3),
-    }
+from dynamix_ray.serve.loadgen import p50_p99  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         res["freshness"] = {
             "events": args.events,
             "background_rate": args.rate,
-            **_pct(lags),
+            **p50_p99(lags),
         }
         print(
             f"freshness lag (append -> first read that has it): {res['freshness']}",
@@ -130,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 store.rows(b, ts)
                 lat.append(1000 * (time.perf_counter() - t0))
-            res[f"rows_{name}"] = _pct(lat)
+            res[f"rows_{name}"] = p50_p99(lat)
             print(
                 f"rows() of 8 users from the {name}: {res[f'rows_{name}']}", flush=True
             )

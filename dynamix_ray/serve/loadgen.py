@@ -116,6 +116,14 @@ def pct(xs: list[float], q: float) -> float | None:
     return float(np.percentile(xs, q)) if xs else None
 
 
+def p50_p99(lat_ms: list[float], ndigits: int = 4) -> dict[str, float | None]:
+    """``{"p50_ms", "p99_ms"}`` of latencies, rounded (the benchmarks' rows)."""
+    return {
+        f"p{q}_ms": None if (v := pct(lat_ms, q)) is None else round(v, ndigits)
+        for q in (50, 99)
+    }
+
+
 def summarize(lat_ms: list[float], errors: int, wall_s: float) -> dict[str, Any]:
     return {
         "requests": len(lat_ms) + errors,
