@@ -1283,7 +1283,7 @@ def _loopback(host: str) -> bool:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from dynamix_ray.online import ingest
+    from dynamix_ray.online import ingest, redact
 
     m = ingest(
         args.events,
@@ -1295,7 +1295,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     total = sum(m["events"].values())
     print(
         f"dynamix ingest: {total:,} events ({', '.join(f'{s} {n:,}' for s, n in m['events'].items())}) "
-        f"into {args.redis.split('?')[0]} in {m['wall_s']:.1f} s"
+        f"into {redact(args.redis)} in {m['wall_s']:.1f} s"
     )
     return 0
 

@@ -377,10 +377,25 @@ def node_cache_dir() -> str:
     )
 
 
-def _cache_key(fs: Any, root: str, version: str) -> str:
+def _cache_key(fs: Any, root: str) -> str:
+    """The node-cache folder of one histories root (its versions inside)."""
     import hashlib
 
-    return hashlib.sha1(f"{url_of(fs, root)}\0{version}".encode()).hexdigest()[:20]
+    return hashlib.sha1(url_of(fs, root).encode()).hexdigest()[:20]
+
+
+def _private_dir(path: str) -> str:
+    """``path`` made (mode 0700) or checked: a real folder this user owns,
+    so another local user cannot plant the arrays replicas map."""
+    import stat
+
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise PermissionError(
+            f"{path}: not a folder of this user (set ${NODE_CACHE_ENV} elsewhere)"
+        )
+    return path
 
 
 def _write_arrays(store: HistoryStore, folder: str) -> None:
@@ -433,46 +448,60 @@ def _build_arrays(url: str, pointer: dict[str, Any], folder: str) -> None:
     _write_arrays(read_histories(url, pointer), folder)
 
 
+def _convert(url: str, ptr: dict[str, Any], tmp: str, here: bool) -> None:
+    """Write the version's arrays to ``tmp``: in a spawned process, so that
+    the snapshot read whole to convert it does not stay in this replica's
+    heap after it is freed (``here``: memory://, seen by this process only)."""
+    import multiprocessing
+
+    if here:
+        _build_arrays(url, ptr, tmp)
+        return
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_build_arrays, args=(url, ptr, tmp), daemon=True
+    )
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        raise RuntimeError(
+            f"{url}: converting histories version {ptr['version']} for the node "
+            f"cache failed (exit code {proc.exitcode})"
+        )
+
+
 def open_shared_histories(url: str, cache_dir: str | None = None) -> HistoryStore:
     """The published histories of ``url``, memory-mapped from one copy per
     node: the first replica on a node converts the version into ``.npy``
-    arrays under :func:`node_cache_dir` (built aside, then renamed into place:
-    a crash leaves no half copy, and two replicas racing keep the first);
+    arrays under :func:`node_cache_dir` (under a lock, so one replica builds
+    while the others wait; built aside, then renamed into place, so a crash
+    leaves no half copy; older versions removed after);
     every replica then maps them read-only, so the pages are shared and a
     replica's own memory does not grow with the snapshot or the replica
     count (benchmarks/serve_memory.py). Same answers as :func:`read_histories`.
     """
-    import multiprocessing
+    import fcntl
     import shutil
     import uuid
 
     fs, root = resolve(url)
     ptr = published_version(url, "histories")
-    base = cache_dir or node_cache_dir()
-    folder = os.path.join(base, _cache_key(fs, root, str(ptr["version"])))
-    if not os.path.exists(os.path.join(folder, "manifest.json")):
-        tmp = f"{folder}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        try:
-            # in a process of its own: the snapshot read whole to convert it
-            # would otherwise stay in this replica's heap after it is freed
-            # (memory:// is seen by this process only: converted here)
-            if is_process_local(fs):
-                _build_arrays(url, ptr, tmp)
-            else:
-                ctx = multiprocessing.get_context("spawn")
-                proc = ctx.Process(target=_build_arrays, args=(url, ptr, tmp))
-                proc.start()
-                proc.join()
-            if not is_process_local(fs) and proc.exitcode != 0:
-                raise RuntimeError(
-                    f"{url}: converting histories version {ptr['version']} for "
-                    f"the node cache failed (exit code {proc.exitcode})"
-                )
+    home = _private_dir(
+        os.path.join(_private_dir(cache_dir or node_cache_dir()), _cache_key(fs, root))
+    )
+    folder = os.path.join(home, str(ptr["version"]))
+    # one builder per node: the others wait for it, then map its arrays
+    with open(os.path.join(home, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(os.path.join(folder, "manifest.json")):
+            tmp = f"{folder}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
             try:
-                os.rename(tmp, folder)  # atomic; fails if another replica won
-            except OSError:
-                if not os.path.exists(os.path.join(folder, "manifest.json")):
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+                _convert(url, ptr, tmp, is_process_local(fs))
+                os.rename(tmp, folder)  # whole, or not there
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            # older versions (and leftovers of dead builders) go: maps that
+            # replicas still hold on them stay valid until unmapped
+            for name in os.listdir(home):
+                if name not in (str(ptr["version"]), ".lock"):
+                    shutil.rmtree(os.path.join(home, name), ignore_errors=True)
     return _map_arrays(folder)

@@ -336,8 +336,11 @@ POINTER = "_CURRENT.json"
 #: Superseded versions younger than this stay (readers that resolved the
 #: pointer before the publish finish reading them).
 GC_GRACE_S = 3600.0
-#: The newest versions kept whatever their age (the current one always is).
-KEEP_VERSIONS = 2
+#: A version folder never published (its writer still at work, or dead) is
+#: removed this long after its id's time.
+UNPUBLISHED_AFTER_S = 24 * 3600.0
+#: Superseded versions a pointer remembers (for collection).
+HISTORY = 32
 
 
 class IncompleteTable(RuntimeError):
@@ -448,9 +451,9 @@ def check_complete(
     Raises:
         IncompleteTable: they are not (a partial copy, a collected version).
     """
-    folder = f"{root}/{part}/{pointer['version']}"
+    folder = f"{root}/{part}/{pointer.get('version')}"
     got = _describe(fs, folder)
-    want = {k: pointer[k] for k in got}
+    want = {k: pointer.get(k) for k in got}
     if got != want:
         raise IncompleteTable(
             f"{url_of(fs, folder)}: holds {got}, its pointer recorded {want}"
@@ -478,30 +481,36 @@ def collect_versions(
     root: str,
     part: str,
     grace_s: float = GC_GRACE_S,
-    keep: int = KEEP_VERSIONS,
     now_s: float | None = None,
 ) -> list[str]:
-    """Remove superseded versions of ``root/part`` older than ``grace_s`` (by
-    the time in their id, not an mtime), keeping the current one and the
-    ``keep`` newest. A version another publisher is still writing is young,
-    so it stays. Returns the removed folders."""
+    """Remove the versions of ``root/part`` no reader can still need:
+
+    * a version that was published is kept until ``grace_s`` after it was
+      *superseded* (the pointer's ``history`` records when), so a reader or
+      a job that resolved it just before a publish finishes reading it;
+    * a folder that was never published (a publisher still writing, or one
+      that died) is kept until :data:`UNPUBLISHED_AFTER_S` after its id's time;
+    * the current version always stays.
+
+    Returns the removed folders."""
     ptr = current_version(fs, root, part)
     if ptr is None:
         return []
     now_ms = 1000 * (time.time() if now_s is None else now_s)
-    names = sorted(
-        (posixpath.basename(p) for p in fs.ls(f"{root}/{part}", detail=False)),
-        reverse=True,
-    )
-    versions = [n for n in names if _version_ms(n) is not None]
+    superseded = {h["version"]: h["superseded_ms"] for h in ptr.get("history", [])}
     removed = []
-    for name in versions[keep:]:
-        ms = _version_ms(name)
-        if name == ptr["version"] or ms is None or now_ms - ms < 1000 * grace_s:
+    for path in fs.ls(f"{root}/{part}", detail=False):
+        name = posixpath.basename(path)
+        made_ms = _version_ms(name)
+        if made_ms is None or name == ptr["version"]:
             continue
-        path = f"{root}/{part}/{name}"
-        fs.rm(path, recursive=True)
-        removed.append(path)
+        if name in superseded:
+            old = now_ms - superseded[name] >= 1000 * grace_s
+        else:
+            old = now_ms - made_ms >= 1000 * UNPUBLISHED_AFTER_S
+        if old:
+            fs.rm(f"{root}/{part}/{name}", recursive=True)
+            removed.append(f"{root}/{part}/{name}")
     return removed
 
 
@@ -548,13 +557,19 @@ class publish:  # noqa: N801 - used as a context manager, reads like a function
             self._discard(self.parts)
             return
         for i, part in enumerate(self.parts):
-            pointer = {
-                "version": self.version,
-                "published_ms": int(time.time() * 1000),
-                **_describe(self.fs, self.path(part)),
-            }
-            data = json.dumps(pointer, sort_keys=True).encode()
             try:
+                now = int(time.time() * 1000)
+                old = current_version(self.fs, self.out, part)
+                history = [] if old is None else list(old.get("history", []))
+                if old is not None:
+                    history.append({"version": old["version"], "superseded_ms": now})
+                pointer = {
+                    "version": self.version,
+                    "published_ms": now,
+                    "history": history[-HISTORY:],
+                    **_describe(self.fs, self.path(part)),
+                }
+                data = json.dumps(pointer, sort_keys=True).encode()
                 _put_atomically(self.fs, f"{self.out}/{part}/{POINTER}", data)
             except BaseException:
                 self._discard(self.parts[i:])  # the parts not published
@@ -569,7 +584,8 @@ def copy_published(src_url: str, dst_url: str, part: str) -> str:
     router polls). Returns the new version id."""
     src_fs, src_root = resolve(src_url)
     dst_fs, dst_root = resolve(dst_url)
-    folder = version_folder(src_fs, src_root, part)
+    src = _published(src_fs, src_root, part, src_url)
+    folder = check_complete(src_fs, src_root, part, src)  # never copy a partial one
     with publish(dst_fs, dst_root, [part]) as v:
         for path in src_fs.find(folder):
             with src_fs.open(path, "rb") as fh:
@@ -577,4 +593,7 @@ def copy_published(src_url: str, dst_url: str, part: str) -> str:
             dst = f"{v.path(part)}{path[len(folder) :]}"
             dst_fs.makedirs(posixpath.dirname(dst), exist_ok=True)
             dst_fs.pipe_file(dst, data)
+        got = _describe(dst_fs, v.path(part))
+        if got != {k: src[k] for k in got}:
+            raise IncompleteTable(f"{dst_url}: the copy of {folder} holds {got}")
     return v.version

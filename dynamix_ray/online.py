@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, urlencode, urlparse
 
 import numpy as np
 
@@ -70,8 +70,10 @@ class RedisHistories:
         import redis
 
         parsed = urlparse(url)
-        ns = parse_qs(parsed.query).get("ns", ["dynamix"])[0]
-        clean = parsed._replace(query="").geturl()
+        query = parse_qs(parsed.query)
+        ns = query.pop("ns", ["dynamix"])[0]
+        # the other options (db=, ssl_cert_reqs=, ...) are redis-py's
+        clean = parsed._replace(query=urlencode(query, doseq=True)).geturl()
         return redis.Redis.from_url(clean, socket_timeout=5), ns
 
     @classmethod
@@ -95,7 +97,7 @@ class RedisHistories:
             have = json.loads(client.get(key))
             if have != meta:
                 raise ValueError(
-                    f"{url}: the store holds another layout ({have}); use another "
+                    f"{redact(url)}: the store holds another layout ({have}); use another "
                     "?ns= or delete it"
                 )
         return cls(client, ns, meta)
@@ -111,7 +113,7 @@ class RedisHistories:
         raw = client.get(f"dx:{ns}:meta")
         if raw is None:
             raise FileNotFoundError(
-                f"{url}: no DynamiX histories in Redis namespace {ns!r} (run "
+                f"{redact(url)}: no DynamiX histories in Redis namespace {ns!r} (run "
                 "`dynamix ingest`)"
             )
         return cls(client, ns, json.loads(raw))
@@ -126,11 +128,16 @@ class RedisHistories:
         user_id: np.ndarray,
         ts_ms: np.ndarray,
         columns: Mapping[str, np.ndarray],
+        replace: bool = False,
     ) -> int:
         """Append events (any users, any order: sorted here by user, ts), each
-        user's list trimmed to its last ``max_seq_len + margin``. Returns the
-        events written."""
-        if source not in self.dtypes:
+        user's list trimmed to its last ``max_seq_len + margin``. ``replace``:
+        these are the users' whole histories (a bootstrap): their lists are
+        replaced, so a retried task rewrites instead of appending twice.
+        Appends are not idempotent: feed each new event once (the trim keeps
+        the last appended, so a late event can push out a newer one).
+        Returns the events written."""
+        if source not in self.dtypes or len(user_id) == 0:
             return 0
         uid = np.asarray(user_id, np.int64)
         ts = np.asarray(ts_ms, np.int64)
@@ -148,6 +155,8 @@ class RedisHistories:
             # only the last `keep` of this batch can survive the trim
             lo = max(first, end - self.keep)
             key = self._key(source, int(uid[lo]))
+            if replace:
+                pipe.delete(key)
             pipe.rpush(key, *(r.tobytes() for r in rec[lo:end]))
             pipe.ltrim(key, -self.keep, -1)
             n += 2
@@ -208,6 +217,16 @@ class RedisHistories:
     def check(self) -> None:
         """Raises when the server does not answer."""
         self.client.ping()
+
+
+def redact(url: str) -> str:
+    """``url`` without its password (for messages and logs)."""
+    p = urlparse(url)
+    if p.password is None:
+        return url
+    host = p.hostname or ""
+    netloc = f"{p.username or ''}:***@{host}" + (f":{p.port}" if p.port else "")
+    return p._replace(netloc=netloc).geturl()
 
 
 def columns_of(store: HistoryStore) -> dict[str, dict[str, str]]:
@@ -274,6 +293,12 @@ def local_redis(port: int, binary: str = "redis-server") -> Iterator[str]:
         while True:
             try:
                 client.ping()
+                # ours, not another server already on that port
+                if (
+                    proc.poll() is not None
+                    or client.info("server")["process_id"] != proc.pid
+                ):
+                    raise RuntimeError(f"port {port}: another Redis answers there")
                 break
             except redis.ConnectionError:
                 if proc.poll() is not None or time.monotonic() > deadline:
@@ -306,6 +331,7 @@ def _ingest_bucket(item: dict[str, Any], store: Any, redis_url: str) -> dict[str
                 for c in hist.columns[src]
                 if c in t.column_names
             },
+            replace=True,  # a bucket holds its users' whole histories
         )
     return out
 

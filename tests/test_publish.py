@@ -233,18 +233,32 @@ def test_two_publishers_at_once_and_a_reader_never_see_a_mix(where):
 
 
 def test_old_versions_are_collected_after_the_grace_period(where):
+    """Grace counts from when a version was superseded, not from its id's
+    time; a folder never published waits a day; the current one stays."""
     fs, root = where
     tags = [_write(fs, root, i) for i in range(4)]
-    folders = lambda: sorted(  # noqa: E731
-        p.rsplit("/", 1)[-1]
-        for p in fs.ls(f"{root}/table", detail=False)
-        if not p.endswith(POINTER)
-    )
-    assert folders() == sorted(tags)  # all young: none collected
+
+    def folders() -> list[str]:
+        return sorted(
+            p.rsplit("/", 1)[-1]
+            for p in fs.ls(f"{root}/table", detail=False)
+            if not p.endswith(POINTER)
+        )
+
+    assert folders() == sorted(tags)  # all just superseded: none collected
+    # a folder some publisher left unpublished, from long ago
+    stale = f"v{int((time.time() - 2 * 86400) * 1000):013d}-deadbeef00"
+    fs.makedirs(f"{root}/table/{stale}", exist_ok=True)
+    write_json(fs, f"{root}/table/{stale}/_meta.json", {"tag": -1})
+    assert collect_versions(fs, root, "table", grace_s=60, now_s=time.time() + 10) == [
+        f"{root}/table/{stale}"
+    ]
+    assert folders() == sorted(tags)  # superseded 10 s ago < 60 s: kept
     removed = collect_versions(fs, root, "table", grace_s=60, now_s=time.time() + 61)
-    assert len(removed) == 2
-    assert folders() == sorted(tags)[-2:]  # the current one and the one before
+    assert len(removed) == 3 and folders() == [tags[-1]]
     assert _read(fs, root) == 3
+    history = current_version(fs, root, "table")["history"]
+    assert [h["version"] for h in history] == tags[:3]
 
 
 # ------------------------------------------------------------ the serving side

@@ -337,3 +337,10 @@ def test_shared_histories_answer_like_the_snapshot_and_map_one_copy(
         assert got.keys() == want.keys()
         for k in want:
             np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    # a new published version replaces the node's copy (the old maps stay valid)
+    run_histories(tiny_events, out, None, 8, progress=False)
+    c = open_shared_histories(out, cache)
+    (home,) = os.listdir(cache)
+    assert sorted(os.listdir(os.path.join(cache, home))) == [".lock", c.version]
+    assert c.version != a.version and len(a.rows(users[:3])) > 0
+    assert oct(os.stat(cache).st_mode & 0o777) == "0o700"

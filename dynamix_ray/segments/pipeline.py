@@ -422,7 +422,10 @@ def read_segment_bucket(out_url: str, bucket: int, version: str) -> pa.Table:
     (empty when the bucket had no kept impression). Tasks get the version
     the driver resolved, so that a publish mid-run cannot mix two tables."""
     fs, root = resolve(out_url)
-    path = bucket_path(version_folder(fs, root, "segments", version), bucket)
+    folder = version_folder(fs, root, "segments", version)
+    if not fs.exists(f"{folder}/_meta.json"):  # collected, or never whole
+        raise FileNotFoundError(f"{url_of(fs, folder)}: segment version is gone")
+    path = bucket_path(folder, bucket)
     if not fs.exists(path):
         return SEGMENT_SCHEMA.empty_table()
     with fs.open(path, "rb") as fh:

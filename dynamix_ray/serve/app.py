@@ -50,7 +50,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -636,7 +636,9 @@ class Router:
             left = deadline - time.monotonic()
             try:
                 return await asyncio.wait_for(_awaited(response), max(left, 0.001))
-            except TimeoutError:
+            except TimeoutError as e:
+                if isinstance(e, RayError):  # the ranker's own TimeoutError: a 500
+                    raise
                 response.cancel()
                 raise Deadline(
                     f"no answer within {self.cfg.request_timeout_s} s"
