@@ -271,7 +271,7 @@ def router_overhead(args, traffic) -> dict[str, Any]:
         ranker.rank.remote(u, traffic.ts, c).result(timeout_s=60)
         direct.append(1000 * (time.perf_counter() - t0))
         t0 = time.perf_counter()
-        router.rank.remote(reqs[i % len(reqs)]).result(timeout_s=60)
+        router.rank_parsed.remote(reqs[i % len(reqs)]).result(timeout_s=60)
         routed.append(1000 * (time.perf_counter() - t0))
         t0 = time.perf_counter()
         RankRequest.model_validate_json(b)

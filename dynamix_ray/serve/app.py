@@ -683,6 +683,13 @@ class Router:
         if isinstance(req, JSONResponse):
             return req
         assert isinstance(req, RankRequest)
+        return await self.rank_parsed(req, t0)
+
+    async def rank_parsed(self, req: RankRequest, t0: float | None = None) -> Any:
+        """The answer to a validated request: what ``/rank`` does after
+        parsing (benchmarks/serve_load.py calls it through the Router's handle
+        to time the router -> ranker hop without HTTP)."""
+        t0 = time.perf_counter() if t0 is None else t0
         table = self.segments
         if table is None:
             return self._refuse(
