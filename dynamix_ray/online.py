@@ -207,12 +207,10 @@ class RedisHistories:
             s for s in self.columns if features is None or list(features.attrs(s))
         ]
         q = np.asarray(user_ids, np.int64)
-        t = (
-            np.full(len(q), int(time.time() * 1000) + buffer_ms, np.int64)
-            if ts_ms is None
-            else ts_ms
+        # events_of's store is as of now: ts None cuts at now, as the snapshot's rule
+        return self.events_of(q, sources).rows(
+            q, ts_ms, features, buffer_ms, max_seq_len
         )
-        return self.events_of(q, sources).rows(q, t, features, buffer_ms, max_seq_len)
 
     def check(self) -> None:
         """Raises when the server does not answer."""

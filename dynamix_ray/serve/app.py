@@ -575,22 +575,8 @@ class Router:
         """Swap in the published segment table if it is newer; ``True`` if so.
         Errors keep the current table; they are counted and logged, and a
         version that failed waits (backoff) before it is read again."""
-        try:
-            published = segments_version(self.cfg.segments)
-        except Exception as e:  # noqa: BLE001 - the store is down: keep serving
-            self.watch.note_failure(e, None)
-            log.warning("segments: cannot read the pointer: %s", e)
-            return False
-        swapped = self.watch.poll(published)
-        if swapped:
-            log.info("segments: now version %s", published)
-        elif self.watch.last_error and published in self.watch._failed:
-            log.warning(
-                "segments: version %s failed to load, keeping the old table: %s",
-                published,
-                self.watch.last_error,
-            )
-        return swapped
+        url = self.cfg.segments
+        return self.watch.refresh(lambda: segments_version(url), "segments")
 
     def _authorized(self, request: Request) -> bool:
         if self.api_key is None:
@@ -810,13 +796,7 @@ class Retriever:
 
     def _poll(self) -> None:
         while not self._stop.wait(self._interval):
-            try:
-                published = self._version()
-            except Exception as e:  # noqa: BLE001 - keep the current table
-                self.watch.note_failure(e, None)
-                continue
-            if self.watch.poll(published):
-                log.info("candidates: now version %s", published)
+            self.watch.refresh(self._version, "candidates")
 
     def candidates(self, user_id: int, k: int) -> dict[str, Any]:
         table = self.watch.current

@@ -18,6 +18,7 @@ core: which version to try when, and whether the app is healthy.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -142,6 +143,7 @@ def read_segment_store(url: str) -> SegmentStore:
 
 
 T = TypeVar("T")
+log = logging.getLogger("ray.serve")
 
 
 @dataclass
@@ -195,6 +197,28 @@ class TableWatch(Generic[T]):
         self.failures = 0
         self._failed.pop(published, None)
         return True
+
+    def refresh(self, version: Callable[[], str | None], name: str) -> bool:
+        """One reload check: the published version (``version()``, whose
+        errors count as failed reloads), then :meth:`poll`; logged as
+        ``name``. What the router's and the retriever's pollers call."""
+        try:
+            published = version()
+        except Exception as e:  # noqa: BLE001 - the store is down: keep serving
+            self.note_failure(e, None)
+            log.warning("%s: cannot read the pointer: %s", name, e)
+            return False
+        swapped = self.poll(published)
+        if swapped:
+            log.info("%s: now version %s", name, published)
+        elif self.last_error and published in self._failed:
+            log.warning(
+                "%s: version %s failed to load, keeping the old table: %s",
+                name,
+                published,
+                self.last_error,
+            )
+        return swapped
 
     def note_failure(
         self, err: Exception, version: str | None, tries: int = 0, now: float = 0.0
