@@ -167,7 +167,7 @@ def _ts_ms_sql(files_glob: str, con: Any) -> str:
 def duckdb_sql(
     plain: str, cfg: SegmentConfig, epsilon: float, origin: int, out_file: str, con: Any
 ) -> str:
-    """SPEC §2 as one query: validation, denoising, ASOF near-labels, per (user,
+    """docs/contract.md §2 as one query: validation, denoising, ASOF near-labels, per (user,
     window) moments, corr, w_mle and segment; written to ``out_file``."""
     imp_glob = f"{plain}/ad_impressions/**/*.parquet"
     conv_glob = f"{plain}/conversions/**/*.parquet"

@@ -26,7 +26,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate",
         help="write synthetic EBFs with planted, recorded ground truth",
-        description="Write the four EBF sources (SPEC §1) and OUT/_truth/ (what "
+        description="Write the four EBF sources (docs/contract.md §1) and OUT/_truth/ (what "
         "was planted: segments, interest clusters, no-signal attributes, bad rows).",
     )
     p.add_argument("out", help="dataset root (any fsspec URL)")
@@ -178,7 +178,9 @@ def _add_bucket(sub: argparse._SubParsersAction) -> None:
         "OUT/_bucketing.json. segment, train, histories and embed read it bucket "
         "by bucket; given plain input they bucket it first themselves.",
     )
-    p.add_argument("events", help="dataset root (SPEC §1; plain or --bucketed)")
+    p.add_argument(
+        "events", help="dataset root (docs/contract.md §1; plain or --bucketed)"
+    )
     p.add_argument("out", help="the event store's root (any fsspec URL)")
     p.add_argument(
         "--num-buckets",
@@ -196,11 +198,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="segment-conditional training of the sequence CTR model on Ray Train",
-        description="Build samples (SPEC §6) on Ray Data, train with a TorchTrainer "
+        description="Build samples (docs/contract.md §6) on Ray Data, train with a TorchTrainer "
         "(DDP when --num-workers > 1), evaluate on the last day, and write "
         "checkpoints and OUT/metrics.json. Re-running with the same OUT resumes.",
     )
-    p.add_argument("events", help="dataset root (SPEC §1)")
+    p.add_argument("events", help="dataset root (docs/contract.md §1)")
     p.add_argument("segments", help="output root of `dynamix segment`")
     p.add_argument("out", help="output folder (checkpoints, metrics.json)")
     p.add_argument(
@@ -335,7 +337,7 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
         + ". Re-running with the same OUT resumes each run.",
     )
     p.add_argument("kind", choices=sorted(ARMS), help="which table's arms")
-    p.add_argument("events", help="dataset root (SPEC §1)")
+    p.add_argument("events", help="dataset root (docs/contract.md §1)")
     p.add_argument("segments", help="output root of `dynamix segment`")
     p.add_argument("out", help="output folder (runs/, results.json, report/)")
     p.add_argument(
@@ -418,7 +420,7 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
         "OUT/_meta.json. A re-run with a later --as-of and the same model embeds "
         "only users with new events and keeps the rest.",
     )
-    p.add_argument("events", help="dataset root (SPEC §1)")
+    p.add_argument("events", help="dataset root (docs/contract.md §1)")
     p.add_argument(
         "checkpoint", help="a `dynamix train` OUT folder or a checkpoint folder"
     )
@@ -537,7 +539,7 @@ def _add_histories(sub: argparse._SubParsersAction) -> None:
         "OUT/histories/_meta.json "
         "(Ray Data task per user bucket). `dynamix serve` ranks from it.",
     )
-    p.add_argument("events", help="dataset root (SPEC §1)")
+    p.add_argument("events", help="dataset root (docs/contract.md §1)")
     p.add_argument("out", help="output folder")
     _add_as_of(p)
     p.add_argument("--max-seq-len", type=int, default=64)
@@ -550,12 +552,12 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
         help="append events to the Redis online store the rankers read (fresh histories)",
         description="Append every event of EVENTS to users' histories in Redis "
         "(created on first use): an event store bucket by bucket in Ray tasks "
-        "(the bootstrap), event files (SPEC §1: new files as they land) in "
+        "(the bootstrap), event files (docs/contract.md §1: new files as they land) in "
         "this process. `dynamix serve --histories redis://...` then ranks from "
         "it; a request sees an event as soon as it is appended and older than "
         "its ts - 60 s.",
     )
-    p.add_argument("events", help="an event store or SPEC §1 event files")
+    p.add_argument("events", help="an event store or docs/contract.md §1 event files")
     p.add_argument(
         "redis",
         help="redis://HOST:PORT/DB?ns=NAME (ns: a namespace; default dynamix)",
@@ -575,7 +577,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
         help="the Ray Serve app: router + ActiveRanker + PassiveRanker",
-        description="Deploy the ranking app (SPEC §5) on the Ray cluster in "
+        description="Deploy the ranking app (docs/contract.md §5) on the Ray cluster in "
         "RAY_ADDRESS, else on a local Ray, and block until Ctrl-C (--detach, "
         "with RAY_ADDRESS: leave it running and exit). Either --config (a Serve config file such "
         "as serve_configs/dynamix.yaml; its first application's args) or the "

@@ -49,7 +49,7 @@ def format_duration(seconds: float) -> str:
 
 @dataclass(frozen=True)
 class SegmentConfig:
-    """Parameters of the DynamiX statistic (SPEC §2, paper §3.1–3.2).
+    """Parameters of the DynamiX statistic (docs/contract.md §2, paper §3.1–3.2).
 
     Args:
         window_s: segmentation window length; windows tile time aligned to UTC

@@ -3,14 +3,14 @@ and sorted (``dynamix bucket``; docs/data-path.md, "Bucket once").
 
 Every stage that needs whole users (segment, samples, histories, embed,
 retrieval evaluation) reads one bucket of the store per task, and nothing else.
-The store is itself a valid SPEC §1 dataset, so any reader can read it::
+The store is itself a valid docs/contract.md §1 dataset, so any reader can read it::
 
     ROOT/_bucketing.json          num_buckets, hash "splitmix64", layout "compact-v1",
                                   rows and ts range per source, input fingerprint,
                                   rejects per reason
     ROOT/<source>/bucket=KKKKK/part-0.parquet
                                   the bucket's valid rows sorted by (user_id, ts),
-                                  ``ts`` int64 epoch ms, attributes in their SPEC
+                                  ``ts`` int64 epoch ms, attributes in their contract
                                   types (int8 enums, int16 position, int32 category)
     ROOT/rejects/*.parquet        every invalid input row, with its reason
 
@@ -93,7 +93,7 @@ _DAY_MS = 86_400_000
 def store_schema(source: str, present: Iterable[str]) -> pa.Schema:
     """Columns of ``source`` in the store: ``user_id``, ``ts`` (int64 ms),
     ``dwell_ms`` (float64 for ad impressions, where the statistic reads it;
-    float32 elsewhere, where only the model does), the attributes in their SPEC
+    float32 elsewhere, where only the model does), the attributes in their contract
     types, and ``country`` (int16) when the input has it."""
     src = SOURCES[source]
     fields = [pa.field("user_id", pa.int64()), pa.field("ts", pa.int64())]
@@ -454,7 +454,7 @@ def run_bucket(
     docstring); the store and its rejects are committed atomically.
 
     Args:
-        events_url: a SPEC §1 dataset root (plain or ``generate --bucketed``).
+        events_url: a docs/contract.md §1 dataset root (plain or ``generate --bucketed``).
         out_url: the store's root (any fsspec URL).
         num_buckets: user-hash buckets (``None``: :func:`default_num_buckets`;
             bucketed input keeps its own count).

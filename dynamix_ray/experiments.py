@@ -15,7 +15,7 @@ same later day, and measures per arm and seed:
 * the speed-ups FLOPs predict for the same traffic.
 
 Epsilon is reported two ways: the segment table's (calibrated to an active
-share, SPEC §2) and the paper's "maximise NE separation between the two
+share, docs/contract.md §2) and the paper's "maximise NE separation between the two
 segments", swept with the first seed's baseline on the evaluation rows
 (:mod:`segments.epsilon`). Everything lands in ``OUT/results.json`` (per arm:
 mean, std and per-seed values of each figure) and ``OUT/report/`` (:mod:`report`).

@@ -1,4 +1,4 @@
-"""Feature policies (SPEC §4) and segment-conditional model batches.
+"""Feature policies (docs/contract.md §4) and segment-conditional model batches.
 
 Plain numpy / torch (no Ray). A batch of samples (the flat columns of
 :func:`dynamix_ray.samples.build_samples`) is split by segment
@@ -65,7 +65,7 @@ __all__ = [
     "to_model_batch",
 ]
 
-#: The feature policies of SPEC §4.
+#: The feature policies of docs/contract.md §4.
 POLICIES = (
     "baseline",
     "remove-active",

@@ -7,7 +7,7 @@ timestamp and attributes, sorted by (user, ts) — the layout of a bucket of the
 event store (``events.py``). Training batches, serving requests and ALURE's
 user tower all take their histories from it with the same two functions:
 
-* :func:`history_window` — THE rule (SPEC §6): a query ``(user, bound)`` gets
+* :func:`history_window` — THE rule (docs/contract.md §6): a query ``(user, bound)`` gets
   the user's last ``max_len`` events with ``ts < bound`` (``bound = t -
   buffer``), newest last;
 * :func:`gather` — those windows as right-aligned ``(B, W)`` arrays plus a
@@ -92,7 +92,7 @@ def last_at_or_before(
     """Each query's value of its user's last row with ``time <= t``.
 
     The rule behind "the segment of the last window that ended at or before
-    t" (SPEC §2), for training (``samples.segment_at``) and serving
+    t" (docs/contract.md §2), for training (``samples.segment_at``) and serving
     (``serve.store.SegmentStore``) alike.
 
     Args:

@@ -212,7 +212,7 @@ def run_histories(
     ``OUT/histories/``, published atomically; returns its ``_meta.json``.
 
     Args:
-        events_url: an event store or a SPEC §1 dataset (bucketed once into
+        events_url: an event store or a docs/contract.md §1 dataset (bucketed once into
             ``OUT/events`` when it is not a store).
     """
     t0 = time.perf_counter()

@@ -121,7 +121,7 @@ class LoaderSpec:
         store_url / num_buckets / store_meta: the event store (picklable).
         policy, removed: the feature policy (``features.POLICIES``).
         max_seq_len: L per source.
-        buffer_ms: the history bound is ``t - buffer`` (SPEC §6).
+        buffer_ms: the history bound is ``t - buffer`` (docs/contract.md §6).
         cache_bytes: the :class:`EventCache` budget per worker.
         available: what the store can give (:func:`store_features`).
         alure: a ``dynamix embed --daily`` OUT: each row also gets its user's

@@ -236,7 +236,7 @@ def columns_of(store: HistoryStore) -> dict[str, dict[str, str]]:
 
 
 def default_columns() -> dict[str, dict[str, str]]:
-    """The layout of every SPEC §1 history source: the event store's column
+    """The layout of every docs/contract.md §1 history source: the event store's column
     types (``events.store_schema``), as the snapshot holds them."""
     from dynamix_ray.events import store_schema
 
@@ -343,7 +343,7 @@ def ingest(
 ) -> dict[str, Any]:
     """Append every event of ``events_url`` to the Redis histories at
     ``redis_url`` (created on first use). An event store is ingested bucket by
-    bucket in Ray tasks (a bootstrap at scale); event files (SPEC §1, e.g. the
+    bucket in Ray tasks (a bootstrap at scale); event files (docs/contract.md §1, e.g. the
     last minutes' new files) are validated and appended in this process.
     Returns the events written per source and the seconds taken."""
     from dynamix_ray.alure.evaluate import read_events_frame

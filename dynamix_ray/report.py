@@ -294,7 +294,7 @@ def _dwell_data(
     max_users: int = 400,
     seed: int = 0,
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Log dwell near / far from conversions (SPEC §2's near rule and dwell
+    """Log dwell near / far from conversions (docs/contract.md §2's near rule and dwell
     bounds of the segment table's ``cfg``), for up to ``max_users`` users
     per planted kind."""
     import pandas as pd

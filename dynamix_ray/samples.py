@@ -1,4 +1,4 @@
-"""Training samples (SPEC §6; docs/data-path.md, "Compact samples").
+"""Training samples (docs/contract.md §6; docs/data-path.md, "Compact samples").
 
 One sample per valid ad impression at time ``t`` of user ``u``:
 
@@ -110,7 +110,7 @@ class SampleConfig:
     Args:
         max_seq_len: L, events per history source.
         buffer_s / horizon_s: the label's interval and the history bound, as
-            in the statistic (SPEC §2, §6).
+            in the statistic (docs/contract.md §2, §6).
         eval_days: last full days held out for evaluation.
     """
 
@@ -433,7 +433,7 @@ def _samples_task(
         if "ad_id" not in rows:
             raise SchemaError(
                 f"{store.url}: '{name}' has no 'ad_id' column; a sample's label "
-                "(a conversion on the same ad, SPEC §6) needs it in both sources"
+                "(a conversion on the same ad, docs/contract.md §6) needs it in both sources"
             )
     url, version = segments
     seg = segment_rows(read_segment_bucket(url, b, version))

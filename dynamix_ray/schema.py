@@ -1,4 +1,4 @@
-"""EBF sources (SPEC §1), validation of rows, and the rejects they produce.
+"""EBF sources (docs/contract.md §1), validation of rows, and the rejects they produce.
 
 Every reader goes through :func:`validate`: it normalises ``ts`` (Parquet
 timestamp of any unit, or int64 epoch ms) to int64 epoch milliseconds in a column
@@ -249,7 +249,7 @@ class Validated:
 def validate(
     table: pa.Table, source: Source, file: str = "", columns: list[str] | None = None
 ) -> Validated:
-    """Split ``table`` of ``source`` into valid rows and rejects (SPEC §1).
+    """Split ``table`` of ``source`` into valid rows and rejects (docs/contract.md §1).
 
     Args:
         table: rows as read; must hold the source's required columns.

@@ -1,4 +1,4 @@
-"""Segment-conditional training on Ray Train (SPEC §4, §6, §7;
+"""Segment-conditional training on Ray Train (docs/contract.md §4, §6, §7;
 docs/data-path.md, "Streamed, deterministic, resumable").
 
 ``run_train`` builds (or reuses) the compact sample table
@@ -699,7 +699,7 @@ def prepare_train_data(
     alure: str | None = None,
     progress: bool = True,
 ) -> TrainData:
-    """Build (or reuse) the compact samples (SPEC §6) at ``OUT/samples/``, split
+    """Build (or reuse) the compact samples (docs/contract.md §6) at ``OUT/samples/``, split
     by time: the last ``samples.eval_days`` full days are evaluated on."""
     samples = samples or SampleConfig()
     alure = absolute_url(alure) if alure else None  # read by the workers

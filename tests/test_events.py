@@ -81,7 +81,7 @@ def test_every_layout_gives_the_same_store(
         other = run_bucket(
             plain, f"memory://st-{uuid.uuid4().hex[:8]}", 3, progress=False
         )
-    else:  # the store is a SPEC §1 dataset itself: re-bucketing it changes nothing
+    else:  # the store is a docs/contract.md §1 dataset itself: re-bucketing it changes nothing
         other = run_bucket(shuffled.url, str(tmp_path / "again"), 3, progress=False)
         assert other.meta["rejected_total"] == 0
     mine, theirs = _tables(shuffled), _tables(other)

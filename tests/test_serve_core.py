@@ -163,7 +163,7 @@ def test_ranker_scores_equal_the_model_on_repeated_rows(tmp_path, policy, segmen
     assert [len(g) for g in got] == [3, 1, 4]
 
     idx = np.repeat(np.arange(3), [3, 1, 4])
-    # SPEC §6: the last 8 events before t - 60 s, the same rule as training
+    # docs/contract.md §6: the last 8 events before t - 60 s, the same rule as training
     hist = store.rows(np.array(users), np.array(ts), None, 60_000, 8)
     cols = {k: v[idx] for k, v in hist.items()}
     cols["t_ms"] = np.array(ts)[idx]

@@ -4,7 +4,7 @@ The embedding is asynchronous: a daily job (``dynamix embed --daily``) embeds
 every user as of each UTC midnight with a trained model's user tower. A sample
 at time ``t`` gets the embedding of the last midnight at or before
 ``t - buffer_s``: built only from events before that midnight, so nothing the
-sample's own history may not see (SPEC §6: events before ``t - buffer_s``)
+sample's own history may not see (docs/contract.md §6: events before ``t - buffer_s``)
 leaks in, and up to a day stale, as a daily job's output is in production.
 Users without an embedding that day get zeros.
 

@@ -3,7 +3,7 @@
 
 The model is built once with the *union* of every attribute a feature policy may
 ever ask for; a ``FeatureSet`` then picks, per forward pass, which attributes of
-which source to use. One set of weights serves every policy (SPEC §4), and a
+which source to use. One set of weights serves every policy (docs/contract.md §4), and a
 narrower ``FeatureSet`` does less work: unused look-ups, projection columns and
 whole source encoders are skipped.
 """
@@ -27,7 +27,7 @@ __all__ = [
 #: The pseudo-attribute name of ln(1 + dwell_ms) in a ``FeatureSet``.
 DWELL = "dwell_ms"
 
-#: Every attribute of every EBF source (SPEC §1), dwell first where it exists.
+#: Every attribute of every EBF source (docs/contract.md §1), dwell first where it exists.
 SOURCE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     name: ((DWELL,) if src.has_dwell else ()) + tuple(src.attributes)
     for name, src in SOURCES.items()

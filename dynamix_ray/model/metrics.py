@@ -1,4 +1,4 @@
-"""Offline metrics of CTR predictions: normalized entropy (SPEC §7) and AUC.
+"""Offline metrics of CTR predictions: normalized entropy (docs/contract.md §7) and AUC.
 
 Both take logits or scores as numpy arrays or tensors and return a float;
 both are computed in float64 numpy, so they are exact enough to compare arms.

@@ -1,5 +1,5 @@
 """``dynamix segment``: the statistic on Ray Data, one task per user bucket
-(SPEC §2–3; docs/data-path.md, "Segments per bucket").
+(docs/contract.md §2–3; docs/data-path.md, "Segments per bucket").
 
 Flow (each pass a Ray Data task per bucket of the event store, the logic in
 ``stats.py``; nothing per row or per user reaches the driver):
@@ -15,7 +15,7 @@ Flow (each pass a Ray Data task per bucket of the event store, the logic in
    would on every eligible row, but by a few passes of small questions over
    the buckets' statistics (``select.py``: histograms refined to the exact
    rank), so that no ``|corr|`` array is ever gathered;
-4. **finalize**: per bucket, the SPEC §3 columns into
+4. **finalize**: per bucket, the docs/contract.md §3 columns into
    ``OUT/segments/bucket=K/part-0.parquet``; the sample builder joins them
    bucket by bucket.
 
@@ -222,7 +222,7 @@ def _fold(question: Any, answers: Any) -> Any:
 def _finalize_task(
     item: dict[str, Any], tables: dict[str, str], cfg: SegmentConfig, epsilon: float
 ) -> dict[str, Any]:
-    """Pass 4: one bucket's SPEC §3 rows, written; active rows returned."""
+    """Pass 4: one bucket's docs/contract.md §3 rows, written; active rows returned."""
     fs, folder = resolve(tables["segments"])
     table = _segment_table(_read_stats(tables, item["bucket"]), cfg, epsilon)
     write_parquet(fs, bucket_path(folder, item["bucket"]), table)
@@ -250,10 +250,10 @@ def run_segment(
     *,
     progress: bool = True,
 ) -> SegmentResult:
-    """Segment users per window: ``OUT/segments/`` (SPEC §3), ``OUT/stats/``.
+    """Segment users per window: ``OUT/segments/`` (docs/contract.md §3), ``OUT/stats/``.
 
     Args:
-        events_url: an event store (``dynamix bucket``) or any SPEC §1 dataset
+        events_url: an event store (``dynamix bucket``) or any docs/contract.md §1 dataset
             root (then bucketed once into ``OUT/events/``, rejects in
             ``OUT/events/rejects/``).
         out_url: output root; ``segments/`` and ``stats/`` are replaced

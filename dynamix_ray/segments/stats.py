@@ -1,4 +1,4 @@
-"""The DynamiX statistic (SPEC §2): a vectorised kernel and its plain reference.
+"""The DynamiX statistic (docs/contract.md §2): a vectorised kernel and its plain reference.
 
 Pipeline per (user, window) group:
 
@@ -9,7 +9,7 @@ Pipeline per (user, window) group:
    sufficient statistics (Chan et al.): :func:`merge_stats` combines partial
    statistics of the same group exactly, so days and windows add up without
    re-reading events.
-4. :func:`finalize` turns them into the SPEC §3 columns: variances (ddof=1),
+4. :func:`finalize` turns them into the docs/contract.md §3 columns: variances (ddof=1),
    ``corr`` (Eq. 8), ``w_mle`` (Eq. 7, equal variances) and ``segment`` (Eq. 9).
 
 :func:`compute_stats` is the fast kernel (hash factorisation, one
@@ -83,7 +83,7 @@ def near_mask(
 ) -> np.ndarray:
     """``near[i]``: user ``code[i]`` has a conversion in ``[ts-buffer, ts+horizon]``.
 
-    The one near/far rule (SPEC §2 step 2): the statistic, the samples' label
+    The one near/far rule (docs/contract.md §2 step 2): the statistic, the samples' label
     (with codes of (user, ad) pairs) and the generator all call it.
 
     One composite key ``code * span + (ts - base)`` orders conversions by user then
@@ -322,7 +322,7 @@ def merge_stats(*parts: Stats) -> Stats:
 
 
 def finalize(stats: Stats, cfg: SegmentConfig, epsilon: float) -> dict[str, np.ndarray]:
-    """SPEC §3 columns from partial statistics; rows without kept impressions go.
+    """docs/contract.md §3 columns from partial statistics; rows without kept impressions go.
 
     Nullable float columns are returned as float64 with NaN for null. ``w_mle``
     is null where ``corr`` is, and where the pooled variance is 0 (all kept dwell

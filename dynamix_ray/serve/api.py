@@ -1,8 +1,8 @@
-"""The HTTP contract of SPEC §5 as pydantic models, and how errors read.
+"""The HTTP contract of docs/contract.md §5 as pydantic models, and how errors read.
 
 Strict validation, so bad input never reaches a model:
 
-* every candidate attribute of SPEC §1 is required, must be a JSON integer
+* every candidate attribute of docs/contract.md §1 is required, must be a JSON integer
   (``7`` or ``7.0``, as JSON Schema's ``integer``; not ``7.5``, a string or
   a bool) in the range of its column type (ids int64,
   ``category_id`` int32, ``media_type`` / ``surface`` int8, ``position``
@@ -81,7 +81,7 @@ Instant = json_int(
     description="epoch milliseconds (default: the server's now)",
 )
 
-#: One candidate ad: the ad-impression attributes of SPEC §1, all required.
+#: One candidate ad: the ad-impression attributes of docs/contract.md §1, all required.
 Candidate: type[BaseModel] = cast(Any, create_model)(
     "Candidate",
     __config__=_STRICT,

@@ -1,4 +1,4 @@
-"""The Ray Serve application (SPEC §5): a router and two rankers.
+"""The Ray Serve application (docs/contract.md §5): a router and two rankers.
 
 ::
 

@@ -109,7 +109,7 @@ class Ranker:
 
         counts = np.array([len(c) for c in candidates], np.int64)
         t_ms = np.asarray(ts_ms, np.int64)
-        # as in training (SPEC §6, gather.history_window): the last L events
+        # as in training (docs/contract.md §6, gather.history_window): the last L events
         # before t - buffer, also when a request's ts is before the snapshot's
         cols = self.histories.rows(
             np.asarray(user_ids, np.int64),

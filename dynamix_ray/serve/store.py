@@ -1,6 +1,6 @@
 """The router's segment store: who is active at an instant, in compact numpy.
 
-Plain numpy (no Ray, no Serve). SPEC §5: a request's segment is the one of the
+Plain numpy (no Ray, no Serve). docs/contract.md §5: a request's segment is the one of the
 user's latest window that ended at or before the request's ``ts``; users with
 none are passive.
 
