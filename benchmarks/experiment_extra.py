@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dynamix_ray.report import results_inputs
+
 
 def inference_by_candidates(
     results: dict[str, Any], root: Path, counts: list[int], rounds: int, n: int
@@ -45,10 +47,10 @@ def inference_by_candidates(
     )
     from dynamix_ray.histories import read_histories
     from dynamix_ray.loader import features_of
-    from dynamix_ray.train import load_checkpoint
+    from dynamix_ray.model.checkpoint import load_checkpoint
 
     arms = list(results["arms"])
-    inputs = results["inputs"]
+    inputs = results_inputs(str(root), results)
     hist = read_histories(str(root / "histories"))
     removed = tuple(results["removed"])
     ckpt = {
@@ -116,8 +118,8 @@ def planted_removal(results: dict[str, Any], root: Path) -> dict[str, Any]:
     from dynamix_ray.train import TrainConfig, prepare_train_data, run_train
 
     cfg = results["config"]
-    inputs = results["inputs"]
-    samples = SampleConfig(max_seq_len=cfg["max_seq_len"])
+    inputs = results_inputs(str(root), results)
+    samples = SampleConfig(**cfg["samples"])
     data = prepare_train_data(
         inputs["events"], inputs["segments"], str(root), samples, progress=False
     )
@@ -133,7 +135,7 @@ def planted_removal(results: dict[str, Any], root: Path) -> dict[str, Any]:
             seed=seed,
             importance_rows=0,
             samples=samples,
-            model=ModelConfig(max_seq_len=cfg["max_seq_len"]),
+            model=ModelConfig(max_seq_len=samples.max_seq_len),
         )
         t0 = time.perf_counter()
         m = run_train(

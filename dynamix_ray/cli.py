@@ -7,14 +7,18 @@ a local Ray. ``pipelines/<name>.py`` run the same functions as Ray jobs.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import logging
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 from dynamix_ray.config import GenerateConfig, SegmentConfig, parse_duration_s
+from dynamix_ray.features import POLICIES
+from dynamix_ray.inputs import check_checkpoint, check_events, check_table
+from dynamix_ray.runtime import configure_logging, ray_logs_hint
+from dynamix_ray.samples import SampleConfig
 
 __all__ = ["build_parser", "main"]
 
@@ -22,8 +26,50 @@ _SEG = SegmentConfig()
 _GEN = GenerateConfig()
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every flag's default, except where there is none to show (a
+    ``None`` default or an off switch) or the help text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        if not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _common(progress: bool) -> argparse.ArgumentParser:
+    """Flags every command takes: ``-v`` works before or after the command."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="info logs, and Ray's worker logs on this terminal",
+    )
+    if progress:
+        p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return p
+
+
+def _command(
+    sub: argparse._SubParsersAction, name: str, progress: bool = True, **kw: Any
+) -> argparse.ArgumentParser:
+    """A subcommand parser: defaults in ``--help``, ``-v``, ``--no-progress``
+    (for the commands that show progress)."""
+    return cast(
+        argparse.ArgumentParser,
+        sub.add_parser(
+            name, formatter_class=_Formatter, parents=[_common(progress)], **kw
+        ),
+    )
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "generate",
         help="write synthetic EBFs with planted, recorded ground truth",
         description="Write the four EBF sources (docs/contract.md §1) and OUT/_truth/ (what "
@@ -105,7 +151,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_segment(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "segment",
         help="per-user, per-window active/passive segmentation on Ray Data",
         description="Compute the DynamiX statistic per (user, window) and write "
@@ -161,14 +208,14 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="hash buckets for unbucketed input (default: from data size)",
     )
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument(
         "--json", action="store_true", help="print _meta.json, not a summary"
     )
 
 
 def _add_bucket(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "bucket",
         help="bucket events by user hash once: the event store every stage reads",
         description="Validate every input row (rejects counted and written to "
@@ -188,14 +235,14 @@ def _add_bucket(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="user-hash buckets (default: ~2M events each, at least one per CPU)",
     )
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from dynamix_ray.train import TrainConfig
 
     t = TrainConfig()
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "train",
         help="segment-conditional training of the sequence CTR model on Ray Train",
         description="Build samples (docs/contract.md §6) on Ray Data, train with a TorchTrainer "
@@ -208,13 +255,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--policy",
         default=t.policy,
-        choices=(
-            "baseline",
-            "remove-active",
-            "remove-passive",
-            "boost-all",
-            "boost-selective",
-        ),
+        choices=POLICIES,
+        help="the feature policy: docs/contract.md §4",
     )
     p.add_argument(
         "--removed",
@@ -238,10 +280,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="add each sample's ALURE user embedding (a `dynamix embed --daily` "
         "OUT; as of the last midnight before the sample) to the CTR head",
     )
-    p.add_argument("--epochs", type=int, default=t.epochs)
-    p.add_argument("--batch-size", type=int, default=t.batch_size)
-    p.add_argument("--lr", type=float, default=t.lr)
-    p.add_argument("--seed", type=int, default=t.seed)
+    p.add_argument(
+        "--epochs", type=int, default=t.epochs, help="passes over the samples"
+    )
+    p.add_argument("--batch-size", type=int, default=t.batch_size, help="rows per step")
+    p.add_argument("--lr", type=float, default=t.lr, help="Adam learning rate")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=t.seed,
+        help="weights, block order and shuffle: the same seed gives the same run",
+    )
     p.add_argument(
         "--num-workers",
         type=int,
@@ -254,7 +303,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         default=t.cpus_per_worker,
         help="CPUs each worker reserves; leave some for Ray Data to feed them",
     )
-    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
     p.add_argument(
         "--mixed-precision",
         action="store_true",
@@ -279,42 +328,56 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="events per history source (recorded in the checkpoint; serving "
         "and ALURE read it from there)",
     )
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    from dynamix_ray.demo import DemoConfig
+
+    d = DemoConfig()
+    p = _command(
+        sub,
         "demo",
+        progress=False,
         help="everything end to end on small data, with a report",
         description="Generate a small dataset, segment it (with planted-truth "
         "recovery), train every arm of the removal and boosting experiments "
-        "briefly on Ray Train, measure them, start the Serve app (autoscaling "
-        "ActiveRanker and PassiveRanker), send it real requests and a short "
-        "load whose active share rises, stop it, and write the report "
+        "briefly on Ray Train, measure them, build ALURE's user graph and "
+        "candidates, start the Serve app (autoscaling ActiveRanker and "
+        "PassiveRanker), send it real requests and a short load whose active "
+        "share rises, stop it, and write the report "
         "(OUT/experiment/report/index.html).",
     )
+    p.add_argument("--out", default="demo_out", help="output folder")
+    p.add_argument("--users", type=int, default=d.users, help="generated users")
+    p.add_argument("--days", type=int, default=d.days, help="generated days")
+    p.add_argument("--seed", type=int, default=d.seed, help="data seed")
     p.add_argument(
-        "--out", default="demo_out", help="output folder (default %(default)s)"
+        "--seeds",
+        type=int_list,
+        default=",".join(map(str, d.seeds)),
+        help="comma-separated training seeds per arm",
     )
-    p.add_argument("--users", type=int, default=800)
-    p.add_argument("--days", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0, help="data seed")
     p.add_argument(
-        "--seeds", default="0", help="training seeds per arm (default %(default)s)"
+        "--max-seq-len",
+        type=int,
+        default=d.samples.max_seq_len,
+        help="events per history source in every run",
     )
-    p.add_argument("--max-seq-len", type=int, default=32)
-    p.add_argument("--port", type=int, default=8000, help="Serve HTTP port")
+    p.add_argument("--port", type=int, default=d.port, help="Serve HTTP port")
     p.add_argument(
         "--load-s",
         type=float,
-        default=25.0,
-        help="seconds per phase of the autoscaling load (default %(default)s)",
+        default=d.load_s,
+        help="seconds per phase of the autoscaling load",
     )
     p.add_argument(
         "--load-qps",
         type=float,
-        default=30.0,
-        help="open-loop load, 100 candidates a request (default %(default)s)",
+        default=d.load_qps,
+        help="open-loop load, 100 candidates a request",
+    )
+    p.add_argument(
+        "--no-alure", dest="alure", action="store_false", help="skip the ALURE step"
     )
     p.add_argument(
         "--no-serve", dest="serve", action="store_false", help="skip the Serve step"
@@ -325,7 +388,8 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     from dynamix_ray.experiments import ARMS, ExperimentConfig
 
     e = ExperimentConfig()
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "experiment",
         help="the paper's Table 2 (removal) / Table 3 (boosting) arms, with a report",
         description="Train every arm of an experiment with each seed on the same "
@@ -342,16 +406,29 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", help="output folder (runs/, results.json, report/)")
     p.add_argument(
         "--seeds",
+        type=int_list,
         default=",".join(map(str, e.seeds)),
         help="comma-separated training seeds (default %(default)s)",
     )
-    p.add_argument("--epochs", type=int, default=e.epochs)
-    p.add_argument("--batch-size", type=int, default=e.batch_size)
-    p.add_argument("--lr", type=float, default=e.lr)
-    p.add_argument("--max-seq-len", type=int, default=e.max_seq_len)
-    p.add_argument("--num-workers", type=int, default=e.num_workers)
-    p.add_argument("--cpus-per-worker", type=float, default=e.cpus_per_worker)
-    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--epochs", type=int, default=e.epochs, help="passes per run")
+    p.add_argument("--batch-size", type=int, default=e.batch_size, help="rows per step")
+    p.add_argument("--lr", type=float, default=e.lr, help="Adam learning rate")
+    p.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=e.samples.max_seq_len,
+        help="events per history source (saved in every run's checkpoint)",
+    )
+    p.add_argument(
+        "--num-workers", type=int, default=e.num_workers, help="workers per run (DDP)"
+    )
+    p.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        default=e.cpus_per_worker,
+        help="CPUs each training worker reserves",
+    )
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
     p.add_argument(
         "--removed",
         default="",
@@ -364,10 +441,30 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
         default=e.candidates,
         help="ads per inference request (default %(default)s)",
     )
-    p.add_argument("--qps-requests", type=int, default=e.qps_requests)
-    p.add_argument("--qps-rounds", type=int, default=e.qps_rounds)
-    p.add_argument("--step-batches", type=int, default=e.step_batches)
-    p.add_argument("--step-rounds", type=int, default=e.step_rounds)
+    p.add_argument(
+        "--qps-requests",
+        type=int,
+        default=e.qps_requests,
+        help="inference requests per arm and round",
+    )
+    p.add_argument(
+        "--qps-rounds",
+        type=int,
+        default=e.qps_rounds,
+        help="interleaved inference rounds (the median is reported)",
+    )
+    p.add_argument(
+        "--step-batches",
+        type=int,
+        default=e.step_batches,
+        help="training steps per arm and round of the step-throughput check",
+    )
+    p.add_argument(
+        "--step-rounds",
+        type=int,
+        default=e.step_rounds,
+        help="interleaved rounds of the step-throughput check",
+    )
     p.add_argument(
         "--serving-timeline",
         default=None,
@@ -377,8 +474,10 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "report",
+        progress=False,
         help="(re)draw an experiment's report from its results.json",
         description="Write OUT/report/index.html and its PNGs from "
         "OUT/results.json of a `dynamix experiment` run (the events and segment "
@@ -411,7 +510,8 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     from dynamix_ray.alure.embed import EmbedConfig
 
     c = EmbedConfig()
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "embed",
         help="ALURE user embeddings from a trained model's user tower",
         description="Evaluate only the user tower of a checkpoint over each user's "
@@ -435,7 +535,9 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-seq-len", type=int, default=None, help="default: the checkpoint's"
     )
-    p.add_argument("--batch-size", type=int, default=c.batch_size)
+    p.add_argument(
+        "--batch-size", type=int, default=c.batch_size, help="users per forward pass"
+    )
     p.add_argument("--actors", type=int, default=c.actors, help="user-tower actors")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per actor")
     p.add_argument(
@@ -447,7 +549,6 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
         help="embed everyone as of each UTC midnight of the data into "
         "OUT/day=YYYY-MM-DD/ (the input of `dynamix train --alure-embeddings`)",
     )
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def _add_u2u(sub: argparse._SubParsersAction) -> None:
@@ -455,7 +556,8 @@ def _add_u2u(sub: argparse._SubParsersAction) -> None:
     from dynamix_ray.alure.graph import U2UConfig
 
     c, cc = U2UConfig(), CandidateConfig()
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "u2u",
         help="ALURE user-to-user graph (faiss spherical k-means + IVF) and its "
         "evaluation",
@@ -481,11 +583,16 @@ def _add_u2u(sub: argparse._SubParsersAction) -> None:
         help="clusters searched per query (default 16)",
     )
     p.add_argument("--k2", type=int, default=c.k2, help="neighbours per user")
-    p.add_argument("--recall-sample", type=int, default=c.recall_sample)
+    p.add_argument(
+        "--recall-sample",
+        type=int,
+        default=c.recall_sample,
+        help="users whose neighbours are checked against exact search",
+    )
     p.add_argument(
         "--no-per-country", action="store_true", help="one graph for all countries"
     )
-    p.add_argument("--seed", type=int, default=c.seed)
+    p.add_argument("--seed", type=int, default=c.seed, help="k-means seed")
     p.add_argument(
         "--eval",
         metavar="EVENTS",
@@ -494,7 +601,6 @@ def _add_u2u(sub: argparse._SubParsersAction) -> None:
         "embeddings' as_of on); writes OUT/u2u_eval.json",
     )
     p.add_argument("--cap", type=int, default=cc.cap, help="candidates per user")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def _add_as_of(p: argparse.ArgumentParser) -> None:
@@ -510,7 +616,8 @@ def _add_candidates(sub: argparse._SubParsersAction) -> None:
     from dynamix_ray.alure.candidates import CandidateConfig
 
     c = CandidateConfig()
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "candidates",
         help="precompute every user's u2u ad candidates (what /candidates looks up)",
         description="Every user's capped ALURE u2u candidates as of --as-of: "
@@ -527,11 +634,11 @@ def _add_candidates(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--half-life-s", type=float, default=c.half_life_s, help="recency half-life"
     )
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def _add_histories(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "histories",
         help="snapshot every user's event histories (the rankers' feature store)",
         description="Write each user's last --max-seq-len events per source "
@@ -542,12 +649,17 @@ def _add_histories(sub: argparse._SubParsersAction) -> None:
     p.add_argument("events", help="dataset root (docs/contract.md §1)")
     p.add_argument("out", help="output folder")
     _add_as_of(p)
-    p.add_argument("--max-seq-len", type=int, default=64)
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=SampleConfig.max_seq_len,
+        help="events kept per user and source (at least the checkpoint's)",
+    )
 
 
 def _add_ingest(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "ingest",
         help="append events to the Redis online store the rankers read (fresh histories)",
         description="Append every event of EVENTS to users' histories in Redis "
@@ -562,7 +674,12 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
         "redis",
         help="redis://HOST:PORT/DB?ns=NAME (ns: a namespace; default dynamix)",
     )
-    p.add_argument("--max-seq-len", type=int, default=64)
+    p.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=SampleConfig.max_seq_len,
+        help="events kept per user and source (at least the checkpoint's)",
+    )
     p.add_argument(
         "--margin",
         type=int,
@@ -570,12 +687,13 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
         help="events kept beyond --max-seq-len per user and source (for those "
         "newer than a request's cut; default --max-seq-len)",
     )
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "serve",
+        progress=False,
         help="the Ray Serve app: router + ActiveRanker + PassiveRanker",
         description="Deploy the ranking app (docs/contract.md §5) on the Ray cluster in "
         "RAY_ADDRESS, else on a local Ray, and block until Ctrl-C (--detach, "
@@ -642,7 +760,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="DynamiX user segmentation on Ray. Connects to RAY_ADDRESS when "
         "set, else starts a local Ray.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="info logs, and Ray's worker logs on this terminal",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(sub)
     _add_bucket(sub)
@@ -695,7 +818,9 @@ def segment_config(args: argparse.Namespace) -> SegmentConfig:
 def cmd_generate(args: argparse.Namespace) -> int:
     from dynamix_ray.synth import generate
 
-    truth = generate(args.out, generate_config(args))
+    truth = generate(
+        args.out, generate_config(args), progress=None if args.no_progress else print
+    )
     print(
         f"generate: wrote {truth['rows']['ad_impressions']:,} ad impressions, "
         f"{truth['rows']['conversions']:,} conversions, "
@@ -745,179 +870,24 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import time
+    from dynamix_ray.demo import DemoConfig, run_demo
 
-    from dynamix_ray.experiments import ARMS, ExperimentConfig, run_experiment
-    from dynamix_ray.report import write_report
-    from dynamix_ray.segments.pipeline import read_segments, run_segment
-    from dynamix_ray.synth import generate, read_truth_users, segment_recovery
-
-    t0 = time.perf_counter()
-    out = args.out.rstrip("/")
-    events = f"{out}/events"
-    seeds = _int_list(args.seeds, "--seeds")
-    step = _steps(5 if args.serve else 4)
-    step("generate")
-    generate(events, GenerateConfig(users=args.users, days=args.days, seed=args.seed))
-    step("segment")
-    result = run_segment(events, f"{out}/segments_run", progress=True)
-    print(result.summary())
-    rec = segment_recovery(
-        read_truth_users(events), read_segments(f"{out}/segments_run")
-    )
-    print(
-        f"planted-truth recovery over {rec['eligible_rows']:,} eligible rows: "
-        f"precision {rec['precision']:.3f}, recall {rec['recall']:.3f} "
-        f"(planted active share {rec['planted_active_share']:.3f})"
-    )
-    step(
-        f"experiments: {len(ARMS['all'])} arms x {len(seeds)} seed(s) on Ray Train "
-        "(1 epoch), throughput, epsilon sweep"
-    )
-    exp_out = f"{out}/experiment"
-    r = run_experiment(
-        events,
-        f"{out}/segments_run",
-        exp_out,
-        ExperimentConfig(
-            kind="all",
-            seeds=seeds,
-            max_seq_len=args.max_seq_len,
-            qps_requests=30,
-            qps_rounds=3,
-            step_batches=10,
-            step_rounds=2,
+    run_demo(
+        args.out,
+        DemoConfig(
+            users=args.users,
+            days=args.days,
+            seed=args.seed,
+            seeds=args.seeds,
+            samples=SampleConfig(max_seq_len=args.max_seq_len),
+            alure=args.alure,
+            serve=args.serve,
+            port=args.port,
+            load_s=args.load_s,
+            load_qps=args.load_qps,
         ),
     )
-    print(experiment_summary(r))
-    timeline = None
-    if args.serve:
-        step(f"Ray Serve on 127.0.0.1:{args.port}: real requests, then a load")
-        timeline = _demo_serve(
-            out, exp_out, seeds[0], args.port, args.load_s, args.load_qps
-        )
-    step("report")
-    index = write_report(exp_out, None, timeline)  # remembers the timeline
-    print(
-        f"demo: done in {time.perf_counter() - t0:.0f} s; outputs under {out}/ "
-        "(events/, segments_run/, experiment/). Serve them with "
-        "`dynamix serve --config serve_configs/dynamix.yaml`.\n"
-        f"report: {index}"
-    )
     return 0
-
-
-def _steps(total: int):  # noqa: ANN202 - a tiny progress printer
-    count = [0]
-
-    def step(what: str) -> None:
-        count[0] += 1
-        print(f"\n== [{count[0]}/{total}] {what}", flush=True)
-
-    return step
-
-
-def _demo_serve(
-    out: str, exp_out: str, seed: int, port: int, phase_s: float, qps: float
-) -> str:
-    """Start the app on the demo's outputs (both rankers on the experiment's
-    boost-selective checkpoint, autoscaling 1-2 replicas each), send real HTTP
-    requests (active, passive, unknown user, a malformed one, /healthz), then
-    an open-loop load whose active share goes 1/3 -> 2/3, and stop it.
-    Returns the path of the replica timeline (JSON)."""
-    import numpy as np
-    import requests
-    from ray import serve
-
-    from dynamix_ray.model.config import CANDIDATE_ATTRIBUTES
-    from dynamix_ray.serve.app import AppConfig, build_app
-    from dynamix_ray.serve.loadgen import Traffic, record_autoscaling
-
-    auto = {
-        "min_replicas": 1,
-        "max_replicas": 2,
-        "target_ongoing_requests": 0.5,
-        "upscale_delay_s": 2,
-        "downscale_delay_s": 10,
-        "metrics_interval_s": 0.5,
-        "look_back_period_s": 3,
-    }
-    ranker = {
-        "checkpoint": f"{exp_out}/runs/boost-selective/seed{seed}",
-        "ray_actor_options": {"num_cpus": 0.25},
-        "autoscaling_config": auto,
-    }
-    segments, histories = f"{out}/segments_run", f"{exp_out}/histories"
-    cfg = AppConfig.model_validate(
-        {
-            "segments": segments,
-            "histories": histories,
-            "active": ranker,
-            "passive": ranker,
-        }
-    )
-    app = build_app(cfg)
-    serve.start(
-        http_options={
-            "host": "127.0.0.1",
-            "port": port,
-            "request_timeout_s": cfg.proxy_timeout_s,
-        }
-    )
-    try:
-        serve.run(app, name="dynamix", route_prefix="/")
-        url = f"http://127.0.0.1:{port}"
-        traffic = Traffic(f"{out}/events", histories, segments, 100)
-        cands = [
-            dict(zip(CANDIDATE_ATTRIBUTES, map(int, row), strict=True))
-            for row in traffic.cands()[:20]
-        ]
-        users = [int(u) for u in traffic.users[1][:2]]
-        users += [int(u) for u in traffic.users[0][:2]] + [10**15]
-        with requests.Session() as http:
-            for u in users:
-                r = http.post(
-                    f"{url}/rank",
-                    json={"user_id": u, "ts": traffic.ts, "candidates": cands},
-                    timeout=60,
-                )
-                r.raise_for_status()
-                body = r.json()
-                best = int(np.argmax(body["scores"]))
-                print(
-                    f"  POST /rank user {u}: {body['segment']}, {len(body['scores'])} "
-                    f"scores, best ad {cands[best]['ad_id']} "
-                    f"(p={body['scores'][best]:.4f}), model {body['model_version']}"
-                )
-            bad: dict[str, Any] = {
-                "user_id": users[0],
-                "candidates": [{**cands[0], "media_type": 999}],
-            }
-            r = http.post(f"{url}/rank", json=bad, timeout=60)
-            print(f"  POST /rank malformed: HTTP {r.status_code}: {r.json()['error']}")
-            h = http.get(f"{url}/healthz", timeout=60).json()
-            print(f"  GET /healthz: {h['status']}, segments {h['segments']['version']}")
-        print(
-            f"  load: {qps:.0f} QPS open loop, 100 candidates, active share 1/3 for "
-            f"{phase_s:.0f} s then 2/3 for {phase_s:.0f} s ...",
-            flush=True,
-        )
-        res = record_autoscaling(url, traffic, qps, phase_s)
-        lat_ok = res["requests"] - res["errors"]
-        print(
-            f"  {lat_ok}/{res['requests']} answered 200; most replicas (active, "
-            "passive) in the second half of each phase: "
-            + ", ".join(
-                f"{k} ({v['ActiveRanker_max']}, {v['PassiveRanker_max']})"
-                for k, v in res["phases"].items()
-            )
-        )
-    finally:
-        serve.shutdown()
-    path = f"{out}/serving_timeline.json"
-    with open(path, "w") as fh:
-        json.dump(res, fh, indent=2)
-    return path
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -972,26 +942,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_list(text: str, name: str) -> tuple[int, ...]:
+def int_list(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated integers."""
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise ValueError(
-            f"{name} {text!r}: expected comma-separated integers"
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected comma-separated integers"
         ) from None
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
     from dynamix_ray.experiments import ExperimentConfig, run_experiment
+    from dynamix_ray.report import experiment_summary
 
     removed = tuple(a for a in args.removed.split(",") if a) or None
     cfg = ExperimentConfig(
         kind=args.kind,
-        seeds=_int_list(args.seeds, "--seeds"),
+        seeds=args.seeds,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
-        max_seq_len=args.max_seq_len,
+        samples=SampleConfig(max_seq_len=args.max_seq_len),
         num_workers=args.num_workers,
         cpus_per_worker=args.cpus_per_worker,
         use_gpu=args.use_gpu,
@@ -1007,58 +979,11 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         args.segments,
         args.out,
         cfg,
+        progress=not args.no_progress,
         serving_timeline=args.serving_timeline,
     )
     print(experiment_summary(r))
     return 0
-
-
-def experiment_summary(r: dict) -> str:
-    """The experiment's tables as text."""
-    from dynamix_ray.report import format_or_dash
-
-    lines = [f"dynamix experiment {r['kind']}: seeds {r['seeds']}"]
-    head = (
-        f"  {'arm':16s} {'NE':>16s} {'NE gain %':>14s} {'train ex/s %':>14s} "
-        f"{'step %':>7s} {'FLOP %':>7s} {'infer QPS %':>14s} {'FLOP %':>7s}"
-    )
-
-    def ms(x: dict, d: int, pct: bool = False) -> str:
-        if x.get("mean") is None:
-            return "-"
-        sign = "+" if pct else ""
-        sd = f"±{x['std']:.{d}f}" if x.get("std") is not None else ""
-        return f"{x['mean']:{sign}.{d}f}{sd}"
-
-    for table, arms in r["tables"].items():
-        lines += [f" {table}:", head]
-        for arm in arms:
-            a = r["arms"][arm]
-            lines.append(
-                f"  {arm:16s} {ms(a['ne'], 4):>16s} {ms(a['ne_gain_pct'], 2, True):>14s} "
-                f"{ms(a['train_qps_change_pct'], 1, True):>14s} "
-                f"{a['step_qps_change_pct']['median']:+7.1f} "
-                f"{a['flop_train_change_pct']:+7.1f} "
-                f"{ms(a['inference_qps_change_pct'], 1, True):>14s} "
-                f"{a['flop_inference_change_pct']:+7.1f}"
-            )
-    e = r["epsilon"]
-    num = format_or_dash
-    cal, sep = e["calibrated"], e["separation"]
-    lines.append(
-        f" epsilon: calibrated {num(cal['epsilon'], '.4f')} (active share of "
-        f"windows {num(cal.get('active_share_windows'), '.3f')}, of traffic "
-        f"{num(cal.get('active_share_traffic'), '.3f')}); max NE separation "
-        + (
-            f"{num(sep['epsilon'], '.4f')} (windows "
-            f"{num(sep.get('active_share_windows'), '.3f')}, traffic "
-            f"{num(sep.get('active_share_traffic'), '.3f')})"
-            if sep["epsilon"] is not None
-            else "none"
-        )
-    )
-    lines.append(f" report: {r.get('report')}")
-    return "\n".join(lines)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -1365,17 +1290,54 @@ _COMMANDS = {
 }
 
 
+def _table(part: str, made_by: str) -> Callable[[str], str]:
+    return functools.partial(check_table, part=part, made_by=made_by)
+
+
+#: What each command reads, checked before Ray starts (``inputs``): the flag's
+#: attribute and its check, which returns the URL to use.
+_INPUTS: dict[str, dict[str, Callable[[str], str]]] = {
+    "bucket": {"events": check_events},
+    "segment": {"events": check_events},
+    "train": {
+        "events": check_events,
+        "segments": _table("segments", "dynamix segment"),
+    },
+    "experiment": {
+        "events": check_events,
+        "segments": _table("segments", "dynamix segment"),
+    },
+    "embed": {"events": check_events, "checkpoint": check_checkpoint},
+    "u2u": {"eval": check_events},
+    "candidates": {"u2u": _table("u2u", "dynamix u2u"), "events": check_events},
+    "histories": {"events": check_events},
+    "ingest": {"events": check_events},
+}
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Replace each input of ``args.command`` by the URL its check returns;
+    raises ``inputs.InputError`` naming what is wrong."""
+    for attr, check in _INPUTS.get(args.command, {}).items():
+        value = getattr(args, attr, None)
+        if value:
+            setattr(args, attr, check(value))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.verbose)
     try:
+        check_inputs(args)
         return _COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError) as err:
         print(f"dynamix {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BaseException:
+        logs = ray_logs_hint()
+        if logs and not args.verbose:
+            print(f"dynamix {args.command}: Ray's worker logs: {logs}", file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -41,9 +41,10 @@ from dynamix_ray.features import (
     flops_by_segment,
     policy_features,
 )
-from dynamix_ray.io import absolute_url
+from dynamix_ray.io import absolute_url, relative_to
 from dynamix_ray.model import ModelConfig, flops_per_sample
 from dynamix_ray.report import format_or_dash
+from dynamix_ray.samples import SampleConfig
 
 __all__ = [
     "ARMS",
@@ -87,7 +88,9 @@ class ExperimentConfig:
     kind: ``removal`` (Table 2), ``boosting`` (Table 3) or ``all`` (both, one
         shared baseline per seed).
     seeds: one training run per arm and seed.
-    epochs / batch_size / lr / max_seq_len: training, as ``dynamix train``.
+    epochs / batch_size / lr: training, as ``dynamix train``.
+    samples: the sample settings of every run (their owner; each run's
+        checkpoint records them). Histories of 32 events by default.
     num_workers / cpus_per_worker / use_gpu: Ray Train's scaling.
     removed: attributes the ``remove-*`` arms drop; ``None``: the 4 lowest
         permutation importances of the first seed's baseline (the paper).
@@ -105,7 +108,7 @@ class ExperimentConfig:
     epochs: int = 1
     batch_size: int = 512
     lr: float = 2e-3
-    max_seq_len: int = 32
+    samples: SampleConfig = field(default_factory=lambda: SampleConfig(max_seq_len=32))
     num_workers: int = 1
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
@@ -581,7 +584,6 @@ def run_experiment(
     from dynamix_ray.features import lowest_importance
     from dynamix_ray.histories import read_histories, run_histories
     from dynamix_ray.runtime import ensure_ray
-    from dynamix_ray.samples import SampleConfig
     from dynamix_ray.synth import NO_SIGNAL_ATTRIBUTES
     from dynamix_ray.train import TrainConfig, prepare_train_data, run_train
 
@@ -592,17 +594,20 @@ def run_experiment(
     # absolute: a report redrawn from elsewhere still finds them
     events_url, segments_url = absolute_url(events_url), absolute_url(segments_url)
     serving_timeline = absolute_url(serving_timeline) if serving_timeline else None
-    inputs = {"events": events_url, "segments": _segments_fingerprint(segments_url)}
+    inputs = {
+        "events": relative_to(out_dir, events_url),
+        "segments": _segments_fingerprint(segments_url, out_dir),
+    }
     os.makedirs(out_dir, exist_ok=True)
     ensure_ray()
     _log(progress, f"experiment {cfg.kind}: arms {', '.join(arms)}; seeds {cfg.seeds}")
     _log(progress, "  building samples (Ray Data) ...")
-    samples = SampleConfig(max_seq_len=cfg.max_seq_len)
+    samples = cfg.samples
     data = prepare_train_data(
         events_url, segments_url, out_dir, samples, progress=progress
     )
-    mcfg = ModelConfig(max_seq_len=cfg.max_seq_len)
-    seq = {s: cfg.max_seq_len for s in mcfg.sources}
+    mcfg = ModelConfig(max_seq_len=samples.max_seq_len)
+    seq = {s: samples.max_seq_len for s in mcfg.sources}
     base_tcfg = TrainConfig(
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
@@ -634,7 +639,7 @@ def run_experiment(
             )
             t0 = time.perf_counter()
             run_dir = f"{out_dir}/runs/{arm}/seed{seed}"
-            key = _run_key(tcfg, cfg.max_seq_len, data.boundary_ms, inputs)
+            key = _run_key(tcfg, data.boundary_ms, inputs)
             m = _finished_run(run_dir, key)
             if m is None:
                 m = run_train(
@@ -700,7 +705,7 @@ def run_experiment(
     # ---- inference QPS through the Serve rankers' code
     _log(progress, "  inference QPS (Serve Ranker code, arms interleaved) ...")
     hist_root = f"{out_dir}/histories"
-    run_histories(data.store.url, hist_root, None, cfg.max_seq_len, progress=False)
+    run_histories(data.store.url, hist_root, None, samples.max_seq_len, progress=False)
     hist = read_histories(hist_root)
     requests = _requests(
         events_url, segments_url, hist, cfg.qps_requests, cfg.candidates
@@ -785,11 +790,14 @@ def run_experiment(
         "truth_recovery": truth,
         "paper": PAPER,
         "config": {**asdict(cfg), "seeds": list(cfg.seeds)},
+        # relative to OUT: a moved tree still reports (report.results_inputs)
         "inputs": {
-            "events": events_url,
-            "segments": segments_url,
+            "events": relative_to(out_dir, events_url),
+            "segments": relative_to(out_dir, segments_url),
             "eval_boundary_ms": data.boundary_ms,
-            "serving_timeline": serving_timeline,
+            "serving_timeline": (
+                relative_to(out_dir, serving_timeline) if serving_timeline else None
+            ),
         },
         "ray_version": ray.__version__,
         "wall_s": time.perf_counter() - t_start,
@@ -804,22 +812,21 @@ def run_experiment(
     return results
 
 
-def _segments_fingerprint(segments_url: str) -> dict[str, Any]:
-    """What identifies a segment table: its path, input fingerprint, epsilon."""
+def _segments_fingerprint(segments_url: str, out_dir: str) -> dict[str, Any]:
+    """What identifies a segment table: its path (relative to ``out_dir``),
+    input fingerprint, epsilon."""
     from dynamix_ray.segments.pipeline import read_segments_meta
 
     meta = read_segments_meta(segments_url)
     return {
-        "url": segments_url,
+        "url": relative_to(out_dir, segments_url),
         "input_fingerprint": meta.get("input_fingerprint"),
         "epsilon": meta.get("epsilon"),
         "params": meta.get("params"),
     }
 
 
-def _run_key(
-    tcfg: Any, max_seq_len: int, boundary_ms: int, inputs: dict[str, Any]
-) -> dict[str, Any]:
+def _run_key(tcfg: Any, boundary_ms: int, inputs: dict[str, Any]) -> dict[str, Any]:
     """Everything a finished (arm, seed) run must share with this experiment
     to be reused: the whole training config, the data and the eval day."""
     from dynamix_ray.train import model_config_dict
@@ -829,7 +836,6 @@ def _run_key(
             {
                 "train_config": {k: v for k, v in asdict(tcfg).items() if k != "model"},
                 "model": model_config_dict(tcfg.model),
-                "max_seq_len": max_seq_len,
                 "eval_boundary_ms": boundary_ms,
                 "inputs": inputs,
             },

@@ -79,6 +79,23 @@ def absolute_url(url: str) -> str:
     return url if "://" in url else os.path.abspath(url)
 
 
+def relative_to(base: str, url: str) -> str:
+    """``url`` as an output's JSON records it: relative to the local folder
+    ``base`` when both are local paths, so that moving the tree that holds
+    both keeps it valid (docs/contract.md §3); URLs with a protocol as given.
+    :func:`located` is the inverse."""
+    if "://" in url or "://" in base:
+        return url
+    return os.path.relpath(os.path.abspath(url), os.path.abspath(base))
+
+
+def located(base: str, path: str) -> str:
+    """Where a path that :func:`relative_to` recorded in ``base`` is now."""
+    if "://" in path or os.path.isabs(path):
+        return path
+    return os.path.normpath(os.path.join(base, path))
+
+
 def is_process_local(fs: fsspec.AbstractFileSystem) -> bool:
     """True for filesystems that other processes (Ray workers) cannot see:
     ``memory://``, and any filesystem class that sets ``process_local = True``

@@ -234,11 +234,13 @@ class LocalCluster:
         log: Path,
         *,
         submission_id: str,
-        script: str = "pipelines/segment.py",
+        script: str | tuple[str, ...] = "pipelines/segment.py",
         flags: tuple[str, ...] = ("--no-progress",),
     ) -> subprocess.Popen:
         """``ray job submit --working-dir . -- python SCRIPT ARGS FLAGS`` from
-        the repository root; waits for the job (the CLI tails its logs)."""
+        the repository root; waits for the job (the CLI tails its logs).
+        ``script`` may also be python's arguments, e.g. ``("-m",
+        "dynamix_ray.cli", "segment")``: the ``dynamix`` command itself."""
         cmd = [
             str(VENV_BIN / "ray"),
             "job",
@@ -249,7 +251,7 @@ class LocalCluster:
             f"--runtime-env-json={json.dumps({'excludes': JOB_EXCLUDES})}",
             "--",
             "python",
-            script,
+            *((script,) if isinstance(script, str) else script),
             *args,
             *flags,
         ]

@@ -26,7 +26,11 @@ from typing import Any
 
 import numpy as np
 
+from dynamix_ray.io import located, relative_to
+
 __all__ = [
+    "experiment_summary",
+    "results_inputs",
     "format_or_dash",
     "plot_corr_dist",
     "plot_corr_hours",
@@ -446,6 +450,20 @@ figure{margin:1.5em 0}figcaption{font-size:13px;color:#555;max-width:900px}
 """
 
 
+#: The inputs ``results.json`` records as paths (relative to its OUT).
+_INPUT_PATHS = ("events", "segments", "serving_timeline")
+
+
+def results_inputs(out_dir: str, results: dict[str, Any]) -> dict[str, Any]:
+    """``results["inputs"]`` with its paths located from ``out_dir`` (they
+    are recorded relative to it: ``io.relative_to``)."""
+    inputs = dict(results["inputs"])
+    for k in _INPUT_PATHS:
+        if inputs.get(k):
+            inputs[k] = located(out_dir, inputs[k])
+    return inputs
+
+
 def write_report(
     out_dir: str,
     results: dict[str, Any] | None = None,
@@ -468,12 +486,12 @@ def write_report(
         with open(results_path) as fh:
             results = json.load(fh)
     if serving_timeline:  # remembered: a later redraw keeps the plot
-        results["inputs"]["serving_timeline"] = os.path.abspath(serving_timeline)
+        results["inputs"]["serving_timeline"] = relative_to(out_dir, serving_timeline)
         with open(results_path, "w") as fh:
             json.dump(results, fh, indent=2, default=str)
     report = os.path.join(out_dir, "report")
     os.makedirs(report, exist_ok=True)
-    inputs = results["inputs"]
+    inputs = results_inputs(out_dir, results)
     eps = results["epsilon"]
     cal = eps["calibrated"]["epsilon"]
     sep = eps["separation"]["epsilon"]
@@ -663,3 +681,49 @@ def write_report(
     with open(index, "w") as fh:
         fh.write(page)
     return index
+
+
+def experiment_summary(r: dict) -> str:
+    """The experiment's tables as text."""
+    lines = [f"dynamix experiment {r['kind']}: seeds {r['seeds']}"]
+    head = (
+        f"  {'arm':16s} {'NE':>16s} {'NE gain %':>14s} {'train ex/s %':>14s} "
+        f"{'step %':>7s} {'FLOP %':>7s} {'infer QPS %':>14s} {'FLOP %':>7s}"
+    )
+
+    def ms(x: dict, d: int, pct: bool = False) -> str:
+        if x.get("mean") is None:
+            return "-"
+        sign = "+" if pct else ""
+        sd = f"±{x['std']:.{d}f}" if x.get("std") is not None else ""
+        return f"{x['mean']:{sign}.{d}f}{sd}"
+
+    for table, arms in r["tables"].items():
+        lines += [f" {table}:", head]
+        for arm in arms:
+            a = r["arms"][arm]
+            lines.append(
+                f"  {arm:16s} {ms(a['ne'], 4):>16s} {ms(a['ne_gain_pct'], 2, True):>14s} "
+                f"{ms(a['train_qps_change_pct'], 1, True):>14s} "
+                f"{a['step_qps_change_pct']['median']:+7.1f} "
+                f"{a['flop_train_change_pct']:+7.1f} "
+                f"{ms(a['inference_qps_change_pct'], 1, True):>14s} "
+                f"{a['flop_inference_change_pct']:+7.1f}"
+            )
+    e = r["epsilon"]
+    num = format_or_dash
+    cal, sep = e["calibrated"], e["separation"]
+    lines.append(
+        f" epsilon: calibrated {num(cal['epsilon'], '.4f')} (active share of "
+        f"windows {num(cal.get('active_share_windows'), '.3f')}, of traffic "
+        f"{num(cal.get('active_share_traffic'), '.3f')}); max NE separation "
+        + (
+            f"{num(sep['epsilon'], '.4f')} (windows "
+            f"{num(sep.get('active_share_windows'), '.3f')}, traffic "
+            f"{num(sep.get('active_share_traffic'), '.3f')})"
+            if sep["epsilon"] is not None
+            else "none"
+        )
+    )
+    lines.append(f" report: {r.get('report')}")
+    return "\n".join(lines)

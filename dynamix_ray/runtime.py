@@ -13,7 +13,13 @@ from typing import Any, cast
 
 import numpy as np
 
-__all__ = ["ensure_ray", "cluster_cpus", "map_items"]
+__all__ = [
+    "cluster_cpus",
+    "configure_logging",
+    "ensure_ray",
+    "map_items",
+    "ray_logs_hint",
+]
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +27,57 @@ log = logging.getLogger(__name__)
 #: Where a local Ray started for serving exports its Prometheus metrics
 #: (``cluster.yaml`` starts every node with the same port): docs/serving.md.
 METRICS_EXPORT_PORT = 8090
+
+
+#: Whether Ray's worker and actor output is streamed to this terminal
+#: (``log_to_driver``): off unless ``-v``; :func:`configure_logging` sets it.
+_worker_logs = True
+
+#: Ray's driver-side loggers that report routine progress at INFO.
+_RAY_LOGGERS = ("ray", "ray.data", "ray.serve", "ray.train", "ray.tune")
+
+
+def configure_logging(verbose: bool) -> None:
+    """One place for what a command prints besides its results.
+
+    Quiet (the default): this process logs warnings and errors only, Ray's
+    worker and actor output goes to its session folder instead of the
+    terminal (``ray_logs_hint`` says where), and Ray's own deprecation
+    warnings are not shown. Errors are not hidden: a failed task, actor or
+    training run raises here with its traceback. ``verbose``: info logs and
+    Ray's worker output stream here, as Ray does by default.
+    """
+    import warnings
+
+    global _worker_logs
+    _worker_logs = verbose
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger().setLevel(level)
+    for name in _RAY_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+    if not verbose:
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="ray")
+        warnings.filterwarnings(
+            "ignore", message=".*deprecated.*", module=r"ray(\..*)?$"
+        )
+
+
+def ray_logs_hint() -> str | None:
+    """Where this process's Ray keeps its logs (``None`` without Ray)."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        from ray._private.worker import global_worker
+
+        node = getattr(global_worker, "node", None)
+        return f"{node.get_session_dir_path()}/logs" if node else None
+    except Exception:  # noqa: BLE001 - a hint, never an error of its own
+        return None
 
 
 def ensure_ray(num_cpus: int | None = None, serving: bool = False) -> None:
@@ -34,7 +91,7 @@ def ensure_ray(num_cpus: int | None = None, serving: bool = False) -> None:
         return
     if os.environ.get("RAY_ADDRESS"):
         log.info("connecting to Ray cluster at %s", os.environ["RAY_ADDRESS"])
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=_worker_logs)
     else:
         # address="local": a new local Ray even when another one runs on this
         # machine (plain ray.init() would join the last `ray start` cluster).
@@ -47,7 +104,9 @@ def ensure_ray(num_cpus: int | None = None, serving: bool = False) -> None:
             if serving
             else {"include_dashboard": False}
         )
-        ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, **extra)
+        ray.init(
+            address="local", num_cpus=num_cpus, log_to_driver=_worker_logs, **extra
+        )
 
 
 def cluster_cpus() -> int:

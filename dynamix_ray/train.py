@@ -385,6 +385,108 @@ def _restore(model: Any, opt: Any) -> tuple[int, int, EpochProgress]:
     return int(state["epoch"]) + 1, 0, EpochProgress()
 
 
+class NECurve:
+    """The progressive NE curve: one point ``[examples seen by all workers,
+    NE of the window's batches]`` every ``every`` steps (0: none), and one
+    for the epoch's last, partial window (:meth:`close`)."""
+
+    def __init__(self, every: int, world: int = 1) -> None:
+        self.every, self.world = every, world
+        self.points: list[list[float]] = []
+        self.seen = 0
+        self._win = [0.0, 0.0, 0.0]  # summed loss, rows, positives
+
+    def add(self, step: int, loss: float, labels: np.ndarray) -> None:
+        n = len(labels)
+        self.seen += n * self.world
+        w = self._win
+        self._win = [w[0] + loss * n, w[1] + n, w[2] + float(labels.sum())]
+        if self.every and step % self.every == 0:
+            self._point()
+
+    def close(self) -> None:
+        self._point()
+
+    def _point(self) -> None:
+        ne = ne_from_sums(*self._win)
+        if ne is not None:
+            self.points.append([self.seen, ne])
+        self._win = [0.0, 0.0, 0.0]
+
+
+def _per_s(n: float, s: float, world: int) -> float | None:
+    """Rows per second of ``world`` workers whose seconds were summed."""
+    return n / (s / world) if s else None
+
+
+def epoch_metrics(
+    epoch: int,
+    resumed_at: tuple[int, int],
+    sums: dict[str, float],
+    counts: np.ndarray,
+    ids: tuple[int, int],
+    steps: int,
+    curve: list[list[float]],
+    world: int,
+) -> dict[str, Any]:
+    """What an epoch reports, from the evaluation's and the loader's sums
+    over all workers (plain: no Ray, no torch).
+
+    Args:
+        resumed_at: (epoch, step) the run resumed at.
+        sums: ``<group>.n/loss/pos`` of the evaluation and the loader's
+            ``steady_n/steady_s/load_rows/load_s/batch_bytes/batches/epoch_rows``
+            (seconds summed over workers).
+        counts: the evaluation's score histogram (``ScoreHistogram``).
+        ids: sum and sum of squares of the trained rows' sample ids.
+    """
+    auc, auc_err = ScoreHistogram.from_array(counts).auc()
+    return {
+        "epoch": epoch,
+        "resumed_at_epoch": resumed_at[0],
+        "resumed_at_step": resumed_at[1],
+        "ne": _ne(sums, "all"),
+        "ne_active": _ne(sums, "active"),
+        "ne_passive": _ne(sums, "passive"),
+        "auc": auc,
+        "auc_max_error": auc_err,
+        "eval_rows": int(sums["all.n"]),
+        "train_steps": steps,
+        "epoch_rows": int(sums["epoch_rows"]),
+        "epoch_id_sum": str(ids[0]),
+        "epoch_id_sq_sum": str(ids[1]),
+        "curve": curve,  # rank 0's batches; resumed runs restart it
+        "train_examples_per_s": _per_s(sums["steady_n"], sums["steady_s"], world),
+        "loader_rows_per_s": _per_s(sums["load_rows"], sums["load_s"], world),
+        "loader_bytes_per_batch": (
+            sums["batch_bytes"] / sums["batches"] if sums["batches"] else None
+        ),
+        "loader_bytes_per_row": (
+            sums["batch_bytes"] / sums["load_rows"] if sums["load_rows"] else None
+        ),
+    }
+
+
+def _all_reduce(
+    sums: dict[str, float], counts: np.ndarray, ids: list[int], world: int
+) -> tuple[dict[str, float], np.ndarray, tuple[int, int]]:
+    """Sums, histogram and id sums over every worker (as given with one)."""
+    if world == 1:
+        return sums, counts, (ids[0], ids[1])
+    import torch
+    import torch.distributed as dist
+
+    keys = sorted(sums)
+    t = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    c = torch.as_tensor(counts)
+    dist.all_reduce(c)
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, ids)  # two Python ints per worker
+    total = (sum(g[0] for g in gathered), sum(g[1] for g in gathered))
+    return dict(zip(keys, t.tolist(), strict=True)), c.numpy(), total
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker loop (one process per worker)."""
     import ray.train
@@ -438,12 +540,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval")
-    curve: list[list[float]] = []  # [examples seen (all workers), window NE]
-    seen = 0
+    curve = NECurve(tcfg.curve_steps, world)
     for epoch in range(start_epoch, tcfg.epochs):
         model.train()
         progress = resumed if epoch == start_epoch else EpochProgress()
-        win = [0.0, 0.0, 0.0]  # summed loss, rows, positives of the window
 
         def on_step(
             step: int,
@@ -452,15 +552,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             epoch: int = epoch,
             progress: EpochProgress = progress,
         ) -> None:
-            nonlocal seen, win
-            n = len(rows["label"])
-            seen += n * world
-            win = [win[0] + loss * n, win[1] + n, win[2] + float(rows["label"].sum())]
-            if tcfg.curve_steps and step % tcfg.curve_steps == 0:
-                ne = ne_from_sums(*win)
-                if ne is not None:
-                    curve.append([seen, ne])
-                win = [0.0, 0.0, 0.0]
+            curve.add(step, loss, rows["label"])
             if tcfg.checkpoint_steps and step % tcfg.checkpoint_steps == 0:
                 report(
                     {"epoch": epoch, "step": step, "partial": True},
@@ -486,9 +578,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             on_step=on_step,
             use_amp=use_amp,
         )
-        last = ne_from_sums(*win)  # the epoch's last, partial window
-        if last is not None:
-            curve.append([seen, last])
+        curve.close()
 
         model.eval()
         sums, hist = evaluate(
@@ -512,52 +602,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             batches=float(st.batches),
             epoch_rows=float(progress.rows),
         )
-        counts = hist.to_array()
-        ids = [progress.id_sum, progress.id_sq_sum]
-        if world > 1:
-            import torch.distributed as dist
-
-            keys = sorted(sums)
-            t = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
-            dist.all_reduce(t)
-            sums = dict(zip(keys, t.tolist(), strict=True))
-            c = torch.as_tensor(counts)
-            dist.all_reduce(c)
-            counts = c.numpy()
-            gathered: list[Any] = [None] * world
-            dist.all_gather_object(gathered, ids)  # two Python ints per worker
-            ids = [sum(g[0] for g in gathered), sum(g[1] for g in gathered)]
-        auc, auc_err = ScoreHistogram.from_array(counts).auc()
-        metrics = {
-            "epoch": epoch,
-            "resumed_at_epoch": start_epoch,
-            "resumed_at_step": skip_steps,
-            "ne": _ne(sums, "all"),
-            "ne_active": _ne(sums, "active"),
-            "ne_passive": _ne(sums, "passive"),
-            "auc": auc,
-            "auc_max_error": auc_err,
-            "eval_rows": int(sums["all.n"]),
-            "train_steps": st.steps,
-            "epoch_rows": int(sums["epoch_rows"]),
-            "epoch_id_sum": str(ids[0]),
-            "epoch_id_sq_sum": str(ids[1]),
-            "curve": curve,  # rank 0's batches; resumed runs restart it
-            "train_examples_per_s": (
-                sums["steady_n"] / (sums["steady_s"] / world)
-                if sums["steady_s"]
-                else None
-            ),
-            "loader_rows_per_s": (
-                sums["load_rows"] / (sums["load_s"] / world) if sums["load_s"] else None
-            ),
-            "loader_bytes_per_batch": (
-                sums["batch_bytes"] / sums["batches"] if sums["batches"] else None
-            ),
-            "loader_bytes_per_row": (
-                sums["batch_bytes"] / sums["load_rows"] if sums["load_rows"] else None
-            ),
-        }
+        sums, counts, ids = _all_reduce(
+            sums, hist.to_array(), [progress.id_sum, progress.id_sq_sum], world
+        )
+        metrics = epoch_metrics(
+            epoch,
+            (start_epoch, skip_steps),
+            sums,
+            counts,
+            ids,
+            st.steps,
+            curve.points,
+            world,
+        )
         report(metrics, epoch, None)
 
 

@@ -3,9 +3,12 @@ generate -> segment run through the CLI on ``memory://``."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -13,6 +16,9 @@ import pytest
 
 from dynamix_ray.cli import build_parser, main, segment_config
 from dynamix_ray.config import SegmentConfig
+from dynamix_ray.demo import DemoConfig
+from dynamix_ray.inputs import InputError, check_table
+from dynamix_ray.model.checkpoint import resolve_checkpoint
 
 COMMANDS = [
     "generate",
@@ -80,16 +86,15 @@ def test_epsilon_and_active_fraction_are_exclusive(capsys):
 
 
 def test_bad_input_is_a_clear_error_not_a_traceback(ray_session, capsys):
-    code = main(
-        [
-            "segment",
-            f"memory://nothing-{uuid.uuid4().hex}",
-            "memory://o",
-            "--no-progress",
-        ]
-    )
+    import fsspec
+
+    root = f"memory://nothing-{uuid.uuid4().hex}"
+    fsspec.filesystem("memory").mkdir(f"{root}/ad_impressions")
+    code = main(["segment", root, "memory://o", "--no-progress"])
     assert code == 2
     assert "no Parquet files under 'ad_impressions/'" in capsys.readouterr().err
+    assert main(["segment", f"{root}-not-there", "memory://o"]) == 2
+    assert "not-there: no such folder" in capsys.readouterr().err
 
 
 def test_generate_then_segment_through_the_cli(ray_session, capsys):
@@ -171,8 +176,6 @@ def test_serve_refuses_a_public_host_without_an_api_key(monkeypatch):
 def test_serve_checks_every_path_before_ray_starts(tmp_path, capsys):
     """Wrong paths fail in seconds, before any Ray or Serve, naming each path
     and what it should hold."""
-    import time
-
     import ray
 
     was_up = ray.is_initialized()
@@ -214,6 +217,7 @@ def test_demo_runs_end_to_end_on_tiny_sizes(ray_session, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "precision" in text and "NE" in text
     assert text.count("POST /rank user") == 5 and "HTTP 422" in text
+    assert "POST /candidates user" in text and "recall@200" in text
     assert "candidates[0].media_type" in text
     exp = out / "experiment"
     for part in (
@@ -221,6 +225,8 @@ def test_demo_runs_end_to_end_on_tiny_sizes(ray_session, tmp_path, capsys):
         "experiment/histories/histories/_CURRENT.json",
         "experiment/runs/boost-selective/seed0/metrics.json",
         "serving_timeline.json",
+        "alure/u2u/_CURRENT.json",
+        "alure/candidates/_CURRENT.json",
     ):
         assert (out / part).exists(), part
     results = json.loads((exp / "results.json").read_text())
@@ -261,13 +267,91 @@ def test_demo_runs_end_to_end_on_tiny_sizes(ray_session, tmp_path, capsys):
     (exp / "report" / "serving.png").unlink()
     assert main(["report", str(exp)]) == 0
     assert (exp / "report" / "serving.png").exists()
+    # relocatable: the moved tree still reports and its checkpoints resolve
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    (moved / "experiment" / "report" / "serving.png").unlink()
+    assert main(["report", str(moved / "experiment")]) == 0
+    assert (moved / "experiment" / "report" / "serving.png").exists()
+    run = moved / "experiment" / "runs" / "baseline" / "seed0"
+    assert resolve_checkpoint(str(run)).startswith(str(run))
 
 
 def test_experiment_and_report_errors_name_what_is_wrong(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "results.json does not exist" in capsys.readouterr().err
     argv = ["experiment", "removal", "e", "s", str(tmp_path), "--seeds", "0,x"]
-    assert main(argv) == 2
-    assert "--seeds '0,x'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert (
+        "argument --seeds: '0,x': expected comma-separated" in capsys.readouterr().err
+    )
     assert main([*argv[:-1], "1,1"]) == 2
-    assert "each seed once" in capsys.readouterr().err
+    assert "e: no such folder" in capsys.readouterr().err
+
+
+def _all_flags():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            if action.option_strings and not isinstance(action, argparse._HelpAction):
+                yield name, p, action
+
+
+def test_every_flag_has_help_and_its_help_shows_the_default():
+    for name, p, action in _all_flags():
+        flag = f"{name} {action.option_strings[-1]}"
+        assert action.help, f"{flag} has no help text"
+        shown = p.formatter_class(name)._get_help_string(action) or ""
+        if action.default not in (None, False, argparse.SUPPRESS):
+            assert "%(default" in shown, f"{flag}: default not shown"
+    demo = build_parser().parse_args(["demo"])
+    assert demo.max_seq_len == DemoConfig().samples.max_seq_len
+    assert demo.seeds == DemoConfig().seeds
+
+
+def test_long_commands_take_no_progress_and_verbose_goes_anywhere():
+    flags: dict[str, set[str]] = {}
+    for name, _, action in _all_flags():
+        flags.setdefault(name, set()).update(action.option_strings)
+    for command in ("generate", "bucket", "segment", "train", "experiment", "embed"):
+        assert "--no-progress" in flags[command], command
+    for argv in (["-v", "segment", "a", "b"], ["segment", "a", "b", "-v"]):
+        assert build_parser().parse_args(argv).verbose is True
+    assert build_parser().parse_args(["segment", "a", "b"]).verbose is False
+
+
+def test_input_mistakes_fail_before_ray_and_say_what_is_wrong(tiny_events, tmp_path):
+    """No Ray is reachable at RAY_ADDRESS: a command that got as far as Ray
+    would fail differently (or hang); these fail on their inputs first."""
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9"}
+    cases = [
+        ([str(tmp_path / "nope"), str(tmp_path), "o"], "no such folder"),
+        (
+            [f"{tiny_events}/ad_impressions", str(tmp_path), "o"],
+            "this is the ad_impressions/ folder itself; pass the dataset root",
+        ),
+        ([tiny_events, tiny_events, "o"], "no published segments table in it"),
+    ]
+    for args, message in cases:
+        t0 = time.perf_counter()
+        done = subprocess.run(
+            [sys.executable, "-m", "dynamix_ray.cli", "train", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert done.returncode == 2, done.stderr
+        assert message in done.stderr, done.stderr
+        print(f"{message!r}: refused in {time.perf_counter() - t0:.1f} s")
+
+
+def test_a_table_folder_or_its_parent_lead_to_the_same_table(tmp_path):
+    (tmp_path / "segments").mkdir()
+    (tmp_path / "segments" / "_CURRENT.json").write_text("{}")
+    assert check_table(str(tmp_path), "segments", "dynamix segment") == str(tmp_path)
+    assert check_table(str(tmp_path / "segments"), "segments", "x") == str(tmp_path)
+    with pytest.raises(InputError, match="no published u2u table"):
+        check_table(str(tmp_path), "u2u", "dynamix u2u")

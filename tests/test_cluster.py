@@ -99,18 +99,29 @@ def small_events(tmp_path_factory) -> dict[str, Path]:
     return {"plain": plain, "bucketed": bucketed}
 
 
+#: `dynamix segment` as a job's entrypoint (the console script is this module).
+CLI_SEGMENT = ("-m", "dynamix_ray.cli", "segment")
+
+
 @pytest.mark.timeout(300)
 def test_segment_job_on_two_node_cluster_equals_local_run(
     cluster, small_events, ray_session, tmp_path
 ):
-    """`ray job submit` of pipelines/segment.py on the cluster commits the same
-    table as a local run, for plain and for bucketed input."""
+    """`ray job submit` of pipelines/segment.py (plain input) and of the
+    `dynamix segment` command itself (bucketed input) on the cluster commits
+    the same table as a local run."""
+    scripts = {"plain": "pipelines/segment.py", "bucketed": CLI_SEGMENT}
     for layout in ("plain", "bucketed"):
         events = small_events[layout]
         out_job, out_local = tmp_path / f"job_{layout}", tmp_path / f"local_{layout}"
         log = tmp_path / f"job_{layout}.log"
         sub_id = f"dxr-{layout}-{secrets.token_hex(4)}"
-        proc = cluster.submit([str(events), str(out_job)], log, submission_id=sub_id)
+        proc = cluster.submit(
+            [str(events), str(out_job)],
+            log,
+            submission_id=sub_id,
+            script=scripts[layout],
+        )
         rc = _wait(proc, log, JOB_TIMEOUT_S)
         text = log.read_text()
         assert rc == 0, text[-4000:]
@@ -369,6 +380,11 @@ def test_cluster_yaml_is_a_valid_ray_up_config(gpu):
     assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in text
     for cmd in (head, " ".join(cfg["worker_start_ray_commands"])):
         assert f"--metrics-export-port={METRICS_EXPORT_PORT}" in cmd
+    # train/experiment OUT (/mnt/shared in the README) is a mounted shared
+    # filesystem, visible inside the container
+    init = " ".join(cfg["initialization_commands"])
+    assert "/mnt/shared" in init and "mount -t nfs4" in init
+    assert "-v /mnt/shared:/mnt/shared" in cfg["docker"]["run_options"]
     setup = " && ".join(cfg["setup_commands"])
     assert setup.index("pip install torch==2.13.0") < setup.index(
         "pip install -e ~/dynamix_ray"

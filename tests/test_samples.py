@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from dynamix_ray.config import SegmentConfig
 from dynamix_ray.samples import SampleConfig, build_samples, reference_samples
+from dynamix_ray.schema import CANDIDATE_ATTRIBUTES
 
 T0 = 1_767_571_200_000
 H = 3_600_000
@@ -87,6 +88,16 @@ def test_builder_equals_reference(ev, max_len):
     fast = build_samples(imps, convs, hist, segs, cfg)
     slow = reference_samples(imps, convs, hist, segs, cfg)
     assert len(fast["t_ms"]) == len(slow)
+    checked = {"user_id", "t_ms", "label", "segment"}
+    checked |= {f"cand.{a}" for a in CANDIDATE_ATTRIBUTES if a in imps}
+    for src, cols in hist.items():
+        checked |= {f"{src}.mask", f"{src}.ts_ms"}
+        checked |= {
+            f"{src}.dwell" if a == "dwell_ms" else f"{src}.{a}"
+            for a in cols
+            if a not in ("user_id", "ts_ms")
+        }
+    assert set(fast) == checked  # no column goes unchecked
     for i, row in enumerate(slow):
         assert fast["user_id"][i] == row["user_id"] and fast["t_ms"][i] == row["t_ms"]
         assert fast["label"][i] == row["label"]

@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 
+import numpy as np
 import psutil
 import pyarrow.parquet as pq
 import pytest
@@ -208,3 +209,54 @@ def test_the_same_seed_gives_the_same_run(tiny, tmp_path):
     assert c["ne"] != a["ne"]
     # the binned AUC states its own error bound
     assert 0 <= a["auc_max_error"] < 0.05
+
+
+def test_ne_curve_has_a_point_per_window_and_one_for_the_partial_tail():
+    from dynamix_ray.model.metrics import ne_from_sums
+    from dynamix_ray.train import NECurve
+
+    curve = NECurve(every=2, world=3)
+    labels = [np.array([1.0, 0.0]), np.array([0.0, 0.0]), np.array([1.0, 1.0, 0.0])]
+    losses = [0.5, 0.25, 0.75]
+    for step, (loss, y) in enumerate(zip(losses, labels, strict=True), start=1):
+        curve.add(step, loss, y)
+    curve.close()
+    # window 1: steps 1-2 (4 rows, 1 positive); window 2: step 3 (3 rows, 2)
+    want_1 = ne_from_sums(0.5 * 2 + 0.25 * 2, 4, 1)
+    want_2 = ne_from_sums(0.75 * 3, 3, 2)
+    assert curve.points == [[12, want_1], [21, want_2]]  # rows x 3 workers
+    curve.close()  # an empty window adds no point
+    assert len(curve.points) == 2
+
+
+def test_epoch_metrics_are_the_workers_summed_rates():
+    from dynamix_ray.model.metrics import ScoreHistogram
+    from dynamix_ray.train import epoch_metrics
+
+    hist = ScoreHistogram()
+    sums = {
+        **{f"{g}.{k}": 0.0 for g in ("active", "passive") for k in ("n", "ll", "pos")},
+        "all.n": 10.0,
+        "all.ll": 5.0,
+        "all.pos": 3.0,
+        "steady_n": 800.0,
+        "steady_s": 4.0,  # two workers, 2 s each
+        "load_rows": 1000.0,
+        "load_s": 2.0,
+        "batch_bytes": 5000.0,
+        "batches": 10.0,
+        "epoch_rows": 1000.0,
+    }
+    m = epoch_metrics(1, (0, 5), sums, hist.to_array(), (7, 49), 10, [], world=2)
+    assert m["train_examples_per_s"] == 400.0 and m["loader_rows_per_s"] == 1000.0
+    assert m["loader_bytes_per_batch"] == 500.0 and m["loader_bytes_per_row"] == 5.0
+    assert (m["resumed_at_epoch"], m["resumed_at_step"]) == (0, 5)
+    assert m["epoch_id_sum"] == "7" and m["eval_rows"] == 10
+    assert m["ne_active"] is None  # no active rows evaluated
+    sums["steady_s"] = 0.0
+    assert (
+        epoch_metrics(1, (0, 0), sums, hist.to_array(), (0, 0), 0, [], 1)[
+            "train_examples_per_s"
+        ]
+        is None
+    )
