@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv services demo test lint typecheck pytest bench clean
+.PHONY: venv services demo test test-fast lint typecheck pytest bench clean
 
 venv: $(STAMP)
 
@@ -38,6 +38,11 @@ pytest: $(STAMP) services
 	$(PY) -m pytest
 
 test: lint typecheck pytest
+
+# The plain-core tests only (no Ray, no cluster, no HTTP, nothing slow): the
+# markers are set from each test's fixtures in tests/conftest.py.
+test-fast: $(STAMP) services
+	$(PY) -m pytest -m "not ray and not cluster and not http and not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/segment.py

@@ -85,8 +85,12 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
 
     from dynamix_ray.histories import read_histories, run_histories
     from dynamix_ray.io import POINTER, copy_published
+    from dynamix_ray.model.checkpoint import (
+        load_checkpoint,
+        resolve_checkpoint,
+        save_checkpoint,
+    )
     from dynamix_ray.segments.pipeline import run_segment
-    from dynamix_ray.train import load_checkpoint, resolve_checkpoint, save_checkpoint
 
     train_root = Path(args.train_out)
     data = train_root / f"events_{args.users}u_{args.days}d"
@@ -400,7 +404,7 @@ def section_router_overhead(args, env, traffic, base: str) -> dict[str, Any]:
 
 
 def section_policies(args, env, traffic, base: str) -> dict[str, Any]:
-    from dynamix_ray.train import load_checkpoint
+    from dynamix_ray.model.checkpoint import load_checkpoint
 
     qps: dict[str, list[float]] = {p: [] for p in POLICIES}
     for r in range(args.rounds):

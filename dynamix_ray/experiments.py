@@ -43,7 +43,7 @@ from dynamix_ray.features import (
 )
 from dynamix_ray.io import absolute_url, relative_to
 from dynamix_ray.model import ModelConfig, flops_per_sample
-from dynamix_ray.report import format_or_dash
+from dynamix_ray.report import format_or_dash, write_report
 from dynamix_ray.samples import SampleConfig
 
 __all__ = [
@@ -562,102 +562,60 @@ def sample_batches(
     ]
 
 
-def run_experiment(
-    events_url: str,
-    segments_url: str,
-    out_dir: str,
-    cfg: ExperimentConfig | None = None,
-    progress: bool = True,
-    serving_timeline: str | None = None,
-) -> dict[str, Any]:
-    """Train, measure and report one experiment; returns what
-    ``OUT/results.json`` holds. Re-running with the same OUT resumes each
-    (arm, seed) run from its last checkpoint.
+def _train_arms(
+    cfg: ExperimentConfig,
+    data: Any,
+    base_tcfg: Any,
+    inputs: dict[str, Any],
+    urls: tuple[str, str, str],
+    progress: bool,
+) -> tuple[dict[str, dict[int, dict[str, Any]]], tuple[str, ...], Any]:
+    """Phase 1: every (arm, seed) run on the same samples, the first seed's
+    baseline first (its permutation importance picks what ``remove-*``
+    drops). A finished run with the same key is reused.
 
-    Args:
-        serving_timeline: a JSON with an autoscaling replica timeline
-            (``benchmarks/serve_load.py``'s output, or ``dynamix demo``'s) for
-            the report's serving plot.
+    Returns:
+        ``(metrics[arm][seed], removed, the baseline's importance)``.
     """
-    import ray
-
     from dynamix_ray.features import lowest_importance
-    from dynamix_ray.histories import read_histories, run_histories
-    from dynamix_ray.runtime import ensure_ray
-    from dynamix_ray.synth import NO_SIGNAL_ATTRIBUTES
-    from dynamix_ray.train import TrainConfig, prepare_train_data, run_train
+    from dynamix_ray.train import run_train
 
-    cfg = cfg or ExperimentConfig()
+    events_url, segments_url, out_dir = urls
     arms = ARMS[cfg.kind]
-    t_start = time.perf_counter()
-    out_dir = os.path.abspath(out_dir)
-    # absolute: a report redrawn from elsewhere still finds them
-    events_url, segments_url = absolute_url(events_url), absolute_url(segments_url)
-    serving_timeline = absolute_url(serving_timeline) if serving_timeline else None
-    inputs = {
-        "events": relative_to(out_dir, events_url),
-        "segments": _segments_fingerprint(segments_url, out_dir),
-    }
-    os.makedirs(out_dir, exist_ok=True)
-    ensure_ray()
-    _log(progress, f"experiment {cfg.kind}: arms {', '.join(arms)}; seeds {cfg.seeds}")
-    _log(progress, "  building samples (Ray Data) ...")
-    samples = cfg.samples
-    data = prepare_train_data(
-        events_url, segments_url, out_dir, samples, progress=progress
-    )
-    mcfg = ModelConfig(max_seq_len=samples.max_seq_len)
-    seq = {s: samples.max_seq_len for s in mcfg.sources}
-    base_tcfg = TrainConfig(
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        num_workers=cfg.num_workers,
-        cpus_per_worker=cfg.cpus_per_worker,
-        use_gpu=cfg.use_gpu,
-        samples=samples,
-        model=mcfg,
-    )
-
     metrics: dict[str, dict[int, dict[str, Any]]] = {a: {} for a in arms}
     removed = cfg.removed
-    importance: dict[str, float] | None = None
+    importance = None
     for seed in cfg.seeds:
         for arm in arms:
             if arm.startswith("remove-") and removed is None:
                 raise RuntimeError("removed attributes not chosen")  # baseline first
+            first_baseline = arm == "baseline" and seed == cfg.seeds[0]
             tcfg = replace(
                 base_tcfg,
                 policy=arm,
                 seed=seed,
                 removed=removed if arm.startswith("remove-") and removed else (),
-                importance_rows=(
-                    base_tcfg.importance_rows
-                    if arm == "baseline" and seed == cfg.seeds[0]
-                    else 0
-                ),
+                importance_rows=base_tcfg.importance_rows if first_baseline else 0,
             )
             t0 = time.perf_counter()
             run_dir = f"{out_dir}/runs/{arm}/seed{seed}"
             key = _run_key(tcfg, data.boundary_ms, inputs)
-            m = _finished_run(run_dir, key)
-            if m is None:
-                m = run_train(
-                    events_url,
-                    segments_url,
-                    run_dir,
-                    tcfg,
-                    extra_meta={"run_key": key},
-                    data=data,
-                    progress=progress,
-                )
+            m = _finished_run(run_dir, key) or run_train(
+                events_url,
+                segments_url,
+                run_dir,
+                tcfg,
+                extra_meta={"run_key": key},
+                data=data,
+                progress=progress,
+            )
             if m.get("ne") is None:
                 raise RuntimeError(
                     f"{run_dir}: the run reported no NE (an evaluation day "
                     "with one class only?); see its metrics.json"
                 )
             metrics[arm][seed] = m
-            if arm == "baseline" and seed == cfg.seeds[0]:
+            if first_baseline:
                 importance = m.get("importance")
                 if removed is None and any(a.startswith("remove-") for a in arms):
                     if not importance:
@@ -670,47 +628,56 @@ def run_experiment(
             _log(
                 progress,
                 f"  {arm:16s} seed {seed}: NE {format_or_dash(m['ne'])} (active "
-                f"{format_or_dash(m['ne_active'])}, passive {format_or_dash(m['ne_passive'])}), "
-                f"{format_or_dash(m['train_examples_per_s'], ',.0f')} examples/s (Ray Train), "
-                f"{time.perf_counter() - t0:.0f} s",
+                f"{format_or_dash(m['ne_active'])}, passive "
+                f"{format_or_dash(m['ne_passive'])}), "
+                f"{format_or_dash(m['train_examples_per_s'], ',.0f')} examples/s "
+                f"(Ray Train), {time.perf_counter() - t0:.0f} s",
             )
-    assert removed is not None or not any(a.startswith("remove-") for a in arms)
-    removed = removed or ()
+    return metrics, tuple(removed or ()), importance
 
-    # ---- epsilon: NE separation sweep with the first seed's baseline
-    _log(progress, "  epsilon: NE-separation sweep on the evaluation rows ...")
-    rows = _eval_rows(metrics["baseline"][cfg.seeds[0]]["checkpoint"], data)
-    eps = epsilon_study(rows, segments_url, cfg.sweep_points, cfg.min_side_share)
+
+def _epsilon_line(eps: dict[str, Any]) -> str:
     sep, cal = eps["separation"], eps["calibrated"]
-    _log(
-        progress,
-        f"    calibrated epsilon {format_or_dash(cal['epsilon'])} (active share of windows "
-        f"{format_or_dash(cal['active_share_windows'], '.3f')}); NE-separation epsilon "
+    return (
+        f"    calibrated epsilon {format_or_dash(cal['epsilon'])} (active share of "
+        f"windows {format_or_dash(cal['active_share_windows'], '.3f')}); "
+        "NE-separation epsilon "
         + (
-            f"{format_or_dash(sep['epsilon'])} (share {format_or_dash(sep['active_share_windows'], '.3f')}, "
-            f"NE passive - active {format_or_dash(sep['separation'], '+.4f')})"
+            f"{format_or_dash(sep['epsilon'])} (share "
+            f"{format_or_dash(sep['active_share_windows'], '.3f')}, NE passive - "
+            f"active {format_or_dash(sep['separation'], '+.4f')})"
             if sep["epsilon"] is not None
             else "none (no threshold leaves both sides large enough)"
-        ),
+        )
     )
 
-    # ---- training throughput of the model step, arms interleaved
-    _log(progress, "  training-step throughput (arms interleaved) ...")
-    batches = sample_batches(data, cfg.batch_size, cfg.step_batches)
-    share_train = float(np.concatenate([b["segment"] for b in batches]).mean())
-    step = train_step_throughput(
-        batches, arms, removed, mcfg, cfg.step_rounds, threads=1
-    )
 
-    # ---- inference QPS through the Serve rankers' code
-    _log(progress, "  inference QPS (Serve Ranker code, arms interleaved) ...")
+def _inference(
+    cfg: ExperimentConfig,
+    metrics: dict[str, dict[int, dict[str, Any]]],
+    data: Any,
+    urls: tuple[str, str, str],
+    progress: bool,
+) -> tuple[dict[int, dict[str, list[float]]], float]:
+    """Phase 3: inference QPS of every arm's checkpoints through the Serve
+    rankers' code on the same requests, arms interleaved. Adds each run's
+    ``inference_qps`` and ``inference_qps_change`` to ``metrics``.
+
+    Returns:
+        ``(QPS rounds per seed and arm, the requests' active share)``.
+    """
+    from dynamix_ray.histories import read_histories, run_histories
+
+    events_url, segments_url, out_dir = urls
+    arms = ARMS[cfg.kind]
     hist_root = f"{out_dir}/histories"
-    run_histories(data.store.url, hist_root, None, samples.max_seq_len, progress=False)
+    run_histories(
+        data.store.url, hist_root, None, cfg.samples.max_seq_len, progress=False
+    )
     hist = read_histories(hist_root)
     requests = _requests(
         events_url, segments_url, hist, cfg.qps_requests, cfg.candidates
     )
-    share_inf = float(np.mean([r[0] for r in requests]))
     qps_runs: dict[int, dict[str, list[float]]] = {}
     for seed in cfg.seeds:
         score = arm_scorers({a: metrics[a][seed]["checkpoint"] for a in arms}, hist)
@@ -727,12 +694,31 @@ def run_experiment(
                 f"{a} {statistics.median(qps_runs[seed][a]):.1f}/s" for a in arms
             ),
         )
+    return qps_runs, float(np.mean([r[0] for r in requests]))
 
-    # ---- summary
+
+def summarize_experiment(
+    cfg: ExperimentConfig,
+    metrics: dict[str, dict[int, dict[str, Any]]],
+    step: dict[str, list[float]],
+    qps_runs: dict[int, dict[str, list[float]]],
+    cost: dict[str, Any],
+    epsilon: float | None,
+) -> dict[str, dict[str, Any]]:
+    """Phase 4 (plain): per arm, the seeds' NE and QPS gains
+    (:func:`summarize_arms`) beside the training-step rounds and what FLOPs
+    predict.
+
+    Args:
+        step: training-step examples/s rounds per arm.
+        qps_runs: inference QPS rounds per seed and arm.
+        cost: ``flops_train[arm]`` and ``req_flops[arm]`` (per segment),
+            ``share_train`` and ``share_inf`` (active shares).
+        epsilon: the calibrated epsilon the table was segmented with.
+    """
+    arms = ARMS[cfg.kind]
     summary = summarize_arms(arms, metrics)
-    avail = data.available
-    flops_train = {a: flops_by_segment(mcfg, a, removed, avail, seq) for a in arms}
-    req_flops = request_flops_by_arm(mcfg, arms, removed, avail, cfg.candidates)
+    flops_train, req_flops = cost["flops_train"], cost["req_flops"]
     for a in arms:
         summary[a]["step_examples_per_s"] = step[a]
         summary[a]["step_qps_change_pct"] = {
@@ -743,10 +729,10 @@ def run_experiment(
             ],
         }
         summary[a]["flop_train_change_pct"] = 100 * predicted_gain(
-            flops_train[a], flops_train["baseline"], share_train
+            flops_train[a], flops_train["baseline"], cost["share_train"]
         )
         summary[a]["flop_inference_change_pct"] = 100 * predicted_gain(
-            req_flops[a], req_flops["baseline"], share_inf
+            req_flops[a], req_flops["baseline"], cost["share_inf"]
         )
         summary[a]["mflop_per_sample"] = {
             "passive": flops_train[a][0] / 1e6,
@@ -759,15 +745,106 @@ def run_experiment(
         summary[a]["curve"] = {
             str(s): metrics[a][s].get("curve", []) for s in cfg.seeds
         }
-        summary[a]["epsilon"] = cal["epsilon"]
+        summary[a]["epsilon"] = epsilon
     if "boost-all" in arms and "boost-selective" in arms:
         vs = [
             100 * paired_gain(qps_runs[s]["boost-selective"], qps_runs[s]["boost-all"])
             for s in cfg.seeds
         ]
         summary["boost-selective"]["inference_qps_vs_boost_all_pct"] = mean_std(vs)
+    return summary
 
-    truth = _truth_recovery(events_url, segments_url)
+
+def run_experiment(
+    events_url: str,
+    segments_url: str,
+    out_dir: str,
+    cfg: ExperimentConfig | None = None,
+    progress: bool = True,
+    serving_timeline: str | None = None,
+) -> dict[str, Any]:
+    """Train, measure and report one experiment; returns what
+    ``OUT/results.json`` holds. Re-running with the same OUT resumes each
+    (arm, seed) run from its last checkpoint.
+
+    Phases: train the arms (:func:`_train_arms`), epsilon
+    (:func:`epsilon_study`), training-step throughput
+    (:func:`train_step_throughput`), inference QPS (:func:`_inference`),
+    summarise (:func:`summarize_experiment`), report.
+
+    Args:
+        serving_timeline: a JSON with an autoscaling replica timeline
+            (``benchmarks/serve_load.py``'s output, or ``dynamix demo``'s) for
+            the report's serving plot.
+    """
+    import ray
+
+    from dynamix_ray.runtime import ensure_ray
+    from dynamix_ray.synth import NO_SIGNAL_ATTRIBUTES
+    from dynamix_ray.train import TrainConfig, prepare_train_data
+
+    cfg = cfg or ExperimentConfig()
+    arms = ARMS[cfg.kind]
+    t_start = time.perf_counter()
+    out_dir = os.path.abspath(out_dir)
+    events_url, segments_url = absolute_url(events_url), absolute_url(segments_url)
+    serving_timeline = absolute_url(serving_timeline) if serving_timeline else None
+    urls = (events_url, segments_url, out_dir)
+    inputs = {
+        "events": relative_to(out_dir, events_url),
+        "segments": _segments_fingerprint(segments_url, out_dir),
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    ensure_ray()
+    _log(progress, f"experiment {cfg.kind}: arms {', '.join(arms)}; seeds {cfg.seeds}")
+    _log(progress, "  building samples (Ray Data) ...")
+    samples = cfg.samples
+    data = prepare_train_data(
+        events_url, segments_url, out_dir, samples, progress=progress
+    )
+    mcfg = ModelConfig(max_seq_len=samples.max_seq_len)
+    base_tcfg = TrainConfig(
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        num_workers=cfg.num_workers,
+        cpus_per_worker=cfg.cpus_per_worker,
+        use_gpu=cfg.use_gpu,
+        samples=samples,
+        model=mcfg,
+    )
+    metrics, removed, importance = _train_arms(
+        cfg, data, base_tcfg, inputs, urls, progress
+    )
+
+    _log(progress, "  epsilon: NE-separation sweep on the evaluation rows ...")
+    rows = _eval_rows(metrics["baseline"][cfg.seeds[0]]["checkpoint"], data)
+    eps = epsilon_study(rows, segments_url, cfg.sweep_points, cfg.min_side_share)
+    _log(progress, _epsilon_line(eps))
+
+    _log(progress, "  training-step throughput (arms interleaved) ...")
+    batches = sample_batches(data, cfg.batch_size, cfg.step_batches)
+    share_train = float(np.concatenate([b["segment"] for b in batches]).mean())
+    step = train_step_throughput(
+        batches, arms, removed, mcfg, cfg.step_rounds, threads=1
+    )
+
+    _log(progress, "  inference QPS (Serve Ranker code, arms interleaved) ...")
+    qps_runs, share_inf = _inference(cfg, metrics, data, urls, progress)
+
+    seq = {s: samples.max_seq_len for s in mcfg.sources}
+    avail = data.available
+    cost = {
+        "flops_train": {
+            a: flops_by_segment(mcfg, a, removed, avail, seq) for a in arms
+        },
+        "req_flops": request_flops_by_arm(mcfg, arms, removed, avail, cfg.candidates),
+        "share_train": share_train,
+        "share_inf": share_inf,
+    }
+    summary = summarize_experiment(
+        cfg, metrics, step, qps_runs, cost, eps["calibrated"]["epsilon"]
+    )
     results = {
         "kind": cfg.kind,
         "arms": summary,
@@ -787,7 +864,7 @@ def run_experiment(
             f"of {cfg.candidates} candidates per call, {cfg.qps_requests} "
             f"requests x {cfg.qps_rounds} rounds, arms interleaved per request"
         ),
-        "truth_recovery": truth,
+        "truth_recovery": _truth_recovery(events_url, segments_url),
         "paper": PAPER,
         "config": {**asdict(cfg), "seeds": list(cfg.seeds)},
         # relative to OUT: a moved tree still reports (report.results_inputs)
@@ -804,8 +881,6 @@ def run_experiment(
     }
     with open(f"{out_dir}/results.json", "w") as fh:
         json.dump(results, fh, indent=2, default=str)
-    from dynamix_ray.report import write_report
-
     index = write_report(out_dir, results)
     results["report"] = index
     _log(progress, f"  results {out_dir}/results.json\n  report  {index}")

@@ -111,18 +111,22 @@ def pyarrow_fs(fs: fsspec.AbstractFileSystem) -> pa.fs.FileSystem:
     return PyFileSystem(FSSpecHandler(fs))
 
 
+#: splitmix64's increment and its two multipliers (uint64).
+SPLITMIX64 = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+
+
 def splitmix64(ids: np.ndarray) -> np.ndarray:
     """The splitmix64 finaliser of int64 ids, as uint64 (wrapping arithmetic).
 
     The one hash of the project: user buckets here, and the model's hashed
-    embeddings (``model.embeddings.hash_ids`` is its torch form, tested equal).
+    embeddings (``model.embeddings.hash_ids`` is its torch form, with the same
+    :data:`SPLITMIX64` constants, tested equal).
     """
+    golden, mul1, mul2 = (np.uint64(c) for c in SPLITMIX64)
     with np.errstate(over="ignore"):
-        z = np.asarray(ids, dtype=np.int64).view(np.uint64) + np.uint64(
-            0x9E3779B97F4A7C15
-        )
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = np.asarray(ids, dtype=np.int64).view(np.uint64) + golden
+        z = (z ^ (z >> np.uint64(30))) * mul1
+        z = (z ^ (z >> np.uint64(27))) * mul2
         return z ^ (z >> np.uint64(31))
 
 

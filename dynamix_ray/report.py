@@ -22,6 +22,7 @@ import html
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,7 +30,11 @@ import numpy as np
 from dynamix_ray.io import located, relative_to
 
 __all__ = [
+    "ReportData",
+    "draw_figures",
     "experiment_summary",
+    "load_report_data",
+    "render_html",
     "results_inputs",
     "format_or_dash",
     "plot_corr_dist",
@@ -464,74 +469,75 @@ def results_inputs(out_dir: str, results: dict[str, Any]) -> dict[str, Any]:
     return inputs
 
 
-def write_report(
-    out_dir: str,
-    results: dict[str, Any] | None = None,
-    serving_timeline: str | None = None,
-) -> str:
-    """Write ``out_dir/report/index.html`` and its PNGs; returns the HTML's path.
+@dataclass
+class ReportData:
+    """What the figures read besides ``results.json``: the segment table,
+    the planted truth (``None`` without ``_truth/``), the segmentation
+    parameters, and notes on what is missing."""
 
-    Args:
-        out_dir: an experiment's OUT (``results.json`` is read when
-            ``results`` is not given).
-        serving_timeline: overrides ``results["inputs"]["serving_timeline"]``:
-            a JSON holding an ``autoscaling`` section (with ``timeline``) or
-            that section itself.
-    """
+    inputs: dict[str, Any]
+    segments: Any
+    truth_users: Any
+    seg_cfg: Any
+    notes: list[str]
+
+    @property
+    def corr(self) -> np.ndarray:
+        col = self.segments.column("corr")
+        return col.to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def load_report_data(out_dir: str, results: dict[str, Any]) -> ReportData:
+    """Load: the inputs ``results.json`` names, located from ``out_dir``."""
+    from dynamix_ray.config import SegmentConfig
     from dynamix_ray.segments.pipeline import read_segments, read_segments_meta
-    from dynamix_ray.synth import planted_rows, read_truth_users
+    from dynamix_ray.synth import read_truth_users
 
-    results_path = os.path.join(out_dir, "results.json")
-    if results is None:
-        with open(results_path) as fh:
-            results = json.load(fh)
-    if serving_timeline:  # remembered: a later redraw keeps the plot
-        results["inputs"]["serving_timeline"] = relative_to(out_dir, serving_timeline)
-        with open(results_path, "w") as fh:
-            json.dump(results, fh, indent=2, default=str)
-    report = os.path.join(out_dir, "report")
-    os.makedirs(report, exist_ok=True)
     inputs = results_inputs(out_dir, results)
-    eps = results["epsilon"]
-    cal = eps["calibrated"]["epsilon"]
-    sep = eps["separation"]["epsilon"]
-    figures: list[tuple[str, str]] = []
-    notes: list[str] = []
-
-    def figure(name: str, caption: str, draw: Callable[[str], str]) -> None:
-        try:
-            draw(os.path.join(report, name))
-            figures.append((name, caption))
-        except (OSError, KeyError, ValueError, TypeError) as e:  # data missing: say so
-            notes.append(f"{name} not drawn: {type(e).__name__}: {e}")
-
+    notes = []
     try:
         truth_users = read_truth_users(inputs["events"])
     except FileNotFoundError:
         truth_users = None
         notes.append("no planted truth (_truth/) beside the events: recovery not drawn")
-    segments = read_segments(inputs["segments"])
-    from dynamix_ray.config import SegmentConfig
-
     params = read_segments_meta(inputs["segments"]).get("params", {})
     # the parameters the table was made with (defaults where it names none)
-    seg_cfg = SegmentConfig(
-        **{
-            k: params[k]
-            for k in (
-                "window_s",
-                "buffer_s",
-                "horizon_s",
-                "min_dwell_ms",
-                "max_dwell_ms",
-            )
-            if k in params
-        }
+    keys = ("window_s", "buffer_s", "horizon_s", "min_dwell_ms", "max_dwell_ms")
+    seg_cfg = SegmentConfig(**{k: params[k] for k in keys if k in params})
+    return ReportData(
+        inputs, read_segments(inputs["segments"]), truth_users, seg_cfg, notes
     )
+
+
+def draw_figures(
+    results: dict[str, Any], data: ReportData, folder: str
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """Draw: every figure the data allows into ``folder``; returns
+    ``(figures as (file, caption), notes on those not drawn)``."""
+    from dynamix_ray.synth import planted_rows
+
+    eps = results["epsilon"]
+    cal = eps["calibrated"]["epsilon"]
+    sep = eps["separation"]["epsilon"]
+    figures: list[tuple[str, str]] = []
+    notes = list(data.notes)
+    inputs, segments, truth_users, seg_cfg = (
+        data.inputs,
+        data.segments,
+        data.truth_users,
+        data.seg_cfg,
+    )
+    corr = data.corr
+
+    def figure(name: str, caption: str, draw: Callable[[str], str]) -> None:
+        try:
+            draw(os.path.join(folder, name))
+            figures.append((name, caption))
+        except (OSError, KeyError, ValueError, TypeError) as e:  # data missing: say so
+            notes.append(f"{name} not drawn: {type(e).__name__}: {e}")
+
     buffer_s, horizon_s = seg_cfg.buffer_s, seg_cfg.horizon_s
     window_h = seg_cfg.window_s / 3600
-    corr = segments.column("corr").to_numpy(zero_copy_only=False).astype(np.float64)
-
     figure(
         "dwell.png",
         "Fig. 3 analog. Log dwell of ad impressions near a conversion (a "
@@ -605,9 +611,20 @@ def write_report(
             "section of benchmarks/serve_load.py's JSON or the demo's)"
         )
 
+    return figures, notes
+
+
+def render_html(
+    results: dict[str, Any],
+    segment_rows: int,
+    figures: list[tuple[str, str]],
+    notes: list[str],
+) -> str:
+    """Render (plain): the report page of ``results`` with its figures."""
+    eps = results["epsilon"]
     parts = [f"<h1>DynamiX experiment: {html.escape(results['kind'])}</h1>"]
     parts.append(
-        f"<p>Seeds {results['seeds']}; {len(segments):,} segment rows; arms "
+        f"<p>Seeds {results['seeds']}; {segment_rows:,} segment rows; arms "
         f"trained on the same samples and evaluated on the same last day. "
         f"Figures are mean ± std over seeds (paired per seed with that seed's "
         f"baseline). Inference: {html.escape(results['inference_harness'])}. "
@@ -677,6 +694,39 @@ def write_report(
         + "\n".join(parts)
         + "</body></html>"
     )
+    return page
+
+
+def write_report(
+    out_dir: str,
+    results: dict[str, Any] | None = None,
+    serving_timeline: str | None = None,
+) -> str:
+    """Write ``out_dir/report/index.html`` and its PNGs; returns the HTML's path.
+
+    Phases: load (:func:`load_report_data`), draw (:func:`draw_figures`),
+    render (:func:`render_html`).
+
+    Args:
+        out_dir: an experiment's OUT (``results.json`` is read when
+            ``results`` is not given).
+        serving_timeline: overrides ``results["inputs"]["serving_timeline"]``:
+            a JSON holding an ``autoscaling`` section (with ``timeline``) or
+            that section itself.
+    """
+    results_path = os.path.join(out_dir, "results.json")
+    if results is None:
+        with open(results_path) as fh:
+            results = json.load(fh)
+    if serving_timeline:  # remembered: a later redraw keeps the plot
+        results["inputs"]["serving_timeline"] = relative_to(out_dir, serving_timeline)
+        with open(results_path, "w") as fh:
+            json.dump(results, fh, indent=2, default=str)
+    report = os.path.join(out_dir, "report")
+    os.makedirs(report, exist_ok=True)
+    data = load_report_data(out_dir, results)
+    figures, notes = draw_figures(results, data, report)
+    page = render_html(results, len(data.segments), figures, notes)
     index = os.path.join(report, "index.html")
     with open(index, "w") as fh:
         fh.write(page)

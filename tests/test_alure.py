@@ -39,10 +39,11 @@ from dynamix_ray.config import GenerateConfig
 from dynamix_ray.histories import mode_by_user, user_histories
 from dynamix_ray.io import read_json, resolve, version_folder
 from dynamix_ray.model import ModelConfig
+from dynamix_ray.model.checkpoint import load_checkpoint
 from dynamix_ray.samples import SampleConfig
 from dynamix_ray.segments.pipeline import run_segment
 from dynamix_ray.synth import generate
-from dynamix_ray.train import TrainConfig, load_checkpoint, run_train
+from dynamix_ray.train import TrainConfig, run_train
 
 DAY = 86_400_000
 
@@ -446,7 +447,7 @@ def test_training_with_the_daily_alure_embedding(trained, tmp_path):
     """`dynamix embed --daily`, then a baseline trained with the embedding as a
     head input: the checkpoint's model takes it (ext_dim = E)."""
     from dynamix_ray.alure.feature import read_daily
-    from dynamix_ray.train import load_checkpoint
+    from dynamix_ray.model.checkpoint import load_checkpoint
 
     events, run, root, _ = trained
     daily = str(tmp_path / "daily")

@@ -18,6 +18,7 @@ from dynamix_ray.experiments import (
     predicted_gain,
     request_flops,
     summarize_arms,
+    summarize_experiment,
 )
 from dynamix_ray.features import FeatureSet, policy_features
 from dynamix_ray.model import ModelConfig, flops_per_sample
@@ -166,6 +167,36 @@ def test_summarize_arms_pairs_every_seed_with_its_baseline():
     assert arm["inference_qps_change_pct"]["mean"] == pytest.approx(3.0)
     assert s["baseline"]["ne_gain"]["mean"] == 0.0
     assert arm["ne"]["mean"] == pytest.approx(0.85)
+
+
+def test_summarize_experiment_puts_measured_rounds_beside_what_flops_predict():
+    cfg = ExperimentConfig(kind="boosting", seeds=(0,))
+    arms = ("baseline", "boost-all", "boost-selective")
+    metrics = {
+        a: {0: {"ne": 0.9, "train_examples_per_s": 100.0, "inference_qps_change": 0.0}}
+        for a in arms
+    }
+    step = {"baseline": [100.0, 100.0], "boost-all": [80.0, 90.0]}
+    step["boost-selective"] = [90.0, 95.0]
+    qps = {0: {"baseline": [10.0], "boost-all": [8.0], "boost-selective": [9.0]}}
+    flops = {"baseline": {0: 100, 1: 100}, "boost-all": {0: 200, 1: 200}}
+    flops["boost-selective"] = {0: 120, 1: 200}
+    cost = {
+        "flops_train": flops,
+        "req_flops": flops,
+        "share_train": 0.5,
+        "share_inf": 0.25,
+    }
+    s = summarize_experiment(cfg, metrics, step, qps, cost, epsilon=0.3)
+    sel = s["boost-selective"]
+    assert sel["step_qps_change_pct"]["rounds"] == pytest.approx([-10.0, -5.0])
+    assert sel["step_qps_change_pct"]["median"] == pytest.approx(-7.5)
+    # FLOPs at the active share: 100 / (0.5 * 200 + 0.5 * 120) - 1
+    assert sel["flop_train_change_pct"] == pytest.approx(100 * (100 / 160 - 1))
+    assert sel["flop_inference_change_pct"] == pytest.approx(100 * (100 / 140 - 1))
+    assert sel["mflop_per_request"] == {"passive": 120e-6, "active": 200e-6}
+    assert sel["inference_qps_vs_boost_all_pct"]["mean"] == pytest.approx(12.5)
+    assert all(s[a]["epsilon"] == 0.3 for a in arms)
 
 
 def test_paired_and_predicted_gains():

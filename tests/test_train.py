@@ -260,3 +260,37 @@ def test_epoch_metrics_are_the_workers_summed_rates():
         ]
         is None
     )
+
+
+def test_serving_cuts_histories_as_the_run_was_trained(tiny, tmp_path):
+    """A run trained with a non-default sequence length and buffer is served
+    with them, read from its checkpoint (also after its OUT moved)."""
+    import torch
+
+    from dynamix_ray.features import to_model_batch
+    from dynamix_ray.histories import read_histories, run_histories
+    from dynamix_ray.model.config import CANDIDATE_ATTRIBUTES
+    from dynamix_ray.serve.ranker import Ranker
+
+    events, segs = tiny
+    samples = SampleConfig(max_seq_len=5, buffer_s=600)
+    out = tmp_path / "run"
+    run_train(events, segs, str(out), _cfg(samples=samples, importance_rows=0))
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    hist_out = str(tmp_path / "hist")
+    run_histories(events, hist_out, None, 8, progress=False)
+    hist = read_histories(hist_out)
+    ranker = Ranker(str(moved), hist, 1)
+    assert ranker.samples == samples and ranker.model_cfg.max_seq_len == 5
+    users = hist.user_id[:3]
+    t = np.full(3, hist.as_of_ms - 3_600_000, np.int64)
+    cand = np.arange(len(CANDIDATE_ATTRIBUTES))[None] % 5
+    got = np.concatenate(ranker.score(list(users), list(t), [cand] * 3))
+    cols = hist.rows(users, t, ranker.features, 600_000, 5)
+    cols["t_ms"] = t
+    for j, a in enumerate(CANDIDATE_ATTRIBUTES):
+        cols[f"cand.{a}"] = np.full(3, cand[0, j])
+    with torch.no_grad():
+        want = torch.sigmoid(ranker.model(to_model_batch(cols), ranker.features))
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-6)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dynamix_ray.io import splitmix64
+from dynamix_ray.io import SPLITMIX64, splitmix64
 from dynamix_ray.model.config import ModelConfig
 
 __all__ = [
@@ -31,9 +31,7 @@ def _i64(c: int) -> int:
     return c - _U64 if c >= 1 << 63 else c
 
 
-_GOLDEN = _i64(0x9E3779B97F4A7C15)
-_MUL1 = _i64(0xBF58476D1CE4E5B9)
-_MUL2 = _i64(0x94D049BB133111EB)
+_GOLDEN, _MUL1, _MUL2 = (_i64(c) for c in SPLITMIX64)
 
 
 def _shr(z: Tensor, s: int) -> Tensor:
