@@ -40,9 +40,12 @@ pytest: $(STAMP) services
 test: lint typecheck pytest
 
 # The plain-core tests only (no Ray, no cluster, no HTTP, nothing slow): the
-# markers are set from each test's fixtures in tests/conftest.py.
+# markers are set from each test's fixtures in tests/conftest.py. RAY_ADDRESS
+# points at a closed port, so an unmarked test that reaches for Ray fails (on
+# its timeout) instead of quietly starting its own.
 test-fast: $(STAMP) services
-	$(PY) -m pytest -m "not ray and not cluster and not http and not slow"
+	RAY_ADDRESS=127.0.0.1:9 $(PY) -m pytest --timeout 60 \
+	  -m "not ray and not cluster and not http and not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/segment.py

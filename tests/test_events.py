@@ -193,7 +193,9 @@ def test_a_commit_failing_mid_move_leaves_the_old_store_whole(plain, tmp_path, m
     assert open_store(out).meta["input_fingerprint"] == again.meta["input_fingerprint"]
 
 
-def test_a_lost_bucket_file_is_an_error_not_an_empty_bucket(plain, tmp_path):
+def test_a_lost_bucket_file_is_an_error_not_an_empty_bucket(
+    ray_session, plain, tmp_path
+):
     """The store lists its non-empty buckets: a reader never mistakes a
     missing file (a wrong path, a lost object) for a bucket without rows."""
     store = run_bucket(plain, str(tmp_path / "s"), 2, progress=False)
