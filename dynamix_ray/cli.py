@@ -17,7 +17,11 @@ from typing import Any, cast
 from dynamix_ray.config import GenerateConfig, SegmentConfig, parse_duration_s
 from dynamix_ray.features import POLICIES
 from dynamix_ray.inputs import check_checkpoint, check_events, check_table
-from dynamix_ray.runtime import configure_logging, ray_logs_hint
+from dynamix_ray.runtime import (
+    apply_ray_log_levels,
+    configure_logging,
+    ray_logs_hint,
+)
 from dynamix_ray.samples import SampleConfig
 
 __all__ = ["build_parser", "main"]
@@ -1249,6 +1253,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     app = build_app(cfg)
     ensure_ray(serving=True)
+    apply_ray_log_levels()  # Serve set its logger to INFO when imported
     serve.start(
         http_options={
             "host": http["host"],

@@ -28,14 +28,13 @@ import numpy as np
 from dynamix_ray.config import GenerateConfig
 from dynamix_ray.experiments import ARMS, ExperimentConfig, run_experiment
 from dynamix_ray.report import experiment_summary, write_report
+from dynamix_ray.runtime import apply_ray_log_levels
 from dynamix_ray.samples import SampleConfig
 from dynamix_ray.schema import CANDIDATE_ATTRIBUTES
 from dynamix_ray.segments.pipeline import read_segments, run_segment
 from dynamix_ray.synth import generate, read_truth_users, segment_recovery
 
 __all__ = ["DemoConfig", "run_demo"]
-
-DAY_MS = 86_400_000
 
 
 @dataclass(frozen=True)
@@ -100,10 +99,11 @@ def _experiments(cfg: DemoConfig, events: str, seg: str, exp_out: str) -> dict:
     return r
 
 
-def _alure(out: str, seg: str, checkpoint: str) -> str:
-    """Phase 4: embeddings as of the last midnight, the user graph, its
-    retrieval evaluation on the last day, and the candidate table. Returns
-    the candidates' output root."""
+def _alure(out: str, seg: str, checkpoint: str, as_of: int) -> str:
+    """Phase 4: embeddings as of ``as_of`` (the experiments' evaluation
+    boundary: the last full day is held out), the user graph, its retrieval
+    evaluation on the held-out day, and the candidate table. Returns the
+    candidates' output root."""
     from dynamix_ray.alure.candidates import CandidateConfig
     from dynamix_ray.alure.candidates_job import run_candidates
     from dynamix_ray.alure.embed import EmbedConfig, read_embeddings, run_embed
@@ -114,10 +114,12 @@ def _alure(out: str, seg: str, checkpoint: str) -> str:
     store = open_store(f"{seg}/events")
     if store is None:
         raise FileNotFoundError(f"{seg}/events: the segment run left no event store")
-    as_of = (store.ts_max_ms // DAY_MS) * DAY_MS
     alure = f"{out}/alure"
     m = run_embed(store.url, checkpoint, alure, EmbedConfig(as_of_ms=as_of))
-    print(f"embed: {m['users']:,} users as of the last midnight, {m['wall_s']:.1f} s")
+    print(
+        f"embed: {m['users']:,} users as of the held-out day's start, "
+        f"{m['wall_s']:.1f} s"
+    )
     g = build_u2u(alure, alure)
     print(
         f"u2u: {g['edges']:,} edges, neighbour recall vs exact "
@@ -126,7 +128,7 @@ def _alure(out: str, seg: str, checkpoint: str) -> str:
     ev = evaluate_retrieval(store.url, read_embeddings(alure), read_u2u(alure), as_of)
     r = ev["recall"]["200"]
     print(
-        f"retrieval on the last day, recall@200 of {ev['held_out_conversions']:,} "
+        f"retrieval on the held-out day, recall@200 of {ev['held_out_conversions']:,} "
         f"held-out conversions: u2u {r['u2u']:.3f}, most-popular "
         f"{r['most_popular']:.3f}, random {r['random']:.3f}"
     )
@@ -188,6 +190,8 @@ def _serve(
 
     from dynamix_ray.serve.app import AppConfig, build_app
     from dynamix_ray.serve.loadgen import Traffic, record_autoscaling
+
+    apply_ray_log_levels()  # Serve set its logger to INFO when imported
 
     auto = {
         "min_replicas": 1,
@@ -274,12 +278,13 @@ def run_demo(out: str, cfg: DemoConfig | None = None) -> str:
         f"experiments: {len(ARMS['all'])} arms x {len(cfg.seeds)} seed(s) on Ray "
         "Train (1 epoch), throughput, epsilon sweep"
     )
-    _experiments(cfg, events, seg, exp_out)
+    results = _experiments(cfg, events, seg, exp_out)
     candidates = None
     if cfg.alure:
         step("ALURE: embed, user graph, retrieval evaluation, candidates")
         baseline = f"{exp_out}/runs/baseline/seed{cfg.seeds[0]}"
-        candidates = _alure(out, seg, baseline)
+        held_out = int(results["inputs"]["eval_boundary_ms"])
+        candidates = _alure(out, seg, baseline, held_out)
     timeline = None
     if cfg.serve:
         step(f"Ray Serve on 127.0.0.1:{cfg.port}: real requests, then a load")

@@ -348,7 +348,7 @@ def run_embed(
                     fn_constructor_args=(ckpt, cfg.use_gpu),
                     batch_size=cfg.batch_size,
                     batch_format="numpy",
-                    concurrency=cfg.actors,
+                    compute=ray.data.ActorPoolStrategy(size=cfg.actors),
                     num_gpus=1 if cfg.use_gpu else 0,
                 )
                 .map_batches(
