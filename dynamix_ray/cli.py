@@ -14,15 +14,33 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
+from dynamix_ray.alure.candidates import CandidateConfig
+from dynamix_ray.alure.candidates_job import run_candidates
+from dynamix_ray.alure.embed import EmbedConfig, read_embeddings, run_embed
+from dynamix_ray.alure.evaluate import evaluate_retrieval
+from dynamix_ray.alure.feature import run_daily_embed
+from dynamix_ray.alure.graph import U2UConfig, build_u2u, read_u2u
 from dynamix_ray.config import GenerateConfig, SegmentConfig, parse_duration_s
+from dynamix_ray.demo import DemoConfig, run_demo
+from dynamix_ray.events import run_bucket
+from dynamix_ray.experiments import ARMS, ExperimentConfig, run_experiment
 from dynamix_ray.features import POLICIES
+from dynamix_ray.histories import run_histories
 from dynamix_ray.inputs import check_checkpoint, check_events, check_table
+from dynamix_ray.io import read_json, resolve, write_json
+from dynamix_ray.model import ModelConfig
+from dynamix_ray.online import ingest, redact
+from dynamix_ray.report import experiment_summary, write_report
 from dynamix_ray.runtime import (
     apply_ray_log_levels,
     configure_logging,
+    ensure_ray,
     ray_logs_hint,
 )
 from dynamix_ray.samples import SampleConfig
+from dynamix_ray.segments.pipeline import run_segment
+from dynamix_ray.synth import generate
+from dynamix_ray.train import TrainConfig, removed_from_baseline, run_train
 
 __all__ = ["build_parser", "main"]
 
@@ -242,7 +260,6 @@ def _add_bucket(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from dynamix_ray.train import TrainConfig
 
     t = TrainConfig()
     p = _command(
@@ -335,7 +352,6 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    from dynamix_ray.demo import DemoConfig
 
     d = DemoConfig()
     p = _command(
@@ -389,7 +405,6 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_experiment(sub: argparse._SubParsersAction) -> None:
-    from dynamix_ray.experiments import ARMS, ExperimentConfig
 
     e = ExperimentConfig()
     p = _command(
@@ -511,7 +526,6 @@ def parse_instant_ms(text: str) -> int:
 
 
 def _add_embed(sub: argparse._SubParsersAction) -> None:
-    from dynamix_ray.alure.embed import EmbedConfig
 
     c = EmbedConfig()
     p = _command(
@@ -556,8 +570,6 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_u2u(sub: argparse._SubParsersAction) -> None:
-    from dynamix_ray.alure.candidates import CandidateConfig
-    from dynamix_ray.alure.graph import U2UConfig
 
     c, cc = U2UConfig(), CandidateConfig()
     p = _command(
@@ -617,7 +629,6 @@ def _add_as_of(p: argparse.ArgumentParser) -> None:
 
 
 def _add_candidates(sub: argparse._SubParsersAction) -> None:
-    from dynamix_ray.alure.candidates import CandidateConfig
 
     c = CandidateConfig()
     p = _command(
@@ -820,7 +831,6 @@ def segment_config(args: argparse.Namespace) -> SegmentConfig:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from dynamix_ray.synth import generate
 
     truth = generate(
         args.out, generate_config(args), progress=None if args.no_progress else print
@@ -837,8 +847,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bucket(args: argparse.Namespace) -> int:
-    from dynamix_ray.events import run_bucket
-    from dynamix_ray.runtime import ensure_ray
 
     if "memory://" not in args.out:
         ensure_ray()
@@ -860,7 +868,6 @@ def cmd_bucket(args: argparse.Namespace) -> int:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from dynamix_ray.segments.pipeline import run_segment
 
     result = run_segment(
         args.events, args.out, segment_config(args), progress=not args.no_progress
@@ -874,7 +881,6 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from dynamix_ray.demo import DemoConfig, run_demo
 
     run_demo(
         args.out,
@@ -895,9 +901,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dynamix_ray.model import ModelConfig
-    from dynamix_ray.samples import SampleConfig
-    from dynamix_ray.train import TrainConfig, removed_from_baseline, run_train
 
     removed = tuple(a for a in args.removed.split(",") if a)
     extra: dict[str, object] = {}
@@ -957,8 +960,6 @@ def int_list(text: str) -> tuple[int, ...]:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from dynamix_ray.experiments import ExperimentConfig, run_experiment
-    from dynamix_ray.report import experiment_summary
 
     removed = tuple(a for a in args.removed.split(",") if a) or None
     cfg = ExperimentConfig(
@@ -991,7 +992,6 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from dynamix_ray.report import write_report
 
     if not os.path.exists(os.path.join(args.out, "results.json")):
         raise FileNotFoundError(
@@ -1002,7 +1002,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from dynamix_ray.alure.embed import EmbedConfig, run_embed
 
     cfg = EmbedConfig(
         as_of_ms=args.as_of,
@@ -1013,8 +1012,6 @@ def cmd_embed(args: argparse.Namespace) -> int:
         incremental=not args.full,
     )
     if args.daily:
-        from dynamix_ray.alure.feature import run_daily_embed
-
         if args.as_of is not None:
             raise ValueError("--daily embeds as of every midnight; drop --as-of")
         d = run_daily_embed(
@@ -1039,10 +1036,6 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_u2u(args: argparse.Namespace) -> int:
-    from dynamix_ray.alure.candidates import CandidateConfig
-    from dynamix_ray.alure.embed import read_embeddings
-    from dynamix_ray.alure.graph import U2UConfig, build_u2u, read_u2u
-    from dynamix_ray.io import read_json, resolve, write_json
 
     cfg = U2UConfig(
         k1=args.k1,
@@ -1064,8 +1057,6 @@ def cmd_u2u(args: argparse.Namespace) -> int:
         f"  graph {args.out.rstrip('/')}/u2u/"
     )
     if args.eval:
-        from dynamix_ray.alure.evaluate import evaluate_retrieval
-
         fs, root = resolve(args.embeddings)
         as_of = int(read_json(fs, f"{root}/_meta.json")["as_of_ms"])
         ev = evaluate_retrieval(
@@ -1095,8 +1086,6 @@ def cmd_u2u(args: argparse.Namespace) -> int:
 
 
 def cmd_candidates(args: argparse.Namespace) -> int:
-    from dynamix_ray.alure.candidates import CandidateConfig
-    from dynamix_ray.alure.candidates_job import run_candidates
 
     m = run_candidates(
         args.u2u,
@@ -1115,7 +1104,6 @@ def cmd_candidates(args: argparse.Namespace) -> int:
 
 
 def cmd_histories(args: argparse.Namespace) -> int:
-    from dynamix_ray.histories import run_histories
 
     m = run_histories(
         args.events,
@@ -1214,7 +1202,6 @@ def _loopback(host: str) -> bool:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from dynamix_ray.online import ingest, redact
 
     m = ingest(
         args.events,
@@ -1236,7 +1223,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from ray import serve
 
-    from dynamix_ray.runtime import ensure_ray
     from dynamix_ray.serve.app import AppConfig, build_app
 
     app_args, http = serve_app_config(args)

@@ -25,13 +25,20 @@ from typing import Any
 
 import numpy as np
 
+from dynamix_ray.alure.candidates import CandidateConfig
+from dynamix_ray.alure.candidates_job import run_candidates
+from dynamix_ray.alure.embed import EmbedConfig, read_embeddings, run_embed
+from dynamix_ray.alure.evaluate import evaluate_retrieval
+from dynamix_ray.alure.graph import build_u2u, read_u2u
 from dynamix_ray.config import GenerateConfig
+from dynamix_ray.events import open_store
 from dynamix_ray.experiments import ARMS, ExperimentConfig, run_experiment
 from dynamix_ray.report import experiment_summary, write_report
 from dynamix_ray.runtime import apply_ray_log_levels
 from dynamix_ray.samples import SampleConfig
 from dynamix_ray.schema import CANDIDATE_ATTRIBUTES
 from dynamix_ray.segments.pipeline import read_segments, run_segment
+from dynamix_ray.serve.loadgen import Traffic, record_autoscaling
 from dynamix_ray.synth import generate, read_truth_users, segment_recovery
 
 __all__ = ["DemoConfig", "run_demo"]
@@ -104,12 +111,6 @@ def _alure(out: str, seg: str, checkpoint: str, as_of: int) -> str:
     boundary: the last full day is held out), the user graph, its retrieval
     evaluation on the held-out day, and the candidate table. Returns the
     candidates' output root."""
-    from dynamix_ray.alure.candidates import CandidateConfig
-    from dynamix_ray.alure.candidates_job import run_candidates
-    from dynamix_ray.alure.embed import EmbedConfig, read_embeddings, run_embed
-    from dynamix_ray.alure.evaluate import evaluate_retrieval
-    from dynamix_ray.alure.graph import build_u2u, read_u2u
-    from dynamix_ray.events import open_store
 
     store = open_store(f"{seg}/events")
     if store is None:
@@ -189,7 +190,6 @@ def _serve(
     from ray import serve
 
     from dynamix_ray.serve.app import AppConfig, build_app
-    from dynamix_ray.serve.loadgen import Traffic, record_autoscaling
 
     apply_ray_log_levels()  # Serve set its logger to INFO when imported
 

@@ -39,12 +39,34 @@ import numpy as np
 from dynamix_ray.features import (
     FeatureSet,
     flops_by_segment,
+    lowest_importance,
     policy_features,
 )
+from dynamix_ray.histories import read_histories, run_histories
 from dynamix_ray.io import absolute_url, relative_to
-from dynamix_ray.model import ModelConfig, flops_per_sample
+from dynamix_ray.loader import SegmentBatcher
+from dynamix_ray.model import DynamixCTR, ModelConfig, flops_per_sample
 from dynamix_ray.report import format_or_dash, write_report
-from dynamix_ray.samples import SampleConfig
+from dynamix_ray.runtime import ensure_ray
+from dynamix_ray.samples import SampleConfig, segment_at, segment_rows
+from dynamix_ray.segments.epsilon import (
+    log_loss,
+    ne_by_threshold,
+    separation_epsilon,
+    sweep_thresholds,
+)
+from dynamix_ray.segments.pipeline import read_segments, read_segments_meta
+from dynamix_ray.serve.loadgen import Traffic
+from dynamix_ray.synth import NO_SIGNAL_ATTRIBUTES, read_truth_users, segment_recovery
+from dynamix_ray.train import (
+    TrainConfig,
+    load_checkpoint,
+    model_config_dict,
+    prepare_train_data,
+    run_train,
+    score_by_segment,
+    train_step,
+)
 
 __all__ = [
     "ARMS",
@@ -246,9 +268,6 @@ def train_step_throughput(
     """
     import torch
 
-    from dynamix_ray.model import DynamixCTR
-    from dynamix_ray.train import train_step
-
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -341,8 +360,6 @@ def _eval_rows(
     """``user_id``, ``t_ms``, ``label``, ``segment`` and the checkpoint's
     ``logit`` for every evaluation row (each segment with its policy, as
     ``train.score_by_segment`` scores the loader's parts)."""
-    from dynamix_ray.loader import SegmentBatcher
-    from dynamix_ray.train import TrainConfig, load_checkpoint, score_by_segment
 
     model, _, meta = load_checkpoint(checkpoint)
     policy, removed = meta["policy"] or "baseline", tuple(meta["removed"] or ())
@@ -385,15 +402,6 @@ def epsilon_study(
     each side of every epsilon.
     """
     import pandas as pd
-
-    from dynamix_ray.samples import segment_at, segment_rows
-    from dynamix_ray.segments.epsilon import (
-        log_loss,
-        ne_by_threshold,
-        separation_epsilon,
-        sweep_thresholds,
-    )
-    from dynamix_ray.segments.pipeline import read_segments, read_segments_meta
 
     table = read_segments(segments_url)
     corr = table.column("corr").to_numpy(zero_copy_only=False).astype(np.float64)
@@ -470,7 +478,6 @@ def _requests(
     """``n`` ranking requests at the histories' instant, ``active_share`` of
     them for users the segment table calls active, ``candidates`` distinct
     ads of the catalog each (``serve.loadgen.Traffic.request``)."""
-    from dynamix_ray.serve.loadgen import Traffic
 
     traffic = Traffic(
         events_url, histories, segments_url, candidates, seed, bodies_per_segment=0
@@ -530,8 +537,6 @@ def sample_batches(
     Args:
         data: a :class:`train.TrainData`.
     """
-    from dynamix_ray.loader import SegmentBatcher
-    from dynamix_ray.train import TrainConfig
 
     want = batch_size * n_batches
     total = data.table.rows("train")
@@ -577,8 +582,6 @@ def _train_arms(
     Returns:
         ``(metrics[arm][seed], removed, the baseline's importance)``.
     """
-    from dynamix_ray.features import lowest_importance
-    from dynamix_ray.train import run_train
 
     events_url, segments_url, out_dir = urls
     arms = ARMS[cfg.kind]
@@ -666,7 +669,6 @@ def _inference(
     Returns:
         ``(QPS rounds per seed and arm, the requests' active share)``.
     """
-    from dynamix_ray.histories import read_histories, run_histories
 
     events_url, segments_url, out_dir = urls
     arms = ARMS[cfg.kind]
@@ -779,10 +781,6 @@ def run_experiment(
     """
     import ray
 
-    from dynamix_ray.runtime import ensure_ray
-    from dynamix_ray.synth import NO_SIGNAL_ATTRIBUTES
-    from dynamix_ray.train import TrainConfig, prepare_train_data
-
     cfg = cfg or ExperimentConfig()
     arms = ARMS[cfg.kind]
     t_start = time.perf_counter()
@@ -890,7 +888,6 @@ def run_experiment(
 def _segments_fingerprint(segments_url: str, out_dir: str) -> dict[str, Any]:
     """What identifies a segment table: its path (relative to ``out_dir``),
     input fingerprint, epsilon."""
-    from dynamix_ray.segments.pipeline import read_segments_meta
 
     meta = read_segments_meta(segments_url)
     return {
@@ -904,7 +901,6 @@ def _segments_fingerprint(segments_url: str, out_dir: str) -> dict[str, Any]:
 def _run_key(tcfg: Any, boundary_ms: int, inputs: dict[str, Any]) -> dict[str, Any]:
     """Everything a finished (arm, seed) run must share with this experiment
     to be reused: the whole training config, the data and the eval day."""
-    from dynamix_ray.train import model_config_dict
 
     return json.loads(
         json.dumps(
@@ -956,8 +952,6 @@ def _finished_run(run_dir: str, key: dict[str, Any]) -> dict[str, Any] | None:
 
 def _truth_recovery(events_url: str, segments_url: str) -> dict[str, Any] | None:
     """Planted-truth recovery when the events are generated (``_truth/``)."""
-    from dynamix_ray.segments.pipeline import read_segments
-    from dynamix_ray.synth import read_truth_users, segment_recovery
 
     try:
         truth = read_truth_users(events_url)

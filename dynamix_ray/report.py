@@ -27,7 +27,12 @@ from typing import Any
 
 import numpy as np
 
+from dynamix_ray.alure.evaluate import read_events_frame
+from dynamix_ray.config import SegmentConfig
 from dynamix_ray.io import located, relative_to
+from dynamix_ray.segments.pipeline import read_segments, read_segments_meta
+from dynamix_ray.segments.stats import near_mask
+from dynamix_ray.synth import KINDS, planted_rows, read_truth_users
 
 __all__ = [
     "ReportData",
@@ -308,9 +313,6 @@ def _dwell_data(
     per planted kind."""
     import pandas as pd
 
-    from dynamix_ray.alure.evaluate import read_events_frame
-    from dynamix_ray.segments.stats import near_mask
-
     imp = read_events_frame(
         events_url, "ad_impressions", ["user_id", "ts_ms", "dwell_ms"]
     )
@@ -364,8 +366,6 @@ def _corr_series(
     counts = np.bincount(inverse, minlength=len(users_ok))
     picks: dict[str, int] = {}
     if truth_users is not None:
-        from dynamix_ray.synth import KINDS
-
         kind = dict(
             zip(
                 truth_users.column("user_id").to_numpy().tolist(),
@@ -489,9 +489,6 @@ class ReportData:
 
 def load_report_data(out_dir: str, results: dict[str, Any]) -> ReportData:
     """Load: the inputs ``results.json`` names, located from ``out_dir``."""
-    from dynamix_ray.config import SegmentConfig
-    from dynamix_ray.segments.pipeline import read_segments, read_segments_meta
-    from dynamix_ray.synth import read_truth_users
 
     inputs = results_inputs(out_dir, results)
     notes = []
@@ -514,7 +511,6 @@ def draw_figures(
 ) -> tuple[list[tuple[str, str]], list[str]]:
     """Draw: every figure the data allows into ``folder``; returns
     ``(figures as (file, caption), notes on those not drawn)``."""
-    from dynamix_ray.synth import planted_rows
 
     eps = results["epsilon"]
     cal = eps["calibrated"]["epsilon"]

@@ -8,6 +8,7 @@ import logging
 import os
 import pickle
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
@@ -50,8 +51,6 @@ def configure_logging(verbose: bool) -> None:
     training run raises here with its traceback. ``verbose``: info logs and
     Ray's worker output stream here, as Ray does by default.
     """
-    import warnings
-
     global _worker_logs, _ray_log_level
     _worker_logs = verbose
     _ray_log_level = logging.INFO if verbose else logging.WARNING
@@ -61,11 +60,6 @@ def configure_logging(verbose: bool) -> None:
     )
     logging.getLogger().setLevel(_ray_log_level)
     apply_ray_log_levels()
-    if not verbose:
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module="ray")
-        warnings.filterwarnings(
-            "ignore", message=".*deprecated.*", module=r"ray(\..*)?$"
-        )
 
 
 def apply_ray_log_levels() -> None:
@@ -77,6 +71,10 @@ def apply_ray_log_levels() -> None:
         return
     for name in _RAY_LOGGERS:
         logging.getLogger(name).setLevel(_ray_log_level)
+    if _ray_log_level > logging.INFO:
+        # Ray adds its own filter for its deprecation warnings when imported
+        # (ray.util.annotations): ours goes in front of it again
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="ray")
 
 
 def _init_level() -> int:
