@@ -71,7 +71,13 @@ def apply_ray_log_levels() -> None:
         return
     for name in _RAY_LOGGERS:
         logging.getLogger(name).setLevel(_ray_log_level)
-    if _ray_log_level > logging.INFO:
+    quiet = _ray_log_level > logging.INFO
+    # "Progress bars disabled": Ray Data's once-only advice about a pass run
+    # with progress=False on purpose
+    logging.getLogger("ray.data._internal.progress").setLevel(
+        logging.ERROR if quiet else logging.NOTSET
+    )
+    if quiet:
         # Ray adds its own filter for its deprecation warnings when imported
         # (ray.util.annotations): ours goes in front of it again
         warnings.filterwarnings("ignore", category=DeprecationWarning, module="ray")
