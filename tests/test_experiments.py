@@ -169,6 +169,33 @@ def test_summarize_arms_pairs_every_seed_with_its_baseline():
     assert arm["ne"]["mean"] == pytest.approx(0.85)
 
 
+def _check_rendered(summary, arms) -> None:
+    """render_html (plain) writes one table row per arm, the figures and the
+    notes, escaping what it shows."""
+    from dynamix_ray.experiments import PAPER
+    from dynamix_ray.report import render_html
+
+    no_sep = {"epsilon": None}
+    results = {
+        "kind": "boosting",
+        "seeds": [0],
+        "inference_harness": "in-process <1 thread>",
+        "tables": {"boosting": list(arms)},
+        "arms": summary,
+        "epsilon": {"calibrated": no_sep, "separation": no_sep},
+        "removed": [],
+        "planted_no_signal": [],
+        "paper": PAPER,
+    }
+    page = render_html(results, 1234, [("dwell.png", "a <caption>")], ["a note"])
+    # one row per arm, and the two epsilon choices (here: none)
+    assert page.count("<tr><td>") == len(arms) + 2
+    assert page.count("<td colspan=6>none</td>") == 2
+    assert "1,234 segment rows" in page and "src='dwell.png'" in page
+    assert "a &lt;caption&gt;" in page and "in-process &lt;1 thread&gt;" in page
+    assert "class='note'>a note" in page and "Table 3 analog" in page
+
+
 def test_summarize_experiment_puts_measured_rounds_beside_what_flops_predict():
     cfg = ExperimentConfig(kind="boosting", seeds=(0,))
     arms = ("baseline", "boost-all", "boost-selective")
@@ -188,6 +215,7 @@ def test_summarize_experiment_puts_measured_rounds_beside_what_flops_predict():
         "share_inf": 0.25,
     }
     s = summarize_experiment(cfg, metrics, step, qps, cost, epsilon=0.3)
+    _check_rendered(s, arms)
     sel = s["boost-selective"]
     assert sel["step_qps_change_pct"]["rounds"] == pytest.approx([-10.0, -5.0])
     assert sel["step_qps_change_pct"]["median"] == pytest.approx(-7.5)
