@@ -16,7 +16,12 @@ from typing import Any, cast
 
 from dynamix_ray.alure.candidates import CandidateConfig
 from dynamix_ray.alure.candidates_job import run_candidates
-from dynamix_ray.alure.embed import EmbedConfig, read_embeddings, run_embed
+from dynamix_ray.alure.embed import (
+    EmbedConfig,
+    read_embeddings,
+    read_embeddings_meta,
+    run_embed,
+)
 from dynamix_ray.alure.evaluate import evaluate_retrieval
 from dynamix_ray.alure.feature import run_daily_embed
 from dynamix_ray.alure.graph import U2UConfig, build_u2u, read_u2u
@@ -27,7 +32,7 @@ from dynamix_ray.experiments import ARMS, ExperimentConfig, run_experiment
 from dynamix_ray.features import POLICIES
 from dynamix_ray.histories import run_histories
 from dynamix_ray.inputs import check_checkpoint, check_events, check_table
-from dynamix_ray.io import read_json, resolve, write_json
+from dynamix_ray.io import resolve, write_json
 from dynamix_ray.model import ModelConfig
 from dynamix_ray.online import ingest, redact
 from dynamix_ray.report import experiment_summary, write_report
@@ -1057,8 +1062,7 @@ def cmd_u2u(args: argparse.Namespace) -> int:
         f"  graph {args.out.rstrip('/')}/u2u/"
     )
     if args.eval:
-        fs, root = resolve(args.embeddings)
-        as_of = int(read_json(fs, f"{root}/_meta.json")["as_of_ms"])
+        as_of = int(read_embeddings_meta(args.embeddings)["as_of_ms"])
         ev = evaluate_retrieval(
             args.eval,
             read_embeddings(args.embeddings),
@@ -1281,8 +1285,8 @@ _COMMANDS = {
 }
 
 
-def _table(part: str, made_by: str) -> Callable[[str], str]:
-    return functools.partial(check_table, part=part, made_by=made_by)
+def _table(part: str) -> Callable[[str], str]:
+    return functools.partial(check_table, part=part)
 
 
 #: What each command reads, checked before Ray starts (``inputs``): the flag's
@@ -1292,15 +1296,15 @@ _INPUTS: dict[str, dict[str, Callable[[str], str]]] = {
     "segment": {"events": check_events},
     "train": {
         "events": check_events,
-        "segments": _table("segments", "dynamix segment"),
+        "segments": _table("segments"),
     },
     "experiment": {
         "events": check_events,
-        "segments": _table("segments", "dynamix segment"),
+        "segments": _table("segments"),
     },
     "embed": {"events": check_events, "checkpoint": check_checkpoint},
     "u2u": {"eval": check_events},
-    "candidates": {"u2u": _table("u2u", "dynamix u2u"), "events": check_events},
+    "candidates": {"u2u": _table("u2u"), "events": check_events},
     "histories": {"events": check_events},
     "ingest": {"events": check_events},
 }

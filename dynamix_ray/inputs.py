@@ -13,7 +13,7 @@ import posixpath
 
 import fsspec
 
-from dynamix_ray.io import POINTER, resolve, url_of
+from dynamix_ray.io import MADE_BY, POINTER, current_version, resolve, url_of
 from dynamix_ray.schema import SOURCES
 
 __all__ = ["InputError", "check_checkpoint", "check_events", "check_table"]
@@ -50,15 +50,21 @@ def check_events(url: str) -> str:
     )
 
 
-def check_table(url: str, part: str, made_by: str) -> str:
+def check_table(url: str, part: str) -> str:
     """The output root of a published ``part`` table: ``url`` itself when it
     holds ``part/_CURRENT.json``, its parent when ``url`` is the ``part``
-    folder (either may be passed)."""
+    folder (either may be passed). The pointer is read as every reader reads
+    it (``io.current_version``)."""
+    made_by = MADE_BY.get(part, "dynamix")
     fs, root = _exists(url, f"the output of `{made_by}`")
-    if fs.exists(f"{root}/{part}/{POINTER}"):
+    if current_version(fs, root, part) is not None:
         return url
-    if posixpath.basename(root.rstrip("/")) == part and fs.exists(f"{root}/{POINTER}"):
-        return url_of(fs, posixpath.dirname(root.rstrip("/")))
+    parent = posixpath.dirname(root.rstrip("/"))
+    if (
+        posixpath.basename(root.rstrip("/")) == part
+        and current_version(fs, parent, part) is not None
+    ):
+        return url_of(fs, parent)
     raise InputError(
         f"{url}: no published {part} table in it (no {part}/{POINTER}); "
         f"expected the output folder of `{made_by}`"

@@ -351,7 +351,7 @@ def test_input_mistakes_fail_before_ray_and_say_what_is_wrong(tiny_events, tmp_p
 def test_a_table_folder_or_its_parent_lead_to_the_same_table(tmp_path):
     (tmp_path / "segments").mkdir()
     (tmp_path / "segments" / "_CURRENT.json").write_text("{}")
-    assert check_table(str(tmp_path), "segments", "dynamix segment") == str(tmp_path)
-    assert check_table(str(tmp_path / "segments"), "segments", "x") == str(tmp_path)
+    assert check_table(str(tmp_path), "segments") == str(tmp_path)
+    assert check_table(str(tmp_path / "segments"), "segments") == str(tmp_path)
     with pytest.raises(InputError, match="no published u2u table"):
-        check_table(str(tmp_path), "u2u", "dynamix u2u")
+        check_table(str(tmp_path), "u2u")
