@@ -22,9 +22,10 @@ from dynamix_ray.alure.embed import (
     read_embeddings_meta,
     run_embed,
 )
-from dynamix_ray.alure.evaluate import evaluate_retrieval
+from dynamix_ray.alure.evaluate import evaluate_retrieval, retrieval_summary
 from dynamix_ray.alure.feature import run_daily_embed
 from dynamix_ray.alure.graph import U2UConfig, build_u2u, read_u2u
+from dynamix_ray.alure.retrieval import RetrievalConfig
 from dynamix_ray.config import GenerateConfig, SegmentConfig, parse_duration_s
 from dynamix_ray.demo import DemoConfig, run_demo
 from dynamix_ray.events import run_bucket
@@ -169,6 +170,18 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         help="share of rows made invalid on purpose (default %(default)s)",
     )
     p.add_argument("--start", default=_GEN.start, help="first day (UTC, ISO date)")
+    p.add_argument(
+        "--ad-zipf",
+        type=float,
+        default=_GEN.ad_zipf,
+        help="exponent of the ads' Zipf popularity (0: no popularity skew)",
+    )
+    p.add_argument(
+        "--campaign-days",
+        type=float,
+        default=_GEN.campaign_days,
+        help="mean campaign life of an ad in days (0: every ad always live)",
+    )
     p.add_argument(
         "--no-engagement",
         action="store_true",
@@ -576,7 +589,7 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
 
 def _add_u2u(sub: argparse._SubParsersAction) -> None:
 
-    c, cc = U2UConfig(), CandidateConfig()
+    c, cc, rc = U2UConfig(), CandidateConfig(), RetrievalConfig()
     p = _command(
         sub,
         "u2u",
@@ -618,10 +631,30 @@ def _add_u2u(sub: argparse._SubParsersAction) -> None:
         "--eval",
         metavar="EVENTS",
         default=None,
-        help="evaluate u2u candidates on these events (held out: from the "
-        "embeddings' as_of on); writes OUT/u2u_eval.json",
+        help="evaluate u2u candidates and the other generators on these events "
+        "(held out: from the embeddings' as_of on); writes OUT/u2u_eval.json",
     )
     p.add_argument("--cap", type=int, default=cc.cap, help="candidates per user")
+    p.add_argument(
+        "--holdout-days",
+        type=float,
+        default=rc.holdout_days,
+        help="days held out after the split (default: to the end of the data)",
+    )
+    p.add_argument(
+        "--validation-days",
+        type=float,
+        default=rc.validation_days,
+        help="days before the split that choose recency scales and blend "
+        "weights (default: as many as are held out)",
+    )
+    p.add_argument(
+        "--validation-graph",
+        default=None,
+        metavar="U2U_OUT",
+        help="a `dynamix u2u` OUT of embeddings as of the validation start "
+        "(default: this graph, whose embeddings saw the validation period)",
+    )
 
 
 def _add_as_of(p: argparse.ArgumentParser) -> None:
@@ -818,6 +851,8 @@ def generate_config(args: argparse.Namespace) -> GenerateConfig:
         bad_row_rate=args.bad_row_rate,
         start=args.start,
         engagement=not args.no_engagement,
+        ad_zipf=args.ad_zipf,
+        campaign_days=args.campaign_days,
     )
 
 
@@ -1068,24 +1103,20 @@ def cmd_u2u(args: argparse.Namespace) -> int:
             read_embeddings(args.embeddings),
             read_u2u(args.out),
             as_of,
-            cfg=CandidateConfig(cap=args.cap),
+            RetrievalConfig(
+                ks=tuple(k for k in RetrievalConfig.ks if k <= args.cap),
+                cap=args.cap,
+                holdout_days=args.holdout_days,
+                validation_days=args.validation_days,
+            ),
+            validation_edges=read_u2u(args.validation_graph)
+            if args.validation_graph
+            else None,
+            progress=None if args.no_progress else print,
         )
         ofs, oroot = resolve(args.out)
         write_json(ofs, f"{oroot}/u2u_eval.json", ev)
-        print(
-            f"  held-out conversions {ev['held_out_conversions']:,}, users with "
-            f"candidates {ev['users_with_candidates']:,}/{ev['users']:,}"
-        )
-        for k, r in ev["recall"].items():
-            print(
-                f"  recall@{k}: u2u {r['u2u']:.4f}  most-popular "
-                f"{r['most_popular']:.4f}  random {r['random']:.4f}"
-            )
-        if "cluster_ari" in ev:
-            print(
-                f"  planted clusters ({ev['planted_clusters']}): ARI "
-                f"{ev['cluster_ari']:.3f}, purity {ev['cluster_purity']:.3f}"
-            )
+        print(retrieval_summary(ev))
     return 0
 
 

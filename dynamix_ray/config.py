@@ -137,6 +137,14 @@ class GenerateConfig:
         engagement: also write organic impressions and page views (the
             statistic reads only ad impressions and conversions: a benchmark
             of it at hundreds of millions of rows can leave them out).
+        ad_zipf: exponent s of the ads' Zipf popularity: the ad of popularity
+            rank r (a random order of all ads) is shown with weight r^-s,
+            among all ads and within its interest cluster alike. 0: every ad
+            equally often (no popularity skew).
+        campaign_days: mean life of an ad's campaign in days (exponential,
+            at least one day; starts spread so that as many ads are live on
+            every day); an impression shows only ads live that day. 0: every
+            ad is live the whole span.
     """
 
     users: int = 2000
@@ -157,6 +165,8 @@ class GenerateConfig:
     start: str = "2026-01-05"
     bad_row_rate: float = 0.0005
     engagement: bool = True
+    ad_zipf: float = 0.0
+    campaign_days: float = 0.0
 
     def __post_init__(self) -> None:
         if self.users < 1 or self.days < 1:
@@ -169,6 +179,11 @@ class GenerateConfig:
             raise ValueError("need 0 <= switcher_share <= active_share <= 1")
         if self.bucketed < 0:
             raise ValueError(f"bucketed must be >= 0, got {self.bucketed}")
+        if self.ad_zipf < 0 or self.campaign_days < 0:
+            raise ValueError(
+                f"ad_zipf and campaign_days must be >= 0, got {self.ad_zipf}, "
+                f"{self.campaign_days}"
+            )
         for name in ("own_cluster_share", "conv_rate_match", "conv_rate_other"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")

@@ -28,11 +28,12 @@ import numpy as np
 from dynamix_ray.alure.candidates import CandidateConfig
 from dynamix_ray.alure.candidates_job import run_candidates
 from dynamix_ray.alure.embed import EmbedConfig, read_embeddings, run_embed
-from dynamix_ray.alure.evaluate import evaluate_retrieval
+from dynamix_ray.alure.evaluate import evaluate_retrieval, retrieval_summary
 from dynamix_ray.alure.graph import build_u2u, read_u2u
 from dynamix_ray.config import GenerateConfig
 from dynamix_ray.events import open_store
 from dynamix_ray.experiments import ARMS, ExperimentConfig, run_experiment
+from dynamix_ray.io import resolve, write_json
 from dynamix_ray.report import experiment_summary, write_report
 from dynamix_ray.runtime import apply_ray_log_levels
 from dynamix_ray.samples import SampleConfig
@@ -127,12 +128,10 @@ def _alure(out: str, seg: str, checkpoint: str, as_of: int) -> str:
         f"{g['recall_at_k2']:.3f}, {g['build_s'] + g['query_s']:.1f} s"
     )
     ev = evaluate_retrieval(store.url, read_embeddings(alure), read_u2u(alure), as_of)
-    r = ev["recall"]["200"]
-    print(
-        f"retrieval on the held-out day, recall@200 of {ev['held_out_conversions']:,} "
-        f"held-out conversions: u2u {r['u2u']:.3f}, most-popular "
-        f"{r['most_popular']:.3f}, random {r['random']:.3f}"
-    )
+    afs, aroot = resolve(alure)
+    write_json(afs, f"{aroot}/u2u_eval.json", ev)
+    print("retrieval on the held-out day (docs/retrieval.md):")
+    print(retrieval_summary(ev))
     c = run_candidates(alure, store.url, alure, CandidateConfig(), as_of)
     print(f"candidates: {c['rows']:,} for {c['users']:,} users, {c['wall_s']:.1f} s")
     return alure

@@ -15,11 +15,17 @@ What is planted (all of it written to ``OUT/_truth/``):
   page views carry the cluster (so boosting them can help). ``campaign_id``,
   ``media_type``, ``surface`` and ``position`` of ad impressions are drawn
   independently of everything: they carry no signal.
+* **Popularity and campaigns** (off by default, ``ad_zipf``,
+  ``campaign_days``): Zipf-distributed ad popularity, the same order among all
+  ads and within each cluster, and campaigns that start and end; an
+  impression shows only ads live on its day. ``_truth/ads.parquet`` records
+  each ad's ``popularity`` (its share of impressions when everything is live),
+  ``start_ms`` and ``end_ms``.
 * **Bad rows** at ``bad_row_rate``: null user ids, out-of-range timestamps, NaN
   and negative dwell times, counted per reason in ``_truth/truth.json``.
 
-Generated in chunks of users (bounded memory), deterministic per seed and
-chunk size.
+Generated in chunks of users (bounded memory: spans over 7 days take
+proportionally fewer users a chunk), deterministic per seed and chunk size.
 """
 
 from __future__ import annotations
@@ -97,7 +103,7 @@ def _catalog(cfg: GenerateConfig, rng: np.random.Generator) -> dict[str, np.ndar
     idx = np.arange(cfg.n_ads)
     cluster = idx % c
     n_adv = max(c, cfg.n_ads // 10)
-    return {
+    ads = {
         "ad_id": _AD_ID0 + idx,
         "cluster": cluster,
         # advertisers and categories belong to one cluster each
@@ -107,6 +113,66 @@ def _catalog(cfg: GenerateConfig, rng: np.random.Generator) -> dict[str, np.ndar
         "sem_id_2": 1000 + cluster * 16 + rng.integers(0, 16, cfg.n_ads),
         "sem_id_3": 100_000 + cluster * 256 + rng.integers(0, 256, cfg.n_ads),
     }
+    # drawn only when asked for, so that the default world stays as it was
+    weight = np.ones(cfg.n_ads)
+    if cfg.ad_zipf > 0:
+        rank = rng.permutation(cfg.n_ads) + 1
+        weight = rank.astype(np.float64) ** -cfg.ad_zipf
+    ads["popularity"] = weight / weight.sum()
+    t0 = _start_ms(cfg)
+    if cfg.campaign_days > 0:
+        life = np.maximum(1, np.round(rng.exponential(cfg.campaign_days, cfg.n_ads)))
+        start = rng.integers(0, cfg.days + life.astype(np.int64)) - life + 1
+        start = start.astype(np.int64)
+        ads["start_ms"] = t0 + start * _DAY_MS
+        ads["end_ms"] = t0 + (start + life.astype(np.int64)) * _DAY_MS
+    else:
+        ads["start_ms"] = np.full(cfg.n_ads, t0, np.int64)
+        ads["end_ms"] = np.full(cfg.n_ads, t0 + cfg.days * _DAY_MS, np.int64)
+    return ads
+
+
+def _draw_ads(
+    cfg: GenerateConfig,
+    ads: dict[str, np.ndarray],
+    rng: np.random.Generator,
+    user_cluster: np.ndarray,
+    ts: np.ndarray,
+) -> np.ndarray:
+    """Ad index per impression: from the user's cluster (``own_cluster_share``)
+    or from all ads, among the ads live on the impression's day, each with
+    weight ``popularity``. A day on which none of a group's ads is live falls
+    back to all of the group's ads."""
+    c, m = cfg.n_clusters, len(ts)
+    own = rng.random(m) < cfg.own_cluster_share
+    if cfg.ad_zipf == 0 and cfg.campaign_days == 0:  # uniform: the original draws
+        return np.where(
+            own,
+            user_cluster + c * rng.integers(0, cfg.n_ads // c, m),
+            rng.integers(0, cfg.n_ads, m),
+        )
+    u = rng.random(m)
+    t0 = _start_ms(cfg)
+    day = (ts - t0) // _DAY_MS
+    group = np.where(own, user_cluster, c)  # c: all ads
+    key = day * (c + 1) + group
+    order = np.argsort(key, kind="stable")
+    bounds = np.flatnonzero(np.diff(key[order])) + 1
+    out = np.empty(m, np.int64)
+    idx = np.arange(cfg.n_ads)
+    for sl in np.split(order, bounds):
+        if not len(sl):
+            continue
+        d, g = divmod(int(key[sl[0]]), c + 1)
+        members = idx if g == c else idx[idx % c == g]
+        day_ms = t0 + d * _DAY_MS
+        live = (ads["start_ms"][members] <= day_ms) & (ads["end_ms"][members] > day_ms)
+        if live.any():
+            members = members[live]
+        cum = np.cumsum(ads["popularity"][members])
+        pick = np.searchsorted(cum, u[sl] * cum[-1], side="right")
+        out[sl] = members[np.minimum(pick, len(members) - 1)]
+    return out
 
 
 def _users(cfg: GenerateConfig, rng: np.random.Generator, first: int, n: int) -> dict:
@@ -185,19 +251,13 @@ def _chunk(
     users = _users(cfg, rng, first, n)
     t0 = _start_ms(cfg)
     c = cfg.n_clusters
-    ads_per_cluster = cfg.n_ads // c
 
     # ---- ad impressions
     iu, its = _sessions(
         rng, users["rate"], cfg.impressions_per_user_day, cfg.days, t0, 8.0
     )
     m = len(iu)
-    own = rng.random(m) < cfg.own_cluster_share
-    ad_idx = np.where(
-        own,
-        users["cluster"][iu] + c * rng.integers(0, ads_per_cluster, m),
-        rng.integers(0, cfg.n_ads, m),
-    )
+    ad_idx = _draw_ads(cfg, ads, rng, users["cluster"][iu], its)
     match = ads["cluster"][ad_idx] == users["cluster"][iu]
     converts = rng.random(m) < np.where(match, cfg.conv_rate_match, cfg.conv_rate_other)
     ci = np.flatnonzero(converts)
@@ -362,10 +422,12 @@ def generate(
     rows: dict[str, int] = {}
     planted: dict[str, int] = {}
     user_parts = []
-    n_chunks = (cfg.users + cfg.chunk_users - 1) // cfg.chunk_users
+    # a chunk's events grow with the span: over 7 days, fewer users a chunk
+    per_chunk = min(cfg.chunk_users, max(1, cfg.chunk_users * 7 // cfg.days))
+    n_chunks = (cfg.users + per_chunk - 1) // per_chunk
     for chunk in range(n_chunks):
-        first = chunk * cfg.chunk_users
-        n = min(cfg.chunk_users, cfg.users - first)
+        first = chunk * per_chunk
+        n = min(per_chunk, cfg.users - first)
         sources, users, counts = _chunk(cfg, ads, chunk, first, n)
         for k, v in counts.items():
             planted[k] = planted.get(k, 0) + v

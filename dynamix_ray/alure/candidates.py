@@ -7,10 +7,9 @@ ones, at ``advertiser_weight`` times the best score of that advertiser);
 deduplicated (an ad keeps its best score), ranked by score (ties: ad id), at
 most ``cap`` per user (paper: 1500). Plain pandas joins over all users at once.
 
-The evaluation compares recall@K of held-out later conversions for u2u
-candidates, the most-converted ads (the same list for everyone) and random ads,
-and how well the embeddings recover the planted interest clusters (adjusted
-Rand index and purity of a k-means on them).
+The evaluation (``retrieval``, ``evaluate``) compares them with the other
+generators; the cluster scores here (adjusted Rand index, purity) say how well
+the embeddings recover planted interest clusters.
 """
 
 from __future__ import annotations
@@ -27,10 +26,11 @@ __all__ = [
     "direct_scores",
     "expand_and_rank",
     "neighbour_conversions",
+    "not_seen",
+    "pair_keys",
+    "rank_and_cap",
     "adjusted_rand_index",
-    "most_popular",
     "purity",
-    "recall_at_k",
     "u2u_candidates",
 ]
 
@@ -99,15 +99,52 @@ def advertiser_top(
     ]
 
 
+def pair_keys(*frames: pd.DataFrame) -> list[np.ndarray]:
+    """Each frame's (``user_id``, ``ad_id``) pairs as one int64 per row, of
+    dense codes shared by all the frames (equal pairs, equal keys)."""
+    sizes = np.cumsum([0, *(len(f) for f in frames)])
+    users, _ = pd.factorize(np.concatenate([f["user_id"].to_numpy() for f in frames]))
+    ads, uniq = pd.factorize(np.concatenate([f["ad_id"].to_numpy() for f in frames]))
+    key = users.astype(np.int64) * max(1, len(uniq)) + ads
+    return [key[a:b] for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+
+
+def not_seen(frame: pd.DataFrame, seen: pd.DataFrame | None) -> np.ndarray:
+    """Mask of ``frame``'s rows whose (``user_id``, ``ad_id``) pair is not in
+    ``seen`` (``None``: all rows)."""
+    if seen is None or not len(seen) or not len(frame):
+        return np.ones(len(frame), bool)
+    mine, theirs = pair_keys(frame, seen)
+    return ~np.isin(mine, theirs)
+
+
+def rank_and_cap(
+    scored: pd.DataFrame, cap: int, seen: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """``user_id``, ``ad_id``, ``score`` -> candidates: the ``seen`` pairs
+    removed, one row per pair (its best score), ranked by score (ties: ad
+    id), at most ``cap`` per user."""
+    if seen is not None:
+        scored = scored[not_seen(scored, seen)]
+    out = scored.groupby(["user_id", "ad_id"], as_index=False)["score"].max()
+    out = out.sort_values(
+        ["user_id", "score", "ad_id"], ascending=[True, False, True], kind="stable"
+    )
+    out["rank"] = out.groupby("user_id").cumcount() + 1
+    return out[out["rank"] <= cap].reset_index(drop=True)
+
+
 def expand_and_rank(
     direct: pd.DataFrame,
     catalog: pd.DataFrame,
     top: pd.DataFrame,
     cfg: CandidateConfig,
+    seen: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """``direct`` scores plus each scored advertiser's top ads (at
     ``advertiser_weight`` times the advertiser's best direct score);
-    deduplicated (best score), ranked (score, then ad id), capped."""
+    ``seen`` pairs removed, deduplicated (best score), ranked (score, then
+    ad id), capped."""
     parts = [direct]
     if cfg.per_advertiser > 0 and len(direct):
         best = direct.merge(catalog, on="ad_id")
@@ -115,14 +152,7 @@ def expand_and_rank(
         more = best.merge(top, on="advertiser_id")
         more["score"] = more["score"] * cfg.advertiser_weight
         parts.append(more[["user_id", "ad_id", "score"]])
-    out = pd.concat(parts, ignore_index=True)
-    out = out.groupby(["user_id", "ad_id"], as_index=False)["score"].max()
-    out = out.sort_values(
-        ["user_id", "score", "ad_id"], ascending=[True, False, True], kind="stable"
-    )
-    out["rank"] = out.groupby("user_id").cumcount() + 1
-    out = out[out["rank"] <= cfg.cap]
-    return out.reset_index(drop=True)
+    return rank_and_cap(pd.concat(parts, ignore_index=True), cfg.cap, seen)
 
 
 def u2u_candidates(
@@ -132,9 +162,11 @@ def u2u_candidates(
     as_of_ms: int,
     cfg: CandidateConfig | None = None,
     users: np.ndarray | None = None,
+    seen: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Candidates of every user of ``edges`` (or of ``users``), in one
     process: the reference of the distributed job (``candidates_job``).
+    ``seen`` (``user_id``, ``ad_id``): pairs left out before the cap.
 
     Args:
         edges: ``user_id``, ``neighbor_id``, ``similarity``.
@@ -152,30 +184,8 @@ def u2u_candidates(
     direct = direct_scores(edges, neighbour_conversions(conversions, as_of_ms, cfg))
     catalog = ad_catalog(ads)
     pop = conversions[conversions["ts_ms"] < as_of_ms].groupby("ad_id").size()
-    return expand_and_rank(direct, catalog, advertiser_top(catalog, pop, cfg), cfg)
-
-
-def most_popular(conversions: pd.DataFrame, as_of_ms: int, k: int) -> np.ndarray:
-    """The ``k`` most-converted ads before ``as_of_ms`` (ties: ad id)."""
-    c = conversions[conversions["ts_ms"] < as_of_ms].groupby("ad_id").size()
-    c = c.reset_index(name="n").sort_values(["n", "ad_id"], ascending=[False, True])
-    return c["ad_id"].to_numpy()[:k]
-
-
-def recall_at_k(candidates: pd.DataFrame, held_out: pd.DataFrame, k: int) -> float:
-    """Share of held-out (user, ad) conversions whose ad is among the user's
-    top-``k`` candidates (a user without candidates counts as misses).
-
-    Args:
-        candidates: ``user_id``, ``ad_id``, ``rank``.
-        held_out: ``user_id``, ``ad_id`` (duplicates count once).
-    """
-    truth = held_out[["user_id", "ad_id"]].drop_duplicates()
-    if not len(truth):
-        return float("nan")
-    top = candidates[candidates["rank"] <= k][["user_id", "ad_id"]]
-    hit = truth.merge(top.drop_duplicates(), on=["user_id", "ad_id"])
-    return len(hit) / len(truth)
+    top = advertiser_top(catalog, pop, cfg)
+    return expand_and_rank(direct, catalog, top, cfg, seen)
 
 
 def adjusted_rand_index(a: np.ndarray, b: np.ndarray) -> float:
