@@ -25,7 +25,7 @@ from dynamix_ray.alure.embed import (
 from dynamix_ray.alure.evaluate import evaluate_retrieval, retrieval_summary
 from dynamix_ray.alure.feature import run_daily_embed
 from dynamix_ray.alure.graph import U2UConfig, build_u2u, read_u2u
-from dynamix_ray.alure.retrieval import RetrievalConfig
+from dynamix_ray.alure.retrieval import BlendSpec, RetrievalConfig
 from dynamix_ray.config import GenerateConfig, SegmentConfig, parse_duration_s
 from dynamix_ray.demo import DemoConfig, run_demo
 from dynamix_ray.events import run_bucket
@@ -687,6 +687,15 @@ def _add_candidates(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--half-life-s", type=float, default=c.half_life_s, help="recency half-life"
     )
+    p.add_argument(
+        "--blend",
+        metavar="U2U_EVAL_JSON",
+        default=None,
+        help="precompute the blend of u2u, most-popular and item-CF that "
+        "`dynamix u2u --eval` chose (its OUT/u2u_eval.json: weights and "
+        "half-lives; --half-life-s is then the u2u one recorded there) "
+        "(docs/retrieval.md)",
+    )
 
 
 def _add_histories(sub: argparse._SubParsersAction) -> None:
@@ -1120,6 +1129,17 @@ def cmd_u2u(args: argparse.Namespace) -> int:
     return 0
 
 
+def _blend_spec(path: str) -> BlendSpec:
+    fs, p = resolve(path)
+    if not fs.exists(p):
+        raise FileNotFoundError(
+            f"{path}: no such file: run `dynamix u2u --eval EVENTS` first "
+            "(it writes OUT/u2u_eval.json)"
+        )
+    with fs.open(p, "r") as fh:
+        return BlendSpec.from_evaluation(json.load(fh))
+
+
 def cmd_candidates(args: argparse.Namespace) -> int:
 
     m = run_candidates(
@@ -1129,9 +1149,11 @@ def cmd_candidates(args: argparse.Namespace) -> int:
         CandidateConfig(cap=args.cap, half_life_s=args.half_life_s),
         args.as_of,
         progress=not args.no_progress,
+        blend_spec=_blend_spec(args.blend) if args.blend else None,
     )
     print(
-        f"dynamix candidates: {m['users']:,} users, {m['rows']:,} candidates "
+        f"dynamix candidates{' (blend)' if m['blend'] else ''}: {m['users']:,} "
+        f"users, {m['rows']:,} candidates "
         f"(at most {m['config']['cap']} each) as of {m['as_of_ms']}, "
         f"{m['wall_s']:.1f} s\n  table {args.out.rstrip('/')}/candidates/"
     )

@@ -17,7 +17,6 @@ from dynamix_ray.alure.candidates import (
     CandidateConfig,
     adjusted_rand_index,
     purity,
-    recall_at_k,
     u2u_candidates,
 )
 from dynamix_ray.alure.embed import EmbedConfig, read_embeddings, run_embed
@@ -190,8 +189,9 @@ def test_neighbor_recall_counts_overlap():
 # ------------------------------------------------------------------ candidates
 
 
-def _reference_candidates(edges, conv, ads, as_of, cfg):
-    """Per user, a dict ad -> score built with plain loops."""
+def _reference_candidates(edges, conv, ads, as_of, cfg, seen=frozenset()):
+    """Per user, a list of (ad, score) built with plain loops; ``seen``:
+    (user, ad) pairs left out before the cap."""
     adv = dict(zip(ads["ad_id"], ads["advertiser_id"], strict=True))
     pop: dict[int, int] = defaultdict(int)
     for a, t in zip(conv["ad_id"], conv["ts_ms"], strict=True):
@@ -217,7 +217,8 @@ def _reference_candidates(edges, conv, ads, as_of, cfg):
         for v, s in best_adv.items():
             for a in by_adv[v][: cfg.per_advertiser]:
                 scores[a] = max(scores.get(a, -np.inf), s * cfg.advertiser_weight)
-        ranked = sorted(scores, key=lambda a: (-scores[a], a))[: cfg.cap]
+        ranked = [a for a in scores if (u, a) not in seen]
+        ranked = sorted(ranked, key=lambda a: (-scores[a], a))[: cfg.cap]
         if ranked:
             out[u] = [(a, scores[a]) for a in ranked]
     return out
@@ -236,14 +237,16 @@ def _reference_candidates(edges, conv, ads, as_of, cfg):
     ),
     cap=st.integers(1, 8),
     per_adv=st.integers(0, 3),
+    seen=st.sets(st.tuples(st.integers(1, 4), st.integers(0, 9)), max_size=8),
 )
-def test_u2u_candidates_equal_a_plain_reference(edges, conv, cap, per_adv):
+def test_u2u_candidates_equal_a_plain_reference(edges, conv, cap, per_adv, seen):
     edges_df = pd.DataFrame(edges, columns=["user_id", "neighbor_id", "similarity"])
     conv_df = pd.DataFrame(conv, columns=["user_id", "ts_ms", "ad_id"])
     ads = pd.DataFrame({"ad_id": np.arange(10), "advertiser_id": np.arange(10) % 3})
     cfg = CandidateConfig(cap=cap, per_advertiser=per_adv, half_life_s=1.0)
-    got = u2u_candidates(edges_df, conv_df, ads, 1500, cfg)
-    want = _reference_candidates(edges_df, conv_df, ads, 1500, cfg)
+    seen_df = pd.DataFrame(sorted(seen), columns=["user_id", "ad_id"], dtype=np.int64)
+    got = u2u_candidates(edges_df, conv_df, ads, 1500, cfg, seen=seen_df)
+    want = _reference_candidates(edges_df, conv_df, ads, 1500, cfg, seen)
     assert sorted(set(got["user_id"])) == sorted(want)
     for u, rows in want.items():
         mine = got[got["user_id"] == u]
@@ -252,13 +255,7 @@ def test_u2u_candidates_equal_a_plain_reference(edges, conv, cap, per_adv):
         assert np.allclose(mine["score"], [s for _, s in rows])
 
 
-def test_recall_at_k_and_cluster_scores():
-    cands = pd.DataFrame(
-        {"user_id": [1, 1, 2], "ad_id": [10, 11, 12], "rank": [1, 2, 1]}
-    )
-    held = pd.DataFrame({"user_id": [1, 1, 2, 3], "ad_id": [11, 11, 13, 10]})
-    assert recall_at_k(cands, held, 2) == pytest.approx(1 / 3)
-    assert recall_at_k(cands, held, 1) == 0.0
+def test_cluster_scores():
     a = np.array([0, 0, 1, 1, 2, 2])
     assert adjusted_rand_index(a, a) == pytest.approx(1.0)
     assert adjusted_rand_index(a, (a + 1) % 3) == pytest.approx(1.0)  # renamed
@@ -396,7 +393,18 @@ def test_u2u_graph_and_evaluation_end_to_end(trained, tmp_path, capsys):
     )
     assert set(meta["groups"]) == {str(c) for c in table["country"].unique()}
     ev = json.loads((tmp_path / "graph" / "u2u_eval.json").read_text())
-    assert set(ev["recall"]["50"]) == {"u2u", "most_popular", "random"}
+    names = {
+        "u2u",
+        "most_popular",
+        "most_popular_country",
+        "item_cf",
+        "blend",
+        "random",
+    }
+    assert set(ev["generators"]) == names and set(ev["recall"]["50"]) == names
+    assert set(ev["generators"]["u2u"]) == {"50"}  # K above --cap left out
+    assert sum(ev["blend_weights"].values()) == pytest.approx(1.0)
+    assert ev["holdout"]["days"] > 0 and ev["users_evaluated"] > 0
 
 
 def test_u2u_writes_to_memory_filesystem(ray_session):

@@ -20,6 +20,12 @@ not per user):
    their advertisers' top ads added, ranked and capped, written to
    ``OUT/candidates/<version>/bucket=K/part-0.parquet``.
 
+With a blend (``--blend``, docs/retrieval.md), pass 1 also returns each
+bucket's popularity and co-conversion counts (per ad and per ad pair, summed
+in the driver into the popular list and the item similarity), and pass 4
+blends each bucket user's u2u, popular and item-CF lists
+(:func:`blend_bucket`, the same pieces the evaluation scores).
+
 Files: O(edge files + buckets). The table is published by its pointer
 (``io.publish``) with ``_meta.json`` (``as_of_ms``, the config, the u2u
 version it came from).
@@ -28,7 +34,7 @@ version it came from).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
@@ -44,7 +50,20 @@ from dynamix_ray.alure.candidates import (
     expand_and_rank,
     neighbour_conversions,
 )
+from dynamix_ray.alure.retrieval import (
+    BlendSpec,
+    blend,
+    co_conversions,
+    item_cf_lists,
+    item_similarity,
+    last_ads,
+    merge_sums,
+    popular_lists,
+    popularity,
+    seen_pairs,
+)
 from dynamix_ray.events import EventStore, ensure_store
+from dynamix_ray.histories import mode_by_user
 from dynamix_ray.io import (
     check_complete,
     is_process_local,
@@ -60,7 +79,14 @@ from dynamix_ray.io import (
 from dynamix_ray.runtime import map_items
 from dynamix_ray.shuffle import read_slice, write_slices
 
-__all__ = ["CANDIDATES_SCHEMA", "CandidateTable", "read_candidates", "run_candidates"]
+__all__ = [
+    "CANDIDATES_SCHEMA",
+    "CandidateTable",
+    "blend_bucket",
+    "bucket_users",
+    "read_candidates",
+    "run_candidates",
+]
 
 CANDIDATES_SCHEMA = pa.schema(
     [
@@ -75,12 +101,69 @@ _DIRECT = pa.schema(
 )
 
 
-def _conversions(store: EventStore, bucket: int, as_of_ms: int) -> pd.DataFrame:
-    got = store.read_bucket(bucket, {"conversions": ["user_id", "ts", "ad_id"]})
+def _conversions(
+    store: EventStore, bucket: int, as_of_ms: int, country: bool = False
+) -> pd.DataFrame:
+    cols = ["user_id", "ts", "ad_id", *(["country"] if country else [])]
+    got = store.read_bucket(bucket, {"conversions": cols})
     if "conversions" not in got:
-        return pd.DataFrame({"user_id": [], "ts_ms": [], "ad_id": []}, dtype=np.int64)
+        empty = {c: [] for c in ["user_id", "ts_ms", "ad_id"] + cols[3:]}
+        return pd.DataFrame(empty, dtype=np.int64)
     df = got["conversions"].to_pandas().rename(columns={"ts": "ts_ms"})
     return df[df["ts_ms"] < as_of_ms]
+
+
+def bucket_users(store: EventStore, bucket: int, as_of_ms: int) -> pd.DataFrame:
+    """``user_id, country``: the bucket's users with an ad impression or a
+    conversion before ``as_of_ms``, each with their most frequent country
+    there (-1 without one): whom the blend gives candidates."""
+    cols = ["user_id", "ts", "country"]
+    got = store.read_bucket(bucket, {"ad_impressions": cols, "conversions": cols})
+    frames = [t.to_pandas() for t in got.values()]
+    if not frames:
+        return pd.DataFrame({"user_id": [], "country": []}, dtype=np.int64)
+    both = pd.concat(frames, ignore_index=True)
+    both = both[both["ts"] < as_of_ms]
+    uid = both["user_id"].to_numpy()
+    users = np.unique(uid)
+    country = (
+        mode_by_user(users, uid, both["country"].to_numpy())
+        if "country" in both
+        else np.full(len(users), -1, np.int16)
+    )
+    return pd.DataFrame({"user_id": users, "country": country})
+
+
+def blend_bucket(
+    direct: pd.DataFrame,
+    conv: pd.DataFrame,
+    users: pd.DataFrame,
+    as_of_ms: int,
+    catalog: pd.DataFrame,
+    top: pd.DataFrame,
+    cfg: CandidateConfig,
+    spec: BlendSpec,
+    pop: pd.DataFrame,
+    sim: pd.DataFrame,
+) -> pd.DataFrame:
+    """The blend of a set of users (``retrieval.blend`` of u2u, popular and
+    item-CF lists, each without the users' seen ads) from the users' direct
+    u2u scores and conversions and the merged popularity and similarity."""
+    seen = seen_pairs(conv, as_of_ms)
+    lists = {
+        "u2u": expand_and_rank(direct, catalog, top, cfg, seen),
+        spec.popular: popular_lists(pop, users, cfg.cap, seen, spec.popular_by),
+        "item_cf": item_cf_lists(
+            last_ads(conv, as_of_ms, spec.item_history),
+            sim,
+            users,
+            as_of_ms,
+            cfg.cap,
+            spec.half_life("item_cf"),
+            seen,
+        ),
+    }
+    return blend(lists, spec.weights, cfg.cap, spec.rrf_c)
 
 
 def _slices(work: str, kind: str, pieces: int, bucket: int) -> list[pa.Table]:
@@ -93,8 +176,12 @@ def _slices(work: str, kind: str, pieces: int, bucket: int) -> list[pa.Table]:
     ]
 
 
-def _catalog_task(item: dict[str, Any], store: EventStore, as_of_ms: int) -> dict:
-    """Pass 1: one bucket's ``ad -> advertiser`` pairs and conversions per ad."""
+def _catalog_task(
+    item: dict[str, Any], store: EventStore, as_of_ms: int, spec: BlendSpec | None
+) -> dict:
+    """Pass 1: one bucket's ``ad -> advertiser`` pairs and conversions per ad;
+    for a blend also its partial popularity and co-conversion counts (per
+    ad, summed over buckets in the driver)."""
     b = item["bucket"]
     imps = store.read_bucket(b, {"ad_impressions": ["ad_id", "advertiser_id"]})
     ads = (
@@ -102,8 +189,15 @@ def _catalog_task(item: dict[str, Any], store: EventStore, as_of_ms: int) -> dic
         if "ad_impressions" in imps
         else pd.DataFrame({"ad_id": [], "advertiser_id": []}, dtype=np.int64)
     )
-    pop = _conversions(store, b, as_of_ms).groupby("ad_id").size()
-    return {"ads": ads, "pop": pop}
+    by = spec.popular_by if spec else None
+    conv = _conversions(store, b, as_of_ms, country=by is not None)
+    out: dict[str, Any] = {"ads": ads, "pop": conv.groupby("ad_id").size()}
+    if spec is not None:
+        out["popularity"] = popularity(conv, as_of_ms, spec.half_life(spec.popular), by)
+        out["co"], out["n_item"] = co_conversions(
+            last_ads(conv, as_of_ms, spec.item_history)
+        )
+    return out
 
 
 def _edges_task(item: dict[str, Any], work: str, num_buckets: int) -> dict:
@@ -150,15 +244,29 @@ def _rank_task(
     top: pd.DataFrame,
     cfg: CandidateConfig,
     out: str,
+    blend_args: tuple | None,
 ) -> dict:
-    """Pass 4: bucket B's users' partial sums -> ranked, capped candidates."""
+    """Pass 4: bucket B's users' partial sums -> ranked, capped candidates
+    (for a blend, ``blend_args`` = (store, as_of, spec, popularity,
+    similarity): the blend of the bucket's users)."""
     b = item["bucket"]
     parts = _slices(work, "direct", num_buckets, b)
-    if not parts:
+    if parts:
+        partial = pa.concat_tables(parts).to_pandas()
+        direct = partial.groupby(["user_id", "ad_id"], as_index=False)["score"].sum()
+    else:
+        direct = _DIRECT.empty_table().to_pandas()
+    if blend_args is None:
+        ranked = expand_and_rank(direct, catalog, top, cfg)
+    else:
+        store, as_of, spec, pop, sim = blend_args
+        conv = _conversions(store, b, as_of, country=spec.popular_by is not None)
+        users = bucket_users(store, b, as_of)
+        ranked = blend_bucket(
+            direct, conv, users, as_of, catalog, top, cfg, spec, pop, sim
+        )
+    if not len(ranked):
         return {"users": 0, "rows": 0}
-    partial = pa.concat_tables(parts).to_pandas()
-    direct = partial.groupby(["user_id", "ad_id"], as_index=False)["score"].sum()
-    ranked = expand_and_rank(direct, catalog, top, cfg)
     table = pa.Table.from_pandas(
         ranked[["user_id", "ad_id", "score", "rank"]],
         schema=CANDIDATES_SCHEMA,
@@ -176,6 +284,7 @@ def run_candidates(
     cfg: CandidateConfig | None = None,
     as_of_ms: int | None = None,
     progress: bool = True,
+    blend_spec: BlendSpec | None = None,
 ) -> dict[str, Any]:
     """Every user's u2u candidates as of ``as_of_ms`` (default: one ms after
     the data's last event) into a new published version of
@@ -185,8 +294,14 @@ def run_candidates(
         u2u_url: a ``dynamix u2u`` OUT (its published graph is read).
         events_url: the events the graph's users come from (an event store,
             or input bucketed once into ``OUT/events``).
+        blend_spec: precompute this blend of u2u, most-popular and item-CF
+            (docs/retrieval.md) instead of u2u alone: every user of the
+            events gets candidates, none they converted on before.
     """
     cfg = cfg or CandidateConfig()
+    spec = blend_spec
+    if spec is not None:
+        cfg = replace(cfg, half_life_s=spec.half_life("u2u"))
     t0 = time.perf_counter()
     out = out_url.rstrip("/")
     store = ensure_store(
@@ -210,20 +325,29 @@ def run_candidates(
         work = url_of(fs, work_path)
         try:
             t = time.perf_counter()
-            ads, pops = [], []
-            for r in map_items(
-                _catalog_task,
-                items,
-                (store, as_of),
-                local=local,
-                name="candidates: catalog",
-                progress=progress,
-            ):
-                ads.append(r["ads"])
-                pops.append(r["pop"])
-            catalog = ad_catalog(pd.concat(ads, ignore_index=True))
+            got = list(
+                map_items(
+                    _catalog_task,
+                    items,
+                    (store, as_of, spec),
+                    local=local,
+                    name="candidates: catalog",
+                    progress=progress,
+                )
+            )
+            catalog = ad_catalog(pd.concat([r["ads"] for r in got], ignore_index=True))
+            pops = [r["pop"] for r in got]
             pop = pd.concat(pops).groupby(level=0).sum() if pops else pd.Series()
             top = advertiser_top(catalog, pop, cfg)
+            blend_args = None
+            if spec is not None:
+                sim = item_similarity(
+                    merge_sums([r["co"] for r in got], "co"),
+                    merge_sums([r["n_item"] for r in got], "n"),
+                    spec.item_neighbours,
+                )
+                popular = merge_sums([r["popularity"] for r in got], "score")
+                blend_args = (store, as_of, spec, popular, sim)
             phases["catalog"] = time.perf_counter() - t
 
             t = time.perf_counter()
@@ -261,7 +385,7 @@ def run_candidates(
             for r in map_items(
                 _rank_task,
                 items,
-                (work, store.num_buckets, catalog, top, cfg, dest),
+                (work, store.num_buckets, catalog, top, cfg, dest, blend_args),
                 local=local,
                 name="candidates: rank",
                 progress=progress,
@@ -275,6 +399,7 @@ def run_candidates(
         meta = {
             "as_of_ms": as_of,
             "config": asdict(cfg),
+            "blend": asdict(spec) if spec is not None else None,
             "u2u": {"url": u2u_url, "version": graph["version"]},
             "store": store.url,
             "store_fingerprint": store.fingerprint,

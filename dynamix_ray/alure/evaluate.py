@@ -27,6 +27,7 @@ from dynamix_ray.alure.candidates import (
     purity,
 )
 from dynamix_ray.alure.retrieval import (
+    BlendSpec,
     RetrievalConfig,
     blend,
     catalog_of,
@@ -217,6 +218,16 @@ def evaluate_retrieval(
         name: retrieval_metrics(lst, truth, cfg.ks, len(catalog))
         for name, lst in test_lists.items()
     }
+    # headroom of any merge: the union of the blended generators' top K
+    # (up to 3K ads), against the blend's K
+    union = {}
+    for k in cfg.ks:
+        tops = pd.concat(
+            [test_lists[n][test_lists[n]["rank"] <= k] for n in parts]
+        ).drop_duplicates(["user_id", "ad_id"])
+        union[str(k)] = retrieval_metrics(
+            tops.assign(rank=1), truth, (k,), len(catalog)
+        )[str(k)]["recall"]
     held = conv[
         (conv["ts_ms"] >= as_of_ms) & ((conv["ts_ms"] < end_ms) if end_ms else True)
     ]
@@ -243,7 +254,17 @@ def evaluate_retrieval(
         "half_life_s": {n: _finite(h) for n, h in half_life.items()},
         "half_life_sweep": sweeps,
         "blend_weights": weights,
+        "blend": asdict(
+            BlendSpec(
+                weights=weights,
+                half_life_s={n: _finite(half_life[n]) for n in parts},
+                item_neighbours=cfg.item_neighbours,
+                item_history=cfg.item_history,
+                rrf_c=cfg.rrf_c,
+            )
+        ),
         "blend_validation_recall": val_recall,
+        "union_recall": union,
         "generators": metrics,
         "recall": {
             str(k): {n: m[str(k)]["recall"] for n, m in metrics.items()} for k in cfg.ks
@@ -306,6 +327,8 @@ def retrieval_summary(ev: dict[str, Any]) -> str:
         "blend weights: "
         + ", ".join(f"{n} {w:.2f}" for n, w in ev["blend_weights"].items()),
         *metrics_table(ev["generators"]),
+        "union of the blended generators' top K (up to 3K ads): recall "
+        + ", ".join(f"@{k} {r:.3f}" for k, r in ev["union_recall"].items()),
     ]
     if "cluster_ari" in ev:
         lines.append(

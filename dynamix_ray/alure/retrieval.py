@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from itertools import product
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -34,6 +35,7 @@ from dynamix_ray.alure.candidates import (
 
 __all__ = [
     "HALF_LIVES_S",
+    "BlendSpec",
     "RetrievalConfig",
     "blend",
     "choose_blend_weights",
@@ -41,7 +43,14 @@ __all__ = [
     "decay",
     "format_half_life",
     "metrics_table",
+    "co_conversions",
     "item_cf",
+    "item_cf_lists",
+    "item_similarity",
+    "last_ads",
+    "merge_sums",
+    "popular_lists",
+    "popularity",
     "new_pairs",
     "popular",
     "random_ads",
@@ -98,6 +107,55 @@ class RetrievalConfig:
                 raise ValueError(f"{name} must be > 0, got {v}")
 
 
+@dataclass(frozen=True)
+class BlendSpec:
+    """What the blend is, as the evaluation chose it on its validation
+    period (``u2u_eval.json``'s ``blend``): the generators' weights (``u2u``,
+    ``most_popular`` or ``most_popular_country``, ``item_cf``), their
+    recency half-lives (``None`` or inf: plain counts) and item-CF's and the
+    fusion's settings. ``dynamix candidates --blend`` precomputes it."""
+
+    weights: dict[str, float]
+    half_life_s: dict[str, float | None]
+    item_neighbours: int = 200
+    item_history: int = 100
+    rrf_c: float = 60.0
+
+    def __post_init__(self) -> None:
+        pops = [n for n in self.weights if n.startswith("most_popular")]
+        if set(self.weights) - {"u2u", "item_cf", *pops} or len(pops) != 1:
+            raise ValueError(
+                "a blend weighs u2u, item_cf and one of most_popular / "
+                f"most_popular_country, got {sorted(self.weights)}"
+            )
+        if any(w < 0 for w in self.weights.values()) or not sum(self.weights.values()):
+            raise ValueError(f"blend weights must be >= 0, not all 0: {self.weights}")
+        missing = set(self.weights) - set(self.half_life_s)
+        if missing:
+            raise ValueError(f"no half-life for {sorted(missing)}")
+
+    @property
+    def popular(self) -> str:
+        return next(n for n in self.weights if n.startswith("most_popular"))
+
+    @property
+    def popular_by(self) -> str | None:
+        return "country" if self.popular == "most_popular_country" else None
+
+    def half_life(self, name: str) -> float:
+        h = self.half_life_s[name]
+        return float("inf") if h is None else float(h)
+
+    @classmethod
+    def from_evaluation(cls, ev: dict[str, Any]) -> BlendSpec:
+        """The spec recorded by ``evaluate_retrieval`` (its ``blend`` key)."""
+        if "blend" not in ev:
+            raise ValueError(
+                "this evaluation records no blend: re-run `dynamix u2u --eval`"
+            )
+        return cls(**ev["blend"])
+
+
 # ------------------------------------------------------------------ pairs
 
 
@@ -129,6 +187,58 @@ def decay(ts_ms: np.ndarray, as_of_ms: int, half_life_s: float) -> np.ndarray:
 # ------------------------------------------------------------------ generators
 
 
+def popularity(
+    conversions: pd.DataFrame, as_of_ms: int, half_life_s: float, by: str | None
+) -> pd.DataFrame:
+    """``[by,] ad_id, score``: conversions before ``as_of_ms`` per ad (and
+    group), each weighed by its recency. Sums over disjoint sets of users add
+    up (the candidates job merges buckets' with :func:`merge_sums`)."""
+    before = conversions[conversions["ts_ms"] < as_of_ms]
+    w = before.assign(score=decay(before["ts_ms"].to_numpy(), as_of_ms, half_life_s))
+    keys = ["ad_id"] if by is None else [by, "ad_id"]
+    if by is not None and by not in w:
+        raise ValueError(f"conversions have no '{by}' column")
+    return w.groupby(keys, as_index=False)["score"].sum()
+
+
+def merge_sums(parts: Sequence[pd.DataFrame], value: str) -> pd.DataFrame:
+    """Partial tables of sums (every column but ``value`` a key) added up."""
+    both = pd.concat(parts, ignore_index=True)
+    keys = [c for c in both.columns if c != value]
+    return both.groupby(keys, as_index=False)[value].sum()
+
+
+def popular_lists(
+    pop: pd.DataFrame,
+    users: pd.DataFrame,
+    cap: int,
+    seen: pd.DataFrame,
+    by: str | None = None,
+) -> pd.DataFrame:
+    """Candidates from :func:`popularity`'s table: the same list (best score
+    first, ties: ad id) for every user of a group, minus the user's seen."""
+    keys = ["ad_id"] if by is None else [by, "ad_id"]
+    pop = pop.sort_values(
+        [*keys[:-1], "score", "ad_id"],
+        ascending=[True] * (len(keys) - 1) + [False, True],
+    )
+    # enough of the list that cap remain after the user's seen pairs go
+    mine = seen[seen["user_id"].isin(users["user_id"])]
+    depth = cap + int(mine.groupby("user_id").size().max()) if len(mine) else cap
+    if by is None:
+        pop = pop.head(depth)
+        table = users[["user_id"]].merge(pop, how="cross")
+    else:
+        pop = pop.groupby(by).head(depth)
+        table = users[["user_id", by]].merge(pop, on=by, sort=False)
+        table = table.sort_values("user_id", kind="stable")
+    # each user's rows are in list order already: drop seen, count, cut
+    table = table[not_seen(table, seen)]
+    rank = table.groupby("user_id", sort=False).cumcount().to_numpy() + 1
+    out = table[["user_id", "ad_id", "score"]].assign(rank=rank)[rank <= cap]
+    return out.reset_index(drop=True)
+
+
 def popular(
     conversions: pd.DataFrame,
     users: pd.DataFrame,
@@ -145,30 +255,66 @@ def popular(
     Args:
         users: ``user_id`` (and ``by``): whom to give candidates.
     """
+    pop = popularity(conversions, as_of_ms, half_life_s, by)
+    return popular_lists(pop, users, cap, seen, by)
+
+
+def last_ads(conversions: pd.DataFrame, as_of_ms: int, history: int) -> pd.DataFrame:
+    """``user_id, ad_id, ts_ms``: each user's last ``history`` distinct ads
+    converted on before ``as_of_ms`` (ts: the last such conversion)."""
     before = conversions[conversions["ts_ms"] < as_of_ms]
-    w = before.assign(score=decay(before["ts_ms"].to_numpy(), as_of_ms, half_life_s))
-    keys = ["ad_id"] if by is None else [by, "ad_id"]
-    if by is not None and by not in w:
-        raise ValueError(f"conversions have no '{by}' column")
-    pop = w.groupby(keys, as_index=False)["score"].sum()
-    pop = pop.sort_values(
-        [*keys[:-1], "score", "ad_id"],
-        ascending=[True] * (len(keys) - 1) + [False, True],
+    last = before.groupby(["user_id", "ad_id"], as_index=False)["ts_ms"].max()
+    last = last.sort_values(["user_id", "ts_ms"], ascending=[True, False])
+    return last[last.groupby("user_id").cumcount() < history]
+
+
+def co_conversions(last: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(ad_id, ad_id_j, co)`` of users converting on both, and ``(ad_id,
+    n)`` of users converting on each, from :func:`last_ads`: counts over
+    disjoint sets of users add up (:func:`merge_sums`)."""
+    pairs = last[["user_id", "ad_id"]].merge(
+        last[["user_id", "ad_id"]], on="user_id", suffixes=("", "_j")
     )
-    # enough of the list that cap remain after the user's seen pairs go
-    depth = cap + int(seen.groupby("user_id").size().max()) if len(seen) else cap
-    if by is None:
-        pop = pop.head(depth)
-        table = users[["user_id"]].merge(pop, how="cross")
-    else:
-        pop = pop.groupby(by).head(depth)
-        table = users[["user_id", by]].merge(pop, on=by, sort=False)
-        table = table.sort_values("user_id", kind="stable")
-    # each user's rows are in list order already: drop seen, count, cut
-    table = table[not_seen(table, seen)]
-    rank = table.groupby("user_id", sort=False).cumcount().to_numpy() + 1
-    out = table[["user_id", "ad_id", "score"]].assign(rank=rank)[rank <= cap]
-    return out.reset_index(drop=True)
+    pairs = pairs[pairs["ad_id"] != pairs["ad_id_j"]]
+    co = pairs.groupby(["ad_id", "ad_id_j"]).size().reset_index(name="co")
+    n_item = last.groupby("ad_id").size().reset_index(name="n")
+    return co, n_item
+
+
+def item_similarity(
+    co: pd.DataFrame, n_item: pd.DataFrame, neighbours: int
+) -> pd.DataFrame:
+    """``ad_id, ad_id_j, sim``: ``co / sqrt(n_i n_j)``, the ``neighbours``
+    most similar j per i (ties: ad id)."""
+    n = n_item.set_index("ad_id")["n"]
+    co = co.assign(
+        sim=co["co"]
+        / np.sqrt(
+            n.reindex(co["ad_id"]).to_numpy() * n.reindex(co["ad_id_j"]).to_numpy()
+        )
+    )
+    co = co.sort_values(["ad_id", "sim", "ad_id_j"], ascending=[True, False, True])
+    return co[co.groupby("ad_id").cumcount() < neighbours][["ad_id", "ad_id_j", "sim"]]
+
+
+def item_cf_lists(
+    last: pd.DataFrame,
+    sim: pd.DataFrame,
+    users: pd.DataFrame,
+    as_of_ms: int,
+    cap: int,
+    half_life_s: float,
+    seen: pd.DataFrame,
+) -> pd.DataFrame:
+    """Candidates of ``users``: a user's score of j is ``sum over their ads
+    i (in ``last``) of decay(i) * sim(i, j)``."""
+    mine = last[last["user_id"].isin(users["user_id"])]
+    mine = mine.assign(w=decay(mine["ts_ms"].to_numpy(), as_of_ms, half_life_s))
+    scored = mine[["user_id", "ad_id", "w"]].merge(sim)
+    scored = scored.assign(score=scored["w"] * scored["sim"])
+    scored = scored.groupby(["user_id", "ad_id_j"], as_index=False)["score"].sum()
+    scored = scored.rename(columns={"ad_id_j": "ad_id"})
+    return rank_and_cap(scored, cap, seen)
 
 
 def item_cf(
@@ -186,29 +332,9 @@ def item_cf(
     ads (each user's last ``history``), the ``neighbours`` most similar j per
     i; a user's score of j is ``sum over their ads i of decay(i) * sim(i, j)``.
     """
-    before = conversions[conversions["ts_ms"] < as_of_ms]
-    last = before.groupby(["user_id", "ad_id"], as_index=False)["ts_ms"].max()
-    last = last.sort_values(["user_id", "ts_ms"], ascending=[True, False])
-    last = last[last.groupby("user_id").cumcount() < history]
-    n_item = last.groupby("ad_id").size()
-    pairs = last[["user_id", "ad_id"]].merge(
-        last[["user_id", "ad_id"]], on="user_id", suffixes=("", "_j")
-    )
-    pairs = pairs[pairs["ad_id"] != pairs["ad_id_j"]]
-    co = pairs.groupby(["ad_id", "ad_id_j"]).size().reset_index(name="co")
-    co["sim"] = co["co"] / np.sqrt(
-        n_item.reindex(co["ad_id"]).to_numpy()
-        * n_item.reindex(co["ad_id_j"]).to_numpy()
-    )
-    co = co.sort_values(["ad_id", "sim", "ad_id_j"], ascending=[True, False, True])
-    co = co[co.groupby("ad_id").cumcount() < neighbours]
-    mine = last[last["user_id"].isin(users["user_id"])]
-    mine = mine.assign(w=decay(mine["ts_ms"].to_numpy(), as_of_ms, half_life_s))
-    scored = mine[["user_id", "ad_id", "w"]].merge(co[["ad_id", "ad_id_j", "sim"]])
-    scored = scored.assign(score=scored["w"] * scored["sim"])
-    scored = scored.groupby(["user_id", "ad_id_j"], as_index=False)["score"].sum()
-    scored = scored.rename(columns={"ad_id_j": "ad_id"})
-    return rank_and_cap(scored, cap, seen)
+    last = last_ads(conversions, as_of_ms, history)
+    sim = item_similarity(*co_conversions(last), neighbours)
+    return item_cf_lists(last, sim, users, as_of_ms, cap, half_life_s, seen)
 
 
 def random_ads(
