@@ -84,8 +84,9 @@ def main() -> None:
     reuse = args.reuse and (out / "emb_validation").exists()
     t = time.perf_counter()
     # the catalog (popularity, campaign lives) depends on the seed and the
-    # span only: both generations share it; their users differ (seeds of
-    # the user chunks differ by the user count's chunking, and the seed)
+    # span only: both generations share it. Their users share ids (the model
+    # never reads them) but not clusters, countries or histories: those are
+    # drawn at other offsets of the chunk's random stream
     train_events, eval_events = str(out / "train_events"), str(out / "events")
     segs, run = str(out / "train_segments"), str(out / "run")
     if reuse:
