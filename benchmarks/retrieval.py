@@ -67,6 +67,13 @@ def main() -> None:
     p.add_argument("--max-seq-len", type=int, default=32)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument(
+        "--contrastive-weight",
+        type=float,
+        default=0.0,
+        help="train the user tower for retrieval too (TrainConfig."
+        "contrastive_weight); its run lands in OUT/<world>-contrastive",
+    )
+    p.add_argument(
         "--reuse",
         action="store_true",
         help="keep the data, model and graphs already under --out; re-run "
@@ -78,7 +85,9 @@ def main() -> None:
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    out = Path(args.out) / args.world
+    out = Path(args.out) / (
+        args.world + ("-contrastive" if args.contrastive_weight > 0 else "")
+    )
     out.mkdir(parents=True, exist_ok=True)
     wall: dict[str, float] = {}
     reuse = args.reuse and (out / "emb_validation").exists()
@@ -93,7 +102,7 @@ def main() -> None:
         truth = json.loads((out / "events" / "_truth" / "truth.json").read_text())
         prior = json.loads((out / "retrieval.json").read_text())
         wall = {k: v for k, v in prior["wall_s"].items() if k != "evaluate_s"}
-        trained = {"metrics": prior.get("train_metrics")}
+        trained = prior.get("train_metrics") or {}
     else:
         generate(train_events, world(args, args.train_users, 0), progress=None)
         truth = generate(eval_events, world(args, args.users, 0), progress=None)
@@ -127,7 +136,9 @@ def main() -> None:
     result = {
         "args": vars(args),
         "rows": truth["rows"],
-        "train_metrics": trained.get("metrics") if isinstance(trained, dict) else None,
+        "train_metrics": {
+            k: trained.get(k) for k in ("ne", "auc", "examples_per_s") if k in trained
+        },
         "wall_s": wall,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "evaluation": ev,
@@ -137,7 +148,9 @@ def main() -> None:
         f"world {args.world}: {args.users:,} users x {args.days} days "
         f"({truth['rows']['ad_impressions']:,} ad impressions, "
         f"{truth['rows']['conversions']:,} conversions); model trained on "
-        f"{args.train_users:,} other users"
+        f"{args.train_users:,} other users (evaluation NE "
+        f"{result['train_metrics'].get('ne', float('nan')):.4f}, contrastive "
+        f"weight {args.contrastive_weight:g})"
     )
     print(retrieval_summary(ev))
     print("wall: " + ", ".join(f"{k} {v:.1f}" for k, v in wall.items()))
@@ -157,6 +170,7 @@ def _train(args: argparse.Namespace, events: str, segs: str, run: str) -> dict:
             model=ModelConfig(max_seq_len=args.max_seq_len),
             importance_rows=0,
             cpus_per_worker=0.5,
+            contrastive_weight=args.contrastive_weight,
         ),
     )
 

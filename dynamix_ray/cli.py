@@ -320,6 +320,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "OUT; as of the last midnight before the sample) to the CTR head",
     )
     p.add_argument(
+        "--contrastive-weight",
+        type=float,
+        default=t.contrastive_weight,
+        help="also train the user tower for retrieval: this weight times the "
+        "sampled softmax of each converting row's user against the batch's "
+        "converted ads (in-batch negatives; docs/retrieval.md); 0: CTR only",
+    )
+    p.add_argument(
         "--epochs", type=int, default=t.epochs, help="passes over the samples"
     )
     p.add_argument("--batch-size", type=int, default=t.batch_size, help="rows per step")
@@ -974,6 +982,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         samples=SampleConfig(max_seq_len=args.max_seq_len),
         model=ModelConfig(max_seq_len=args.max_seq_len),
         alure=args.alure_embeddings,
+        contrastive_weight=args.contrastive_weight,
     )
     m = run_train(
         args.events,

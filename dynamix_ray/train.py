@@ -112,6 +112,11 @@ class TrainConfig:
         metrics: ``[examples seen, NE of that window's batches]``).
     torch_threads: intra-op threads per worker (0: torch's default). One
         thread makes CPU runs bitwise repeatable whatever the machine's load.
+    contrastive_weight: also train the user tower for retrieval: this
+        weight times the sampled softmax of each positive row's user against
+        the batch's positive ads (in-batch negatives, ``model.PartsLoss``);
+        0: the CTR loss alone. Sets ``ModelConfig.ad_tower``.
+    temperature: the softmax's temperature (cosine similarities).
     """
 
     policy: str = "baseline"
@@ -134,9 +139,18 @@ class TrainConfig:
     cache_bytes: int = 1 << 30
     curve_steps: int = 10
     torch_threads: int = 1
+    contrastive_weight: float = 0.0
+    temperature: float = 0.05
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self) -> None:
+        if self.contrastive_weight < 0 or self.temperature <= 0:
+            raise ValueError(
+                "need contrastive_weight >= 0 and temperature > 0, got "
+                f"{self.contrastive_weight}, {self.temperature}"
+            )
+        if self.contrastive_weight > 0 and not self.model.ad_tower:
+            object.__setattr__(self, "model", replace(self.model, ad_tower=True))
         if self.model.max_seq_len != self.samples.max_seq_len:
             # one owner: the sample settings decide the model's positions
             object.__setattr__(
@@ -504,7 +518,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     raw: Any = model
     use_amp = tcfg.mixed_precision and get_device().type == "cuda"
     model = prepare_model(
-        PartsLoss(model, use_amp),
+        PartsLoss(model, use_amp, tcfg.contrastive_weight, tcfg.temperature),
         parallel_strategy_kwargs={"find_unused_parameters": True},
     )
     ctx = ray.train.get_context()

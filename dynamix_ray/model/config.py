@@ -73,6 +73,10 @@ class ModelConfig:
         ext_dim: width of an external user embedding (ALURE's, computed
             asynchronously by another model) fed to the head as the batch's
             ``"alure"`` (B, ext_dim); 0: none.
+        ad_tower: hold an ad tower (``Linear(D, E)`` over the candidate
+            representation) for the user tower's contrastive objective
+            (``TrainConfig.contrastive_weight``); it is not part of a CTR
+            forward pass.
     """
 
     sources: Mapping[str, tuple[str, ...]] = field(
@@ -96,6 +100,7 @@ class ModelConfig:
     n_harmonics: int = 2
     rel_time_buckets: int = 32
     ext_dim: int = 0
+    ad_tower: bool = False
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:

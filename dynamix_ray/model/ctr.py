@@ -31,7 +31,13 @@ from dynamix_ray.model.embeddings import AttributeEmbeddings
 from dynamix_ray.model.encoders import SourceEncoder
 from dynamix_ray.model.layers import AttentionPool, SlicedLinear, TargetAttention
 
-__all__ = ["DynamixCTR", "Features", "PartsLoss", "flops_per_sample"]
+__all__ = [
+    "DynamixCTR",
+    "Features",
+    "PartsLoss",
+    "flops_per_sample",
+    "in_batch_softmax",
+]
 
 #: A ``FeatureSet``, a mapping ``source -> attributes``, or ``None`` (all).
 Features = FeatureSet | Mapping[str, Any] | None
@@ -92,6 +98,7 @@ class DynamixCTR(nn.Module):
             label="head",
         )
         self.head_out = nn.Sequential(nn.GELU(), nn.Linear(cfg.head_hidden, 1))
+        self.ad_proj = nn.Linear(d, cfg.user_dim) if cfg.ad_tower else None
 
     def _enabled(self, fs: FeatureSet) -> tuple[str, ...]:
         missing = [s for s in fs.enabled_sources if s not in self.encoders]
@@ -172,11 +179,19 @@ class DynamixCTR(nn.Module):
             embedded.update(emb)
         return self.cand_proj(emb)  # (B, D)
 
+    def ad_embedding(self, cand: Tensor) -> Tensor:
+        """The ad tower: (B, D) candidate representations -> (B, E), for the
+        contrastive objective (needs ``ModelConfig.ad_tower``)."""
+        if self.ad_proj is None:
+            raise ValueError("the model has no ad tower: ModelConfig(ad_tower=True)")
+        return self.ad_proj(cand)
+
     def forward(
         self,
         batch: ModelBatch,
         features: Features = None,
         user_index: Tensor | None = None,
+        towers: dict[str, Tensor] | None = None,
     ) -> Tensor:
         """CTR logits.
 
@@ -191,6 +206,9 @@ class DynamixCTR(nn.Module):
                 candidate's user row. Each history is encoded once per user,
                 not once per candidate; the logits equal those of the same
                 history repeated per candidate.
+            towers: when given, receives ``"user"`` (B, E) and
+                ``"candidate"`` (B, D) of this pass (the contrastive loss
+                reads them; nothing is computed twice).
         Returns:
             (B,) logits.
         """
@@ -211,6 +229,8 @@ class DynamixCTR(nn.Module):
         cand_emb: dict[str, Tensor] = {}
         cand = self.candidate(batch.cand, fs.candidate, b, cand_emb)  # (B, D)
         parts = {"candidate": cand, "user": user}
+        if towers is not None:
+            towers.update(parts)
         if self.cfg.ext_dim:
             if batch.alure is None:
                 raise KeyError(
@@ -244,31 +264,79 @@ class PartsLoss(nn.Module):
     every rank, whatever segments a rank's batch holds, so the ranks' buffer
     broadcasts and gradient all-reduces always pair up.
 
+    With ``contrastive_weight`` > 0 the loss also has the user tower's
+    sampled softmax against the ad tower over the batch's positive rows
+    (:func:`in_batch_softmax`), times that weight.
+
     Shapes: ``forward([(batch, features), ...])`` -> () summed binary cross
     entropy over every row of every part (each batch needs its ``label`` (B,)).
     """
 
-    def __init__(self, ctr: DynamixCTR, use_amp: bool = False) -> None:
+    def __init__(
+        self,
+        ctr: DynamixCTR,
+        use_amp: bool = False,
+        contrastive_weight: float = 0.0,
+        temperature: float = 0.05,
+        ad_key: str = "ad_id",
+    ) -> None:
         super().__init__()
         self.ctr = ctr
         self.use_amp = use_amp
+        self.contrastive_weight = contrastive_weight
+        self.temperature = temperature
+        self.ad_key = ad_key  # the candidate attribute that names the ad
 
     def forward(self, parts: list[tuple[ModelBatch, Features]]) -> Tensor:
         import torch
 
         total = None
+        users, ads, ad_ids = [], [], []
         for batch, features in parts:
             if batch.label is None:
                 raise ValueError("PartsLoss needs batches with a label")
             dev = batch.label.device
+            towers: dict[str, Tensor] = {}
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.use_amp):
-                logits = self.ctr(batch, features)
+                logits = self.ctr(batch, features, towers=towers)
             loss = F.binary_cross_entropy_with_logits(
                 logits.float(), batch.label, reduction="sum"
             )
             total = loss if total is None else total + loss
+            if self.contrastive_weight > 0:
+                pos = batch.label > 0.5
+                users.append(towers["user"][pos].float())
+                ads.append(towers["candidate"][pos].float())
+                ad_ids.append(batch.cand[self.ad_key][pos])
         assert total is not None, "PartsLoss needs at least one part"
+        if self.contrastive_weight > 0:
+            u, a = torch.cat(users), torch.cat(ads)
+            total = total + self.contrastive_weight * in_batch_softmax(
+                u, self.ctr.ad_embedding(a), torch.cat(ad_ids), self.temperature
+            )
         return total
+
+
+def in_batch_softmax(
+    user: Tensor, ad: Tensor, ad_id: Tensor, temperature: float
+) -> Tensor:
+    """Summed sampled-softmax loss with in-batch negatives: row i's user
+    should pick its own ad among the batch's (cosine / temperature). Another
+    row with the same ad is not a negative (masked). Fewer than 2 rows: 0.
+
+    Shapes: user (P, E), ad (P, E), ad_id (P,) -> ().
+    """
+    import torch
+
+    if user.shape[0] < 2:
+        return ad.sum() * 0.0  # keeps the ad tower in the graph
+    u, a = F.normalize(user, dim=-1), F.normalize(ad, dim=-1)
+    logits = u @ a.T / temperature  # (P, P)
+    same = ad_id[:, None] == ad_id[None, :]
+    eye = torch.eye(len(ad_id), dtype=torch.bool, device=logits.device)
+    logits = logits.masked_fill(same & ~eye, float("-inf"))
+    target = torch.arange(len(ad_id), device=logits.device)
+    return F.cross_entropy(logits, target, reduction="sum")
 
 
 def flops_per_sample(
