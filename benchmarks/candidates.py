@@ -141,7 +141,10 @@ def per_call_computation(conversions: int, queries: int) -> dict[str, float]:
     return p50_p99(lat)
 
 
-def job_run(users: int, work: Path) -> dict:
+def job_run(users: int, work: Path, with_blend: bool = False) -> dict:
+    """``dynamix candidates`` at ``users`` users (random embeddings, the
+    default graph): u2u alone, and with ``with_blend`` the blend too, each
+    with its wall time and peak memory (driver, largest worker)."""
     from dynamix_ray.alure.embed import embeddings_table
     from dynamix_ray.alure.evaluate import read_events_frame
     from dynamix_ray.alure.graph import U2UConfig, build_u2u
@@ -167,20 +170,42 @@ def job_run(users: int, work: Path) -> dict:
         U2UConfig(),
         progress=False,
     )
-    t0 = time.perf_counter()
-    meta = run_candidates(str(root / "u2u"), store.url, str(root / "c"), progress=False)
-    wall = time.perf_counter() - t0
+    from scale import Sampler
+
+    from dynamix_ray.alure.retrieval import BlendSpec
+
+    out = {"users": users, "buckets": buckets}
     cpus = cluster_cpus()
-    return {
-        "users": users,
-        "buckets": buckets,
-        "edges": meta["edges"],
-        "rows": meta["rows"],
-        "wall_s": round(wall, 2),
-        "phase_s": meta["phase_s"],
-        "rows_per_s_per_core": round(meta["rows"] / wall / cpus),
-        "edges_per_s_per_core": round(meta["edges"] / wall / cpus),
-    }
+    # the blend the skewed world's evaluation chose (benchmarks/retrieval.py)
+    spec = BlendSpec(
+        weights={"u2u": 0.6, "most_popular": 0.1, "item_cf": 0.3},
+        half_life_s={"u2u": 8 * 86_400.0, "most_popular": 86_400.0, "item_cf": None},
+    )
+    for name, blend in (("u2u", None), ("blend", spec)):
+        if name == "blend" and not with_blend:
+            continue
+        with Sampler() as mem:
+            t0 = time.perf_counter()
+            meta = run_candidates(
+                str(root / "u2u"),
+                store.url,
+                str(root / f"c_{name}"),
+                progress=False,
+                blend_spec=blend,
+            )
+            wall = time.perf_counter() - t0
+        out[name] = {
+            "edges": meta["edges"],
+            "users": meta["users"],
+            "rows": meta["rows"],
+            "wall_s": round(wall, 2),
+            "phase_s": meta["phase_s"],
+            "rows_per_s_per_core": round(meta["rows"] / wall / cpus),
+            "edges_per_s_per_core": round(meta["edges"] / wall / cpus),
+            "driver_peak_gib": round(mem.driver / 2**30, 2),
+            "largest_worker_gib": round(mem.worker / 2**30, 2),
+        }
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=50)
     p.add_argument("--conversions", default="100000,1000000")
     p.add_argument("--job-users", default="5000,20000")
+    p.add_argument(
+        "--blend", action="store_true", help="also time `dynamix candidates --blend`"
+    )
     p.add_argument("--out", default="bench_out/candidates")
     p.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
     args = p.parse_args(argv)
@@ -221,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         res["per_call"].append(r)
         print(f"former per-call computation at {c:>9,} conversions: {r}", flush=True)
     for n in (int(x) for x in args.job_users.split(",") if x):
-        r = job_run(n, work)
+        r = job_run(n, work, args.blend)
         res["job"].append(r)
         print(f"job at {n:,} users: {r}", flush=True)
     out = Path(args.out)

@@ -483,7 +483,8 @@ def toy_task(n: int, seed: int, seq_len: int = 8, n_cat: int = 6) -> ModelBatch:
     )
 
 
-def test_a_short_training_run_learns_the_toy_task():
+def toy_model(**changes) -> tuple[DynamixCTR, FeatureSet]:
+    """A model of the toy task's one attribute, and its feature set."""
     torch.manual_seed(0)
     cfg = dataclasses.replace(
         TINY,
@@ -491,11 +492,16 @@ def test_a_short_training_run_learns_the_toy_task():
         candidate_attrs=("category_id",),
         d_model=16,
         emb_dim=8,
+        **changes,
     )
-    model = DynamixCTR(cfg)
     fs = FeatureSet.of(
         {"ad_impressions": ("category_id",), "candidate": ("category_id",)}
     )
+    return DynamixCTR(cfg), fs
+
+
+def test_a_short_training_run_learns_the_toy_task():
+    model, fs = toy_model()
     train, test = toy_task(2048, seed=0), toy_task(512, seed=1)
     opt = torch.optim.Adam(model.parameters(), lr=2e-2)
     losses = []
@@ -565,19 +571,7 @@ def test_in_batch_softmax_equals_a_plain_reference(n, seed, n_ads):
 
 
 def test_the_contrastive_objective_pulls_users_to_their_ads():
-    torch.manual_seed(0)
-    cfg = dataclasses.replace(
-        TINY,
-        sources={"ad_impressions": ("category_id",)},
-        candidate_attrs=("category_id",),
-        d_model=16,
-        emb_dim=8,
-        ad_tower=True,
-    )
-    model = DynamixCTR(cfg)
-    fs = FeatureSet.of(
-        {"ad_impressions": ("category_id",), "candidate": ("category_id",)}
-    )
+    model, fs = toy_model(ad_tower=True)
     loss_fn = PartsLoss(
         model, contrastive_weight=1.0, temperature=0.1, ad_key="category_id"
     )
