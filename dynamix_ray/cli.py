@@ -1122,8 +1122,9 @@ def cmd_u2u(args: argparse.Namespace) -> int:
             read_u2u(args.out),
             as_of,
             RetrievalConfig(
-                ks=tuple(k for k in RetrievalConfig.ks if k <= args.cap),
+                ks=tuple(k for k in RetrievalConfig.ks if k <= args.cap) or (args.cap,),
                 cap=args.cap,
+                select_k=min(RetrievalConfig.select_k, args.cap),
                 holdout_days=args.holdout_days,
                 validation_days=args.validation_days,
             ),

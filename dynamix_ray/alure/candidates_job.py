@@ -107,7 +107,9 @@ def _conversions(
     cols = ["user_id", "ts", "ad_id", *(["country"] if country else [])]
     got = store.read_bucket(bucket, {"conversions": cols})
     if "conversions" not in got:
-        empty = {c: [] for c in ["user_id", "ts_ms", "ad_id"] + cols[3:]}
+        empty: dict[str, list] = {
+            c: [] for c in ["user_id", "ts_ms", "ad_id", *cols[3:]]
+        }
         return pd.DataFrame(empty, dtype=np.int64)
     df = got["conversions"].to_pandas().rename(columns={"ts": "ts_ms"})
     return df[df["ts_ms"] < as_of_ms]

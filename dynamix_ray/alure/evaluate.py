@@ -13,6 +13,7 @@ index, purity).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -154,8 +155,8 @@ def evaluate_retrieval(
     val_users = users[users["user_id"].isin(val_truth["user_id"])]
     seen = {at: seen_pairs(conv, at) for at in (val_at, as_of_ms)}
 
-    def make(name: str) -> Callable[[int, float, pd.DataFrame], pd.DataFrame]:
-        def run(at: int, h: float, who: pd.DataFrame) -> pd.DataFrame:
+    def make(name: str) -> Callable[[pd.DataFrame, int, float], pd.DataFrame]:
+        def run(who: pd.DataFrame, at: int, h: float) -> pd.DataFrame:
             if name == "u2u":
                 g = graph if at == as_of_ms else val_graph
                 return u2u(g, conv, ads, who, at, cfg.cap, h, seen[at], candidates)
@@ -185,15 +186,15 @@ def evaluate_retrieval(
     for name in names:
         run = make(name)
         h, sweeps[name] = choose_half_life(
-            lambda at, h, run=run: run(at, h, val_users),
+            functools.partial(run, val_users),
             val_truth,
             val_at,
             cfg.half_lives_s,
             cfg.select_k,
         )
         half_life[name] = h
-        val_lists[name] = run(val_at, h, val_users)
-        test_lists[name] = run(as_of_ms, h, test_users)
+        val_lists[name] = run(val_users, val_at, h)
+        test_lists[name] = run(test_users, as_of_ms, h)
         say(f"retrieval: {name} half-life {format_half_life(h)}")
     pop_name = max(
         (n for n in names if n.startswith("most_popular")),

@@ -97,8 +97,12 @@ class RetrievalConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.cap < max(self.ks) or min(self.ks) < 1:
+        if self.cap < max(self.ks, default=0) or min(self.ks, default=0) < 1:
             raise ValueError(f"need 1 <= K <= cap, got ks={self.ks} cap={self.cap}")
+        if not 1 <= self.select_k <= self.cap:
+            raise ValueError(
+                f"need 1 <= select_k <= cap, got {self.select_k} and {self.cap}"
+            )
         if not 0 < self.weight_step <= 1:
             raise ValueError(f"weight_step must be in (0, 1], got {self.weight_step}")
         for name in ("holdout_days", "validation_days"):
