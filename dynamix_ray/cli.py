@@ -532,6 +532,12 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--serving-timeline", default=None, help="as in `dynamix experiment`"
     )
+    p.add_argument(
+        "--retrieval",
+        metavar="U2U_EVAL_JSON",
+        default=None,
+        help="also show this `dynamix u2u --eval` table (OUT/u2u_eval.json)",
+    )
 
 
 def parse_instant_ms(text: str) -> int:
@@ -1055,7 +1061,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise FileNotFoundError(
             f"{args.out}/results.json does not exist: run `dynamix experiment` first"
         )
-    print(f"dynamix report: {write_report(args.out, None, args.serving_timeline)}")
+    index = write_report(args.out, None, args.serving_timeline, args.retrieval)
+    print(f"dynamix report: {index}")
     return 0
 
 

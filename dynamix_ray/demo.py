@@ -289,7 +289,8 @@ def run_demo(out: str, cfg: DemoConfig | None = None) -> str:
         step(f"Ray Serve on 127.0.0.1:{cfg.port}: real requests, then a load")
         timeline = _serve(cfg, out, exp_out, seg, candidates)
     step("report")
-    index = write_report(exp_out, None, timeline)
+    retrieval = f"{candidates}/u2u_eval.json" if candidates else None
+    index = write_report(exp_out, None, timeline, retrieval)
     print(
         f"demo: done in {time.perf_counter() - t0:.0f} s; outputs under {out}/ "
         "(events/, segments_run/, experiment/"

@@ -456,7 +456,7 @@ figure{margin:1.5em 0}figcaption{font-size:13px;color:#555;max-width:900px}
 
 
 #: The inputs ``results.json`` records as paths (relative to its OUT).
-_INPUT_PATHS = ("events", "segments", "serving_timeline")
+_INPUT_PATHS = ("events", "segments", "serving_timeline", "retrieval")
 
 
 def results_inputs(out_dir: str, results: dict[str, Any]) -> dict[str, Any]:
@@ -610,13 +610,45 @@ def draw_figures(
     return figures, notes
 
 
+def retrieval_html(ev: dict[str, Any]) -> str:
+    """The retrieval evaluation's table (``u2u_eval.json``; docs/retrieval.md)
+    as HTML: the same rows as ``dynamix u2u --eval`` prints."""
+    metrics = ev["generators"]
+    ks = list(next(iter(metrics.values())))
+    head = "".join(f"<th>recall@{k}</th><th>NDCG@{k}</th>" for k in ks)
+    rows = []
+    for name, by_k in metrics.items():
+        cells = "".join(
+            f"<td>{by_k[k]['recall']:.3f}</td><td>{by_k[k]['ndcg']:.3f}</td>"
+            for k in ks
+        )
+        last = by_k[ks[-1]]
+        rows.append(
+            f"<tr><td>{html.escape(name)}</td>{cells}<td>{last['hit_rate']:.3f}"
+            f"</td><td>{last['coverage']:.3f}</td></tr>"
+        )
+    h = ev["holdout"]
+    weights = ", ".join(f"{n} {w:.2f}" for n, w in ev["blend_weights"].items())
+    return (
+        f"<h2>Retrieval</h2><p>Held out {h['days']:g} days after the embeddings' "
+        f"as_of: {ev['new_pairs']:,} new (user, ad) pairs of "
+        f"{ev['users_evaluated']:,} users. Per-user averages; recency scales and "
+        f"blend weights ({html.escape(weights)}) chosen on the "
+        f"{ev['validation']['days']:g} days before.</p>"
+        f"<table><tr><th>generator</th>{head}<th>hit rate@{ks[-1]}</th>"
+        f"<th>coverage@{ks[-1]}</th></tr>" + "".join(rows) + "</table>"
+    )
+
+
 def render_html(
     results: dict[str, Any],
     segment_rows: int,
     figures: list[tuple[str, str]],
     notes: list[str],
+    retrieval: dict[str, Any] | None = None,
 ) -> str:
-    """Render (plain): the report page of ``results`` with its figures."""
+    """Render (plain): the report page of ``results`` with its figures (and
+    the retrieval evaluation's table, when given)."""
     eps = results["epsilon"]
     parts = [f"<h1>DynamiX experiment: {html.escape(results['kind'])}</h1>"]
     parts.append(
@@ -677,6 +709,8 @@ def render_html(
             f"rows): precision {rec['precision']:.3f}, recall {rec['recall']:.3f}, "
             f"planted active share {rec['planted_active_share']:.3f}.</p>"
         )
+    if retrieval is not None:
+        parts.append(retrieval_html(retrieval))
     for name, caption in figures:
         parts.append(
             f"<figure><img src='{name}' alt='{name}'><figcaption>{html.escape(caption)}"
@@ -697,6 +731,7 @@ def write_report(
     out_dir: str,
     results: dict[str, Any] | None = None,
     serving_timeline: str | None = None,
+    retrieval: str | None = None,
 ) -> str:
     """Write ``out_dir/report/index.html`` and its PNGs; returns the HTML's path.
 
@@ -709,20 +744,30 @@ def write_report(
         serving_timeline: overrides ``results["inputs"]["serving_timeline"]``:
             a JSON holding an ``autoscaling`` section (with ``timeline``) or
             that section itself.
+        retrieval: a ``dynamix u2u --eval`` ``u2u_eval.json`` whose table the
+            report shows (remembered in ``results["inputs"]`` like the
+            timeline).
     """
     results_path = os.path.join(out_dir, "results.json")
     if results is None:
         with open(results_path) as fh:
             results = json.load(fh)
-    if serving_timeline:  # remembered: a later redraw keeps the plot
-        results["inputs"]["serving_timeline"] = relative_to(out_dir, serving_timeline)
+    given = {"serving_timeline": serving_timeline, "retrieval": retrieval}
+    if any(given.values()):  # remembered: a later redraw keeps them
+        for key, path in given.items():
+            if path:
+                results["inputs"][key] = relative_to(out_dir, path)
         with open(results_path, "w") as fh:
             json.dump(results, fh, indent=2, default=str)
     report = os.path.join(out_dir, "report")
     os.makedirs(report, exist_ok=True)
     data = load_report_data(out_dir, results)
     figures, notes = draw_figures(results, data, report)
-    page = render_html(results, len(data.segments), figures, notes)
+    ev = None
+    if data.inputs.get("retrieval"):
+        with open(data.inputs["retrieval"]) as fh:
+            ev = json.load(fh)
+    page = render_html(results, len(data.segments), figures, notes, ev)
     index = os.path.join(report, "index.html")
     with open(index, "w") as fh:
         fh.write(page)
