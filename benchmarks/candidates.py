@@ -141,6 +141,9 @@ def per_call_computation(conversions: int, queries: int) -> dict[str, float]:
     return p50_p99(lat)
 
 
+_SESSION_T0 = 0.0  # when main() started Ray: the workers to watch
+
+
 def job_run(users: int, work: Path, with_blend: bool = False) -> dict:
     """``dynamix candidates`` at ``users`` users (random embeddings, the
     default graph): u2u alone, and with ``with_blend`` the blend too, each
@@ -184,7 +187,9 @@ def job_run(users: int, work: Path, with_blend: bool = False) -> dict:
     for name, blend in (("u2u", None), ("blend", spec)):
         if name == "blend" and not with_blend:
             continue
-        with Sampler() as mem:
+        mem = Sampler()
+        mem.t0 = _SESSION_T0  # this session's workers started before the job
+        with mem:
             t0 = time.perf_counter()
             meta = run_candidates(
                 str(root / "u2u"),
@@ -225,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    global _SESSION_T0
+    _SESSION_T0 = time.time()
     os.environ.pop("RAY_ADDRESS", None)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
