@@ -20,6 +20,7 @@ from dynamix_ray.alure.candidates import (
     u2u_candidates,
 )
 from dynamix_ray.alure.embed import EmbedConfig, read_embeddings, run_embed
+from dynamix_ray.alure.evaluate import GENERATORS
 from dynamix_ray.alure.graph import (
     DEFAULT_PROBE,
     USERS_PER_LIST,
@@ -393,14 +394,7 @@ def test_u2u_graph_and_evaluation_end_to_end(trained, tmp_path, capsys):
     )
     assert set(meta["groups"]) == {str(c) for c in table["country"].unique()}
     ev = json.loads((tmp_path / "graph" / "u2u_eval.json").read_text())
-    names = {
-        "u2u",
-        "most_popular",
-        "most_popular_country",
-        "item_cf",
-        "blend",
-        "random",
-    }
+    names = set(GENERATORS)
     assert set(ev["generators"]) == names and set(ev["recall"]["50"]) == names
     assert set(ev["generators"]["u2u"]) == {"50"}  # K above --cap left out
     assert sum(ev["blend_weights"].values()) == pytest.approx(1.0)

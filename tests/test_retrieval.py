@@ -299,16 +299,15 @@ def test_retrieval_config_refuses_what_cannot_work():
 # ------------------------------------------------------------------ the world
 
 
-def test_planted_popularity_and_campaigns(tmp_path):
-    cfg = GenerateConfig(
-        users=400,
-        days=14,
-        seed=2,
-        impressions_per_user_day=10,
-        ad_zipf=1.0,
-        campaign_days=5,
-        n_ads=1000,
+def _skewed(**size) -> GenerateConfig:
+    """A small world with Zipf popularity and 5-day campaigns."""
+    return GenerateConfig(
+        impressions_per_user_day=10, ad_zipf=1.0, campaign_days=5, **size
     )
+
+
+def test_planted_popularity_and_campaigns(tmp_path):
+    cfg = _skewed(users=400, days=14, seed=2, n_ads=1000)
     generate(str(tmp_path / "w"), cfg, progress=None)
     ads = pq.read_table(tmp_path / "w" / "_truth" / "ads.parquet").to_pandas()
     assert ads["popularity"].sum() == pytest.approx(1.0)
@@ -361,18 +360,14 @@ def test_evaluation_end_to_end_with_a_planted_graph(tmp_path):
     every generator scored, choices recorded, the report's table drawn."""
     import pyarrow as pa
 
-    from dynamix_ray.alure.evaluate import evaluate_retrieval, retrieval_summary
+    from dynamix_ray.alure.evaluate import (
+        GENERATORS,
+        evaluate_retrieval,
+        retrieval_summary,
+    )
     from dynamix_ray.report import retrieval_html
 
-    cfg = GenerateConfig(
-        users=300,
-        days=12,
-        seed=1,
-        impressions_per_user_day=10,
-        ad_zipf=1.0,
-        campaign_days=5,
-        n_ads=800,
-    )
+    cfg = _skewed(users=300, days=12, seed=1, n_ads=800)
     generate(str(tmp_path / "w"), cfg, progress=None)
     users = pq.read_table(tmp_path / "w" / "_truth" / "users.parquet").to_pandas()
     rng = np.random.default_rng(0)
@@ -402,14 +397,7 @@ def test_evaluation_end_to_end_with_a_planted_graph(tmp_path):
         as_of,
         RetrievalConfig(holdout_days=3, half_lives_s=(DAY / 1000, float("inf"))),
     )
-    names = {
-        "u2u",
-        "most_popular",
-        "most_popular_country",
-        "item_cf",
-        "blend",
-        "random",
-    }
+    names = set(GENERATORS)
     assert set(ev["generators"]) == names
     assert ev["holdout"]["days"] == 3 and ev["validation"]["days"] == 3
     assert sum(ev["blend_weights"].values()) == pytest.approx(1.0)

@@ -48,9 +48,18 @@ from dynamix_ray.events import open_store
 from dynamix_ray.io import discover, resolve
 from dynamix_ray.schema import SOURCES, validate
 
-__all__ = ["evaluate_retrieval", "read_events_frame", "retrieval_summary"]
+__all__ = ["GENERATORS", "evaluate_retrieval", "read_events_frame", "retrieval_summary"]
 
 _DAY_MS = 86_400_000
+#: what the evaluation scores (most_popular_country when users have a country)
+GENERATORS = (
+    "u2u",
+    "most_popular",
+    "most_popular_country",
+    "item_cf",
+    "blend",
+    "random",
+)
 
 
 def read_events_frame(
