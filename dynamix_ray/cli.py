@@ -1373,7 +1373,7 @@ _INPUTS: dict[str, dict[str, Callable[[str], str]]] = {
         "segments": _table("segments"),
     },
     "embed": {"events": check_events, "checkpoint": check_checkpoint},
-    "u2u": {"eval": check_events},
+    "u2u": {"eval": check_events, "validation_graph": _table("u2u")},
     "candidates": {"u2u": _table("u2u"), "events": check_events},
     "histories": {"events": check_events},
     "ingest": {"events": check_events},
