@@ -3,6 +3,7 @@ candidates, each beside a plain reference; end to end on tiny generated data."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections import defaultdict
 
@@ -369,9 +370,19 @@ def test_embed_runs_the_user_tower_and_is_incremental(trained, tmp_path):
 
 
 def test_u2u_graph_and_evaluation_end_to_end(trained, tmp_path, capsys):
-    events, run, _, _ = trained
+    events, run, _, truth = trained
     emb = str(tmp_path / "emb")
+    # nothing after the end of the data is held out: a clear error
     assert dynamix(["embed", events, run, emb, "--no-progress"]) == 0
+    code = dynamix(
+        ["u2u", emb, str(tmp_path / "g0"), "--no-progress", "--eval", events]
+    )
+    assert code == 2 and "nothing is held out" in capsys.readouterr().err
+    # the last of the 3 days held out, the day before validates
+    start = dt.date.fromisoformat(truth["config"]["start"])
+    last_day = (start + dt.timedelta(days=2)).isoformat()
+    args = ["embed", events, run, emb, "--no-progress", "--as-of", last_day, "--full"]
+    assert dynamix(args) == 0
     out = str(tmp_path / "graph")
     code = dynamix(
         ["u2u", emb, out, "--k2", "5", "--no-progress", "--eval", events, "--cap", "50"]

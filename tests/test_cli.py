@@ -217,7 +217,8 @@ def test_demo_runs_end_to_end_on_tiny_sizes(ray_session, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "precision" in text and "NE" in text
     assert text.count("POST /rank user") == 5 and "HTTP 422" in text
-    assert "POST /candidates user" in text and "recall@200" in text
+    assert "POST /candidates user" in text and "R@200" in text
+    assert "blend weights" in text and "most_popular_country" in text
     assert "candidates[0].media_type" in text
     exp = out / "experiment"
     for part in (
@@ -263,6 +264,7 @@ def test_demo_runs_end_to_end_on_tiny_sizes(ray_session, tmp_path, capsys):
         assert f"src='{png}.png'" in page, png
         assert (exp / "report" / f"{png}.png").stat().st_size > 1000, png
     assert "Table 2 analog" in page and "Table 3 analog" in page
+    assert "<h2>Retrieval</h2>" in page and "recall@1500" in page
     # `dynamix report` redraws it from results.json, the demo's timeline kept
     (exp / "report" / "serving.png").unlink()
     assert main(["report", str(exp)]) == 0
@@ -273,6 +275,8 @@ def test_demo_runs_end_to_end_on_tiny_sizes(ray_session, tmp_path, capsys):
     (moved / "experiment" / "report" / "serving.png").unlink()
     assert main(["report", str(moved / "experiment")]) == 0
     assert (moved / "experiment" / "report" / "serving.png").exists()
+    page = (moved / "experiment" / "report" / "index.html").read_text()
+    assert "<h2>Retrieval</h2>" in page  # its u2u_eval.json moved along
     run = moved / "experiment" / "runs" / "baseline" / "seed0"
     assert resolve_checkpoint(str(run)).startswith(str(run))
 

@@ -160,6 +160,17 @@ def evaluate_retrieval(
     truth = truth[truth["user_id"].isin(users["user_id"])]
     val_truth = new_pairs(conv, val_at, as_of_ms)
     val_truth = val_truth[val_truth["user_id"].isin(users["user_id"])]
+    for what, pairs, start in (
+        ("held out", truth, as_of_ms),
+        ("in the validation period", val_truth, val_at),
+    ):
+        if not len(pairs):
+            raise ValueError(
+                f"nothing is {what}: no user of the embeddings converted on a new "
+                f"ad from {start} ms on for {_span_days(held_ms if start == as_of_ms else val_ms):g} "
+                "days; embed with an earlier --as-of (or pass --holdout-days / "
+                "--validation-days)"
+            )
     test_users = users[users["user_id"].isin(truth["user_id"])]
     val_users = users[users["user_id"].isin(val_truth["user_id"])]
     seen = {at: seen_pairs(conv, at) for at in (val_at, as_of_ms)}

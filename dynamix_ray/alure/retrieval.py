@@ -524,6 +524,8 @@ def choose_blend_weights(
     """
     names = list(lists)
     users = pd.Index(truth["user_id"].unique())
+    if not len(users):
+        raise ValueError("choose_blend_weights needs held-out pairs (truth is empty)")
     parts = []
     for g, name in enumerate(names):
         lst = lists[name]
