@@ -389,7 +389,7 @@ def test_u2u_graph_and_evaluation_end_to_end(trained, tmp_path, capsys):
     )
     assert code == 0
     text = capsys.readouterr().out
-    assert "recall@50: u2u" in text and "planted clusters" in text
+    assert "R@50" in text and "planted clusters" in text and "blend weights" in text
     edges = read_u2u(out).to_pandas()
     table = read_embeddings(emb).to_pandas()
     fs, root = resolve(str(tmp_path / "graph"))
