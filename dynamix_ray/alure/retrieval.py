@@ -212,6 +212,13 @@ def merge_sums(parts: Sequence[pd.DataFrame], value: str) -> pd.DataFrame:
     return both.groupby(keys, as_index=False)[value].sum()
 
 
+def _depth(cap: int, seen: pd.DataFrame, users: pd.DataFrame) -> int:
+    """How much of a shared list to give each of ``users`` so that ``cap``
+    remain after their seen pairs go: ``cap`` + the most any of them saw."""
+    mine = seen[seen["user_id"].isin(users["user_id"])]
+    return cap + int(mine.groupby("user_id").size().max()) if len(mine) else cap
+
+
 def popular_lists(
     pop: pd.DataFrame,
     users: pd.DataFrame,
@@ -226,9 +233,7 @@ def popular_lists(
         [*keys[:-1], "score", "ad_id"],
         ascending=[True] * (len(keys) - 1) + [False, True],
     )
-    # enough of the list that cap remain after the user's seen pairs go
-    mine = seen[seen["user_id"].isin(users["user_id"])]
-    depth = cap + int(mine.groupby("user_id").size().max()) if len(mine) else cap
+    depth = _depth(cap, seen, users)
     if by is None:
         pop = pop.head(depth)
         table = users[["user_id"]].merge(pop, how="cross")
@@ -348,13 +353,10 @@ def random_ads(
     seen: pd.DataFrame,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """Random ads of ``catalog`` per user (score: a uniform draw)."""
+    """Random ads of ``catalog`` per user (score: falling in draw order)."""
     rng = np.random.default_rng(seed)
     k = min(len(catalog), cap)
-    depth = min(
-        len(catalog),
-        k + (int(seen.groupby("user_id").size().max()) if len(seen) else 0),
-    )
+    depth = min(len(catalog), _depth(k, seen, users))
     uid = users["user_id"].to_numpy()
     picks = (
         np.stack([rng.choice(catalog, depth, replace=False) for _ in uid])
