@@ -45,6 +45,7 @@ from dynamix_ray.runtime import (
 )
 from dynamix_ray.samples import SampleConfig
 from dynamix_ray.segments.pipeline import run_segment
+from dynamix_ray.segments.refresh import run_refresh
 from dynamix_ray.synth import generate
 from dynamix_ray.train import TrainConfig, removed_from_baseline, run_train
 
@@ -247,6 +248,13 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         help="hash buckets for unbucketed input (default: from data size)",
+    )
+    p.add_argument(
+        "--incremental",
+        action="store_true",
+        help="fold only the input files added since OUT's table was made into "
+        "a new version of it (same settings and epsilon; a full run when "
+        "nothing is published yet)",
     )
     p.add_argument(
         "--json", action="store_true", help="print _meta.json, not a summary"
@@ -932,7 +940,8 @@ def cmd_bucket(args: argparse.Namespace) -> int:
 
 def cmd_segment(args: argparse.Namespace) -> int:
 
-    result = run_segment(
+    run = run_refresh if args.incremental else run_segment
+    result = run(
         args.events, args.out, segment_config(args), progress=not args.no_progress
     )
     print(

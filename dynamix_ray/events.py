@@ -13,6 +13,9 @@ The store is itself a valid docs/contract.md §1 dataset, so any reader can read
                                   ``ts`` int64 epoch ms, attributes in their contract
                                   types (int8 enums, int16 position, int32 category)
     ROOT/rejects/*.parquet        every invalid input row, with its reason
+    ROOT/_deltas/KKKKK/           a delta part: the same layout, holding only the
+                                  files an incremental refresh added (listed in
+                                  ``_bucketing.json``'s ``deltas``; see below)
 
 Building it from unbucketed input is one shuffle through storage:
 
@@ -23,6 +26,16 @@ Building it from unbucketed input is one shuffle through storage:
   streams, with a small offsets index beside it;
 * **reduce** (one task per bucket): read its byte range of every piece (two
   ranged reads per piece), merge, write ``<source>/bucket=K/part-0.parquet``.
+
+**Deltas** (``dynamix segment --incremental``; docs/data-path.md, "Incremental
+refresh"): ``_bucketing.json`` records every input file it holds (``manifest``:
+path and size). :func:`new_input_files` finds the files added since, and
+:func:`append_delta` buckets only those, with the same shuffle, into
+``_deltas/KKKKK/``; the part exists for readers once ``_bucketing.json``,
+replaced in one step, lists it. :meth:`EventStore.read_bucket` merges a
+bucket's parts into one (user, ts) order (base first among equal keys), so
+every stage reads a store with deltas like one built at once. ``dynamix
+bucket`` on the whole input writes one part again.
 
 Files: O(pieces + buckets), not their product. Memory per task: one piece or
 one bucket. Input that is already hash-bucketed (``generate --bucketed N``)
@@ -57,6 +70,7 @@ from dynamix_ray.io import (
     url_of,
     user_bucket,
     write_json,
+    write_json_atomically,
     write_parquet,
 )
 from dynamix_ray.runtime import cluster_cpus, map_items
@@ -67,8 +81,12 @@ __all__ = [
     "EVENTS_PER_BUCKET",
     "LAYOUT",
     "EventStore",
+    "append_delta",
     "default_num_buckets",
+    "delta_folder",
     "ensure_store",
+    "file_manifest",
+    "new_input_files",
     "open_store",
     "run_bucket",
     "store_schema",
@@ -163,33 +181,64 @@ class EventStore:
         the tasks once, as an argument: an item is only its bucket id."""
         return [{"bucket": b} for b in range(self.num_buckets)]
 
-    def bucket_path(self, source: str, bucket: int) -> str:
+    @property
+    def parts(self) -> tuple[int, ...]:
+        """The store's parts: 0 (the base) and each delta, in the order added."""
+        return (0, *(int(d["part"]) for d in self.meta.get("deltas", ())))
+
+    def _part_meta(self, part: int) -> dict[str, Any]:
+        if part == 0:
+            return self.meta
+        return next(d for d in self.meta["deltas"] if int(d["part"]) == part)
+
+    def bucket_path(self, source: str, bucket: int, part: int = 0) -> str:
         _, root = resolve(self.url)
+        if part:
+            root = f"{root}/{delta_folder(part)}"
         return f"{root}/{source}/bucket={bucket:05d}/part-0.parquet"
 
     def read_bucket(
-        self, bucket: int, columns: dict[str, list[str] | None]
+        self,
+        bucket: int,
+        columns: dict[str, list[str] | None],
+        parts: Iterable[int] | None = None,
     ) -> dict[str, pa.Table]:
         """The bucket's rows of each requested source (``None``: all columns;
         columns the store lacks are left out); sources the store lacks, or
-        without rows in this bucket, are absent."""
+        without rows in this bucket, are absent. ``parts``: read only these
+        (default: all, merged into one (user, ts) order, earlier parts first
+        among equal keys)."""
         fs, _ = resolve(self.url)
+        parts = self.parts if parts is None else tuple(parts)
         out: dict[str, pa.Table] = {}
         for src, cols in columns.items():
             if src not in self.meta["sources"]:
                 continue
-            path = self.bucket_path(src, bucket)
-            if not fs.exists(path):
-                if bucket in self.meta.get("nonempty", {}).get(src, ()):
-                    raise FileNotFoundError(
-                        f"{path}: missing, but the store's {BUCKETING_FILE} says "
-                        f"bucket {bucket} of '{src}' has rows"
-                    )
-                continue
             have = self.columns(src)
             keep = None if cols is None else [c for c in cols if c in have]
-            with fs.open(path, "rb") as fh:
-                out[src] = pq.read_table(fh, columns=keep)
+            # parts merge in (user, ts) order: read the keys, drop them after
+            read = keep
+            if keep is not None and len(parts) > 1:
+                read = [*keep, *(k for k in ("user_id", "ts") if k not in keep)]
+            tables = []
+            for part in parts:
+                path = self.bucket_path(src, bucket, part)
+                if not fs.exists(path):
+                    nonempty = self._part_meta(part).get("nonempty", {})
+                    if bucket in nonempty.get(src, ()):
+                        raise FileNotFoundError(
+                            f"{path}: missing, but the store's {BUCKETING_FILE} "
+                            f"says bucket {bucket} of '{src}' has rows"
+                        )
+                    continue
+                with fs.open(path, "rb") as fh:
+                    tables.append(pq.read_table(fh, columns=read))
+            if not tables:
+                continue
+            table = (
+                tables[0] if len(tables) == 1 else _sort_rows(pa.concat_tables(tables))
+            )
+            out[src] = table if keep is None else table.select(keep)
         return out
 
 
@@ -435,6 +484,51 @@ def _scan(ds: Dataset, rows: int) -> tuple[list[dict[str, Any]], dict[str, list[
     return pieces, {s: list(c) for s, c in present.items()}
 
 
+def file_manifest(ds: Dataset) -> dict[str, dict[str, int]]:
+    """Every file of ``ds`` and its size, per source."""
+    return {s: {p: int(ds.fs.size(p)) for p in paths} for s, paths in ds.files.items()}
+
+
+def _subset_manifest(
+    manifest: dict[str, dict[str, int]], files: dict[str, list[str]]
+) -> dict[str, dict[str, int]]:
+    return {
+        s: {p: manifest[s][p] for p in paths} for s, paths in files.items() if paths
+    }
+
+
+def _subset(ds: Dataset, files: dict[str, list[str]]) -> Dataset:
+    """``ds`` restricted to ``files`` (their rows recounted)."""
+    keep = {s: sorted(p) for s, p in files.items() if p}
+    rows = {}
+    for s, paths in keep.items():
+        rows[s] = 0
+        for p in paths:
+            with ds.fs.open(p, "rb") as fh:
+                rows[s] += pq.ParquetFile(fh).metadata.num_rows
+    return Dataset(ds.url, ds.fs, ds.root, keep, rows, ds.num_buckets)
+
+
+def _keep_columns(
+    present: dict[str, list[str]], columns: dict[str, list[str]], url: str
+) -> dict[str, list[str]]:
+    """The store's columns for a delta's files.
+
+    Raises:
+        ValueError: a file brings a source or a column the store lacks (only a
+            whole rebuild can add one).
+    """
+    for src, cols in present.items():
+        extra = sorted(set(cols) - set(columns.get(src, ())))
+        if src not in columns or extra:
+            what = f"column(s) {', '.join(extra)} of" if src in columns else "source"
+            raise ValueError(
+                f"{url}: new files bring {what} '{src}', which the event store "
+                "lacks; rebuild it (`dynamix segment` without --incremental)"
+            )
+    return {src: list(columns[src]) for src in present}
+
+
 def _merge_range(acc: dict[str, Any], lo: int | None, hi: int | None) -> None:
     if lo is not None:
         acc["ts_min_ms"] = lo if acc["ts_min_ms"] is None else min(acc["ts_min_ms"], lo)
@@ -449,6 +543,8 @@ def run_bucket(
     *,
     progress: bool = True,
     piece_rows: int = PIECE_ROWS,
+    files: dict[str, list[str]] | None = None,
+    columns: dict[str, list[str]] | None = None,
 ) -> EventStore:
     """Build the event store of ``events_url`` at ``out_url`` (see the module
     docstring); the store and its rejects are committed atomically.
@@ -459,6 +555,10 @@ def run_bucket(
         num_buckets: user-hash buckets (``None``: :func:`default_num_buckets`;
             bucketed input keeps its own count).
         piece_rows: rows per map task (whole row groups are kept together).
+        files: bucket only these of the input's files, per source (a delta:
+            :func:`append_delta`); default all.
+        columns: the columns to keep per source (a delta keeps its store's:
+            a file without one reads it as 0); default those the files have.
 
     Raises:
         FileNotFoundError: no ad impressions under ``events_url``.
@@ -466,9 +566,14 @@ def run_bucket(
     """
     t0 = time.perf_counter()
     ds = discover(events_url, list(SOURCES), required=["ad_impressions"])
+    manifest = file_manifest(ds)
+    if files is not None:
+        ds = _subset(ds, files)
     out_fs, out_root = resolve(out_url)
     local = is_process_local(ds.fs) or is_process_local(out_fs)
     pieces, present = _scan(ds, piece_rows)
+    if columns is not None:
+        present = _keep_columns(present, columns, events_url)
     total = sum(ds.rows.values())
     if ds.num_buckets is not None:
         nb, mode = ds.num_buckets, "bucketed input"
@@ -573,7 +678,7 @@ def run_bucket(
             shuffle_files = len(out_fs.find(f"{tmp_path}/_shuffle"))
             out_fs.rm(f"{tmp_path}/_shuffle", recursive=True)
         sources = {s: m for s, m in sources.items() if m["rows"]}
-        if "ad_impressions" not in sources:
+        if "ad_impressions" not in sources and files is None:
             raise ValueError(f"{events_url}: no valid ad impression")
         meta = {
             "num_buckets": nb,
@@ -586,6 +691,10 @@ def run_bucket(
             "input": ds.url,
             "input_fingerprint": fingerprint(ds),
             "input_rows": dict(ds.rows),
+            # every input file this store holds: what a refresh finds new
+            "manifest": manifest
+            if files is None
+            else _subset_manifest(manifest, files),
             "sources": sources,
             "columns": {s: c for s, c in present.items() if s in sources},
             "nonempty": {s: sorted(b) for s, b in nonempty.items()},
@@ -602,3 +711,128 @@ def run_bucket(
         # bucket is committed
         write_json(out_fs, f"{tmp_path}/{BUCKETING_FILE}", meta)
     return EventStore(absolute_url(out_url), nb, meta)
+
+
+# -------------------------------------------------------------------- deltas
+
+
+def delta_folder(part: int) -> str:
+    """Where delta part ``part`` lives, relative to the store's root."""
+    return f"_deltas/{part:05d}"
+
+
+def new_input_files(store: EventStore, ds: Dataset) -> dict[str, list[str]]:
+    """The files of ``ds`` the store does not hold yet, per source.
+
+    Raises:
+        ValueError: the store has no file manifest (an older store), or a file
+            it holds has changed size or is gone: event files are append-only,
+            and only a whole rebuild can take an edit back.
+    """
+    held = store.meta.get("manifest")
+    if held is None:
+        raise ValueError(
+            f"{store.url}: this event store records no input files (built by "
+            "an older version); rebuild it (`dynamix segment` without "
+            "--incremental)"
+        )
+    now = file_manifest(ds)
+    changed = [
+        f"{p} ({size:,} -> {now.get(s, {}).get(p, 'gone')} bytes)"
+        for s, files in held.items()
+        for p, size in files.items()
+        if now.get(s, {}).get(p) != size
+    ]
+    if changed:
+        raise ValueError(
+            f"{ds.url}: {len(changed)} file(s) the event store already holds "
+            f"changed or went away: {', '.join(changed[:3])}"
+            f"{' ...' if len(changed) > 3 else ''}; event files are append-only "
+            "(add new files); to take an edit back, rebuild (`dynamix segment` "
+            "without --incremental)"
+        )
+    return {
+        s: [p for p in files if p not in held.get(s, {})]
+        for s, files in now.items()
+        if any(p not in held.get(s, {}) for p in files)
+    }
+
+
+def _merged_meta(meta: dict[str, Any], delta: dict[str, Any], part: int) -> dict:
+    """The store's ``_bucketing.json`` with delta ``part`` added (rows, time
+    range, days, rejects and the manifest; ``users`` counts the base only)."""
+    out = {**meta, "sources": {s: dict(m) for s, m in meta["sources"].items()}}
+    for s, m in delta["sources"].items():
+        acc = out["sources"][s]
+        acc["rows"] += m["rows"]
+        _merge_range(acc, m["ts_min_ms"], m["ts_max_ms"])
+        days = dict(acc["days"])
+        for d, n in m["days"].items():
+            days[str(d)] = days.get(str(d), 0) + n
+        acc["days"] = days
+    rejected = {s: dict(c) for s, c in meta["rejected"].items()}
+    for s, c in delta["rejected"].items():
+        for r, n in c.items():
+            rejected.setdefault(s, {})[r] = rejected.get(s, {}).get(r, 0) + n
+    manifest = {s: dict(f) for s, f in meta["manifest"].items()}
+    for s, f in delta["manifest"].items():
+        manifest.setdefault(s, {}).update(f)
+    entry = {
+        "part": part,
+        "folder": delta_folder(part),
+        "rows": {s: m["rows"] for s, m in delta["sources"].items()},
+        "nonempty": delta["nonempty"],
+        "files": sum(len(f) for f in delta["manifest"].values()),
+        "rejected_total": delta["rejected_total"],
+        "wall_s": delta["wall_s"],
+    }
+    out.update(
+        rejected=rejected,
+        rejected_total=meta["rejected_total"] + delta["rejected_total"],
+        manifest=manifest,
+        deltas=[*meta.get("deltas", ()), entry],
+    )
+    return out
+
+
+def append_delta(
+    store: EventStore,
+    events_url: str,
+    files: dict[str, list[str]],
+    *,
+    progress: bool = True,
+    piece_rows: int = PIECE_ROWS,
+) -> EventStore:
+    """Bucket ``files`` (new files of ``events_url``: :func:`new_input_files`)
+    into a new delta part of ``store`` and list it in ``_bucketing.json``.
+
+    The part is written (committed whole by :func:`run_bucket`) before
+    ``_bucketing.json`` is replaced in one step, so a reader, or a refresh that
+    died half-way, sees the store with or without the whole part, never a
+    piece of it; a retry writes the same part again.
+
+    Raises:
+        ValueError: the files bring a source or column the store lacks.
+    """
+    fs, root = resolve(store.url)
+    part = max(store.parts) + 1
+    delta = run_bucket(
+        events_url,
+        url_of(fs, f"{root}/{delta_folder(part)}"),
+        store.num_buckets,
+        progress=progress,
+        piece_rows=piece_rows,
+        files=files,
+        columns=store.meta["columns"],
+    )
+    if delta.num_buckets != store.num_buckets:
+        raise ValueError(
+            f"{events_url}: the new files are bucketed into {delta.num_buckets} "
+            f"buckets, the store into {store.num_buckets}"
+        )
+    meta = _merged_meta(store.meta, delta.meta, part)
+    meta["input_fingerprint"] = fingerprint(
+        discover(events_url, list(SOURCES), required=["ad_impressions"])
+    )
+    write_json_atomically(fs, f"{root}/{BUCKETING_FILE}", meta)
+    return EventStore(store.url, store.num_buckets, meta)

@@ -51,6 +51,7 @@ __all__ = [
     "user_bucket",
     "write_bucketing",
     "write_json",
+    "write_json_atomically",
     "write_parquet",
 ]
 
@@ -246,6 +247,13 @@ def fingerprint(ds: Dataset) -> str:
 def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
     with fs.open(path, "w") as fh:
         json.dump(obj, fh, indent=2, sort_keys=True, default=str)
+
+
+def write_json_atomically(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
+    """:func:`write_json` in one step: a reader sees the old file or the new
+    one, never a part (a rename on local disks, one put on object stores)."""
+    data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+    _put_atomically(fs, path, data)
 
 
 def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:

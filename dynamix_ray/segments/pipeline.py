@@ -64,6 +64,7 @@ from dynamix_ray.segments.stats import (
 
 __all__ = [
     "SEGMENT_SCHEMA",
+    "STAT_SOURCES",
     "SegmentResult",
     "bucket_path",
     "read_segment_bucket",
@@ -71,6 +72,8 @@ __all__ = [
     "read_segments_meta",
     "segments_pointer",
     "run_segment",
+    "segment_table",
+    "stat_column",
 ]
 
 log = logging.getLogger(__name__)
@@ -124,6 +127,19 @@ class SegmentResult:
             f"  wall time      {m['wall_s']:.1f} s",
             f"  output         {self.segments_path}",
         ]
+        r = m.get("refresh")
+        if r and r["up_to_date"]:
+            lines[0] = "dynamix segment --incremental: up to date (no new file)"
+        elif r:
+            lines[0] = "dynamix segment --incremental: done"
+            lines.insert(
+                1,
+                f"  refresh        {r['new_files']} new file(s); store part(s) "
+                f"{', '.join(map(str, r['parts_folded']))} folded on top of version "
+                f"{r['from_version']}: {r['touched_groups']:,} (user, window) "
+                f"groups recomputed in {r['touched_buckets']} of {m['num_buckets']} "
+                f"buckets ({r['events_read']:,} events read)",
+            )
         return "\n".join(lines)
 
 
@@ -131,7 +147,7 @@ class SegmentResult:
 
 Columns = dict[str, np.ndarray]
 #: The two sources the statistic reads, and their columns.
-_STAT_SOURCES = {
+STAT_SOURCES = {
     "ad_impressions": ["user_id", "ts", "dwell_ms"],
     "conversions": ["user_id", "ts"],
 }
@@ -143,7 +159,11 @@ def bucket_path(folder: str, bucket: int) -> str:
     return f"{folder}/bucket={bucket:05d}/part-0.parquet"
 
 
-def _column(tables: dict[str, pa.Table], src: str, col: str, dtype: Any) -> np.ndarray:
+def stat_column(
+    tables: dict[str, pa.Table], src: str, col: str, dtype: Any
+) -> np.ndarray:
+    """Column ``col`` of source ``src`` of a ``read_bucket`` answer, as
+    ``dtype`` (empty when the bucket has no row of ``src``)."""
     t = tables.get(src)
     if t is None:
         return np.zeros(0, dtype)
@@ -166,13 +186,13 @@ def _stats_task(
 ) -> dict[str, Any]:
     """Pass 2: one bucket's partial statistics, written; counts returned."""
     b = item["bucket"]
-    ev = store.read_bucket(b, dict(_STAT_SOURCES))
+    ev = store.read_bucket(b, dict(STAT_SOURCES))
     stats = compute_stats(
-        _column(ev, "ad_impressions", "user_id", np.int64),
-        _column(ev, "ad_impressions", "ts", np.int64),
-        _column(ev, "ad_impressions", "dwell_ms", np.float64),
-        _column(ev, "conversions", "user_id", np.int64),
-        _column(ev, "conversions", "ts", np.int64),
+        stat_column(ev, "ad_impressions", "user_id", np.int64),
+        stat_column(ev, "ad_impressions", "ts", np.int64),
+        stat_column(ev, "ad_impressions", "dwell_ms", np.float64),
+        stat_column(ev, "conversions", "user_id", np.int64),
+        stat_column(ev, "conversions", "ts", np.int64),
         cfg,
         origin_ms,
     )
@@ -224,7 +244,7 @@ def _finalize_task(
 ) -> dict[str, Any]:
     """Pass 4: one bucket's docs/contract.md §3 rows, written; active rows returned."""
     fs, folder = resolve(tables["segments"])
-    table = _segment_table(_read_stats(tables, item["bucket"]), cfg, epsilon)
+    table = segment_table(_read_stats(tables, item["bucket"]), cfg, epsilon)
     write_parquet(fs, bucket_path(folder, item["bucket"]), table)
     return {"active_rows": int(np.count_nonzero(table.column("segment").to_numpy()))}
 
@@ -232,7 +252,8 @@ def _finalize_task(
 # ------------------------------------------------------------------ the pipeline
 
 
-def _segment_table(stats: Columns, cfg: SegmentConfig, epsilon: float) -> pa.Table:
+def segment_table(stats: Columns, cfg: SegmentConfig, epsilon: float) -> pa.Table:
+    """The docs/contract.md §3 table of partial statistics (``finalize``)."""
     cols = finalize(stats, cfg, epsilon)
     data: dict[str, pa.Array] = {}
     for f in SEGMENT_SCHEMA:
@@ -285,7 +306,9 @@ def run_segment(
         )
     origin = window_origin_ms(cfg, store.meta["sources"]["ad_impressions"]["ts_min_ms"])
     items = store.bucket_items()
-    with publish(out_fs, out_root, ["segments", "stats"]) as version:
+    # stats first: the segments pointer, put last, names a version whose
+    # statistics are published too (what a refresh starts from)
+    with publish(out_fs, out_root, ["stats", "segments"]) as version:
         # what the tasks resolve: this run's version folders
         tmp = {t: url_of(out_fs, version.path(t)) for t in ("segments", "stats")}
         counts: dict[str, Any] = dict.fromkeys(
@@ -356,7 +379,7 @@ def run_segment(
         ):
             active += r["active_rows"]
         phases["finalize"] = time.perf_counter() - t_phase
-        rejected = store.rejected(_STAT_SOURCES)
+        rejected = store.rejected(STAT_SOURCES)
         counts.update(
             active_rows=active,
             conversions=store.rows("conversions"),
@@ -372,6 +395,8 @@ def run_segment(
             "input_fingerprint": store.meta["input_fingerprint"],
             "store": store.url,
             "store_fingerprint": store.fingerprint,
+            # the store's parts this table holds: a refresh folds in the others
+            "store_parts": list(store.parts),
             "mode": store.meta["mode"],
             "num_buckets": store.num_buckets,
             "params": {

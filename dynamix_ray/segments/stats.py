@@ -30,6 +30,7 @@ from dynamix_ray.config import SegmentConfig
 __all__ = [
     "STAT_COLUMNS",
     "compute_stats",
+    "empty_stats",
     "finalize",
     "merge_stats",
     "near_mask",
@@ -66,7 +67,8 @@ def window_origin_ms(cfg: SegmentConfig, first_ts_ms: int | None) -> int:
     return (first_ts_ms // _DAY_MS) * _DAY_MS
 
 
-def _empty_stats() -> Stats:
+def empty_stats() -> Stats:
+    """Partial statistics of no group (the columns, typed, with no row)."""
     out: Stats = {c: np.zeros(0, dtype=np.int64) for c in STAT_COLUMNS}
     for c in ("mean_near", "mean_far", "m2_near", "m2_far"):
         out[c] = np.zeros(0, dtype=np.float64)
@@ -189,7 +191,7 @@ def compute_stats(
     """
     n = len(user_id)
     if n == 0:
-        return _empty_stats()
+        return empty_stats()
     user_id = np.asarray(user_id, dtype=np.int64)
     ts_ms = np.asarray(ts_ms, dtype=np.int64)
     dwell_ms = np.asarray(dwell_ms, dtype=np.float64)
@@ -230,7 +232,8 @@ def compute_stats(
     with np.errstate(invalid="ignore", divide="ignore"):
         means = sums / counts
     dev = x - means[slot]
-    m2 = np.bincount(slot, weights=dev * dev, minlength=2 * n_groups)
+    # float even with no kept impression (bincount of an empty array is int64)
+    m2 = np.bincount(slot, weights=dev * dev, minlength=2 * n_groups).astype(np.float64)
     n_filtered = np.bincount(group[~keep], minlength=n_groups)
 
     rows = np.flatnonzero(counts[0::2] + counts[1::2] + n_filtered)
@@ -299,7 +302,7 @@ def merge_stats(*parts: Stats) -> Stats:
     """
     cat = {c: np.concatenate([p[c] for p in parts]) for c in STAT_COLUMNS}
     if len(cat["user_id"]) == 0:
-        return _empty_stats()
+        return empty_stats()
     keys = pd.MultiIndex.from_arrays([cat["user_id"], cat["window_start_ms"]])
     gid, uniq = pd.factorize(keys, sort=True)
     n_groups = len(uniq)
