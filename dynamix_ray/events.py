@@ -202,12 +202,14 @@ class EventStore:
         bucket: int,
         columns: dict[str, list[str] | None],
         parts: Iterable[int] | None = None,
+        ordered: bool = True,
     ) -> dict[str, pa.Table]:
         """The bucket's rows of each requested source (``None``: all columns;
         columns the store lacks are left out); sources the store lacks, or
         without rows in this bucket, are absent. ``parts``: read only these
-        (default: all, merged into one (user, ts) order, earlier parts first
-        among equal keys)."""
+        (default: all), merged into one (user, ts) order, earlier parts first
+        among equal keys; ``ordered=False``: concatenated part after part (for
+        readers that do not need the order: the statistic)."""
         fs, _ = resolve(self.url)
         parts = self.parts if parts is None else tuple(parts)
         out: dict[str, pa.Table] = {}
@@ -218,7 +220,7 @@ class EventStore:
             keep = None if cols is None else [c for c in cols if c in have]
             # parts merge in (user, ts) order: read the keys, drop them after
             read = keep
-            if keep is not None and len(parts) > 1:
+            if keep is not None and len(parts) > 1 and ordered:
                 read = [*keep, *(k for k in ("user_id", "ts") if k not in keep)]
             tables = []
             for part in parts:
@@ -235,9 +237,9 @@ class EventStore:
                     tables.append(pq.read_table(fh, columns=read))
             if not tables:
                 continue
-            table = (
-                tables[0] if len(tables) == 1 else _sort_rows(pa.concat_tables(tables))
-            )
+            table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+            if len(tables) > 1 and ordered:
+                table = _sort_rows(table)
             out[src] = table if keep is None else table.select(keep)
         return out
 

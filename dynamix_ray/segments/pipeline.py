@@ -186,7 +186,7 @@ def _stats_task(
 ) -> dict[str, Any]:
     """Pass 2: one bucket's partial statistics, written; counts returned."""
     b = item["bucket"]
-    ev = store.read_bucket(b, dict(STAT_SOURCES))
+    ev = store.read_bucket(b, dict(STAT_SOURCES), ordered=False)
     stats = compute_stats(
         stat_column(ev, "ad_impressions", "user_id", np.int64),
         stat_column(ev, "ad_impressions", "ts", np.int64),

@@ -181,7 +181,7 @@ def _refresh_task(
         k: bucket_path(resolve(folders[k])[1], b)
         for k in ("old_stats", "old_segments", "new_stats", "new_segments")
     }
-    new = store.read_bucket(b, dict(STAT_SOURCES), parts=pending)
+    new = store.read_bucket(b, dict(STAT_SOURCES), parts=pending, ordered=False)
     imp_u = stat_column(new, "ad_impressions", "user_id", np.int64)
     conv_u = stat_column(new, "conversions", "user_id", np.int64)
     if len(imp_u) == 0 and len(conv_u) == 0:
@@ -199,8 +199,11 @@ def _refresh_task(
         origin_ms,
     )
     users = np.unique(touched.get_level_values(0).to_numpy())
-    # every event of the touched users, old parts and new, in store order
-    ev = store.read_bucket(b, dict(STAT_SOURCES), parts=[*done, *pending])
+    # every event of the touched users, old parts and new (the kernel takes
+    # any order)
+    ev = store.read_bucket(
+        b, dict(STAT_SOURCES), parts=[*done, *pending], ordered=False
+    )
     cols: dict[str, np.ndarray] = {}
     for src, names in (
         ("ad_impressions", ("user_id", "ts", "dwell_ms")),
