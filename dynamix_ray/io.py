@@ -284,11 +284,14 @@ def write_parquet(
     path: str,
     table: pa.Table,
     compression: str = "zstd",
+    use_dictionary: bool = True,
 ) -> None:
     """``table`` to ``path`` on ``fs`` (folders made as needed)."""
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     with fs.open(path, "wb") as fh:
-        pq.write_table(table, fh, compression=compression)
+        pq.write_table(
+            table, fh, compression=compression, use_dictionary=use_dictionary
+        )
 
 
 class atomic_output:  # noqa: N801 - used as a context manager, reads like a function

@@ -48,7 +48,6 @@ from dynamix_ray.io import (
     url_of,
     version_folder,
     write_json,
-    write_parquet,
 )
 from dynamix_ray.runtime import ensure_ray, map_items
 from dynamix_ray.schema import SOURCES
@@ -61,6 +60,7 @@ from dynamix_ray.segments.pipeline import (
     run_segment,
     segment_table,
     stat_column,
+    write_table,
 )
 from dynamix_ray.segments.stats import (
     STAT_COLUMNS,
@@ -230,7 +230,7 @@ def _refresh_task(
     old = _stats_of(_read_table(fs, paths["old_stats"]))
     stay = ~_keys(old["user_id"], old["window_start_ms"]).isin(touched)
     stats = _concat(_take(old, np.flatnonzero(stay)), fresh)
-    write_parquet(fs, paths["new_stats"], pa.table(stats))
+    write_table(fs, paths["new_stats"], pa.table(stats))
 
     old_seg = _read_table(fs, paths["old_segments"])
     fresh_seg = segment_table(fresh, cfg, epsilon)
@@ -239,7 +239,7 @@ def _refresh_task(
         start_ms = old_seg.column("window_start").cast(pa.int64()).to_numpy()
         keep = ~_keys(old_seg.column("user_id").to_numpy(), start_ms).isin(touched)
         fresh_seg = pa.concat_tables([old_seg.filter(pa.array(keep)), fresh_seg])
-    write_parquet(fs, paths["new_segments"], fresh_seg)
+    write_table(fs, paths["new_segments"], fresh_seg)
 
     before, after = bucket_counts(old, cfg, epsilon), bucket_counts(stats, cfg, epsilon)
     return {
