@@ -149,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=28.6, help="ad impressions/user/day")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--new-share", type=float, default=0.01)
-    p.add_argument("--ways", default="newest,late", help="comma-separated: newest, late")
+    p.add_argument(
+        "--ways", default="newest,late", help="comma-separated: newest, late"
+    )
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--num-cpus", type=int, default=os.cpu_count())
     p.add_argument("--out", default="bench_out")
