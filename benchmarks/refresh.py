@@ -119,7 +119,7 @@ def one_rep(split_root: Path, work: Path) -> dict[str, Any]:
     events = work / "events"
     _link_tree(split_root / "old", events)
     t0 = time.perf_counter()
-    first = run_segment(str(events), str(work / "out"), progress=False)
+    run_segment(str(events), str(work / "out"), progress=False)
     first_s = time.perf_counter() - t0
     _link_tree(split_root / "new", events)
     t0 = time.perf_counter()
