@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -114,8 +115,8 @@ def one_window(store: str, out: Path, window: str, truth_users: pa.Table, args) 
     return row
 
 
-def ablation(store: str, out: Path, truth_users: pa.Table, share: float) -> dict:
-    table = read_segments(str(out / "seg_6h"))
+def ablation(seg_out: str, truth_users: pa.Table, share: float) -> dict:
+    table = read_segments(seg_out)
     truth, eligible = planted_rows(truth_users, table)
     res = {}
     for name in STATISTICS:
@@ -140,6 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", default="1h,3h,6h,12h,1d")
     p.add_argument("--bands", type=float, nargs="+", default=[0.0, 0.1, 0.25, 0.5])
     p.add_argument("--upper", type=float, default=0.8, help="3-tier upper quantile")
+    p.add_argument(
+        "--near-sigma-scales",
+        type=float,
+        nargs="+",
+        default=[1.0, 2.0],
+        help="worlds of the statistic ablation (generate --near-sigma-scale)",
+    )
     p.add_argument("--num-cpus", type=int, default=os.cpu_count())
     p.add_argument("--out", default="bench_out/tiers")
     args = p.parse_args(argv)
@@ -159,7 +167,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         one_window(store, out, w, truth_users, args) for w in args.windows.split(",")
     ]
-    abl = ablation(store, out, truth_users, SegmentConfig().active_fraction)
+    share = SegmentConfig().active_fraction
+    abl = {"1": ablation(str(out / "seg_6h"), truth_users, share)}
+    for scale in args.near_sigma_scales:
+        if scale == 1.0:
+            continue
+        cfg = replace(gen, near_sigma_scale=scale)
+        world, _ = cached_dataset(
+            out / f"data_u{args.users}_d{args.days}_s{args.seed}_ns{scale:g}", cfg
+        )
+        seg = str(out / f"seg_6h_ns{scale:g}")
+        run_segment(world, seg, progress=False)
+        abl[f"{scale:g}"] = ablation(seg, read_truth_users(world), share)
     (out / "tiers_bench.json").write_text(
         json.dumps({"args": vars(args), "windows": rows, "ablation": abl}, indent=2)
     )
@@ -182,13 +201,17 @@ def main(argv: list[str] | None = None) -> int:
                 + " |"
             )
     print("\nstatistic ablation at 6 h (same active share of eligible rows)")
-    print("| statistic | rows with a value | AUC vs planted | precision | recall |")
-    print("|---|---|---|---|---|")
-    for name, a in abl.items():
-        print(
-            f"| {name} | {a['rows_with_value']:,} | {a['auc']:.4f} | "
-            f"{a['precision']:.4f} | {a['recall']:.4f} |"
-        )
+    print(
+        "| near/far log-dwell spread | statistic | rows with a value | AUC vs "
+        "planted | precision | recall |"
+    )
+    print("|---|---|---|---|---|---|")
+    for scale, world_abl in abl.items():
+        for name, a in world_abl.items():
+            print(
+                f"| {scale}x | {name} | {a['rows_with_value']:,} | {a['auc']:.4f} | "
+                f"{a['precision']:.4f} | {a['recall']:.4f} |"
+            )
     print(f"\nfigures: {out / 'tiers_bench.json'}")
     ray.shutdown()
     return 0

@@ -184,6 +184,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         help="mean campaign life of an ad in days (0: every ad always live)",
     )
     p.add_argument(
+        "--near-sigma-scale",
+        type=float,
+        default=_GEN.near_sigma_scale,
+        help="an active user's log-dwell spread on near impressions, as a "
+        "multiple of its far one (1: equal variances)",
+    )
+    p.add_argument(
         "--no-engagement",
         action="store_true",
         help="write only ad impressions and conversions (no organic impressions "
@@ -884,6 +891,7 @@ def generate_config(args: argparse.Namespace) -> GenerateConfig:
         engagement=not args.no_engagement,
         ad_zipf=args.ad_zipf,
         campaign_days=args.campaign_days,
+        near_sigma_scale=args.near_sigma_scale,
     )
 
 

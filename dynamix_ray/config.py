@@ -145,6 +145,10 @@ class GenerateConfig:
             at least one day; starts spread so that as many ads are live on
             every day); an impression shows only ads live that day. 0: every
             ad is live the whole span.
+        near_sigma_scale: the spread of an active user's log dwell on near
+            impressions, as a multiple of its spread on far ones (1: one
+            variance, which Eq. 7 assumes; the unequal-variance ablation of
+            docs/segments.md uses others).
     """
 
     users: int = 2000
@@ -167,8 +171,13 @@ class GenerateConfig:
     engagement: bool = True
     ad_zipf: float = 0.0
     campaign_days: float = 0.0
+    near_sigma_scale: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.near_sigma_scale <= 0:
+            raise ValueError(
+                f"near_sigma_scale must be > 0, got {self.near_sigma_scale}"
+            )
         if self.users < 1 or self.days < 1:
             raise ValueError(f"need users >= 1 and days >= 1, got {self}")
         if self.ts_type not in ("ms", "timestamp"):

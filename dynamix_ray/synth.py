@@ -270,9 +270,12 @@ def _chunk(
     on = (kind == 1) | (
         (kind == 2) & (((hour - users["switch_start_hour"][iu]) % 24) < _SWITCH_HOURS)
     )
+    sigma = users["dwell_sigma"][iu]
+    if cfg.near_sigma_scale != 1.0:  # else the old world, bit for bit
+        sigma = sigma * np.where(near & on, cfg.near_sigma_scale, 1.0)
     log_dwell = (
         users["dwell_mu"][iu]
-        + users["dwell_sigma"][iu] * rng.standard_normal(m)
+        + sigma * rng.standard_normal(m)
         + users["delta"][iu] * (near & on)
     )
     dwell = np.exp(log_dwell)
@@ -469,6 +472,7 @@ def generate(
         "kinds": list(KINDS),
         "switch_hours": _SWITCH_HOURS,
         "dwell_effect": "log dwell += delta when near (conversion in [t-60s, t+300s])",
+        "near_sigma_scale": cfg.near_sigma_scale,
         "wall_s": time.perf_counter() - t_start,
     }
     write_json(fs, f"{root}/_truth/truth.json", truth)

@@ -81,3 +81,30 @@ def test_no_signal_attributes_do_not_move_the_conversion_rate(planted):
     imp = imp.merge(users, on="user_id")
     match = imp["sem_id_1"] - 10 == imp["cluster"]
     assert imp.loc[match, "label"].mean() > 3 * imp.loc[~match, "label"].mean()
+
+
+def test_near_sigma_scale_widens_active_users_near_dwell_only():
+    """``near_sigma_scale`` plants unequal variances (docs/segments.md): the
+    active users' near log-dwell spreads wider than their far one; the
+    default draws exactly the old world."""
+    from dynamix_ray.config import SegmentConfig
+    from dynamix_ray.segments.pipeline import read_segments, run_segment
+
+    roots = [f"memory://synth-{uuid.uuid4().hex[:8]}" for _ in range(3)]
+    for root, scale in zip(roots, (1.0, 2.5, None), strict=True):
+        kw = {} if scale is None else {"near_sigma_scale": scale}
+        generate(root, GenerateConfig(users=400, days=3, seed=4, **kw), None)
+    assert (
+        _read(roots[0], "ad_impressions")
+        .to_pandas()
+        .equals(_read(roots[2], "ad_impressions").to_pandas())
+    )
+    ratios = []
+    for root in roots[:2]:
+        run_segment(root, f"{root}/out", SegmentConfig(epsilon=0.3), progress=False)
+        seg = read_segments(f"{root}/out").to_pandas()
+        kind = read_truth_users(root).to_pandas().set_index("user_id")["kind"]
+        seg = seg[(seg["n_near"] >= 5) & (seg["n_far"] >= 5)]
+        active = seg[seg["user_id"].map(kind).to_numpy() == 1]
+        ratios.append(float((active["var_near"] / active["var_far"]).median()))
+    assert ratios[0] < 1.5 < 4.0 < ratios[1]

@@ -84,5 +84,9 @@ def test_welch_t_uses_each_labels_own_variance():
     assert got[0] == pytest.approx(0.5 / np.sqrt(0.04 / 4 + 0.16 / 16))
     assert np.isnan(got[1]) and np.isnan(got[2])  # no variance: no t
     np.testing.assert_allclose(statistic(t, "w_mle"), [1.0, np.nan, 0.4])
+    # Jeffreys: 0.25 (1/0.04 + 1/0.16) / 2 + (0.25 + 4) / 2 - 1
+    j = statistic(t, "jeffreys")
+    assert j[0] == pytest.approx(0.25 * (25 + 6.25) / 2 + 4.25 / 2 - 1)
+    assert np.isnan(j[1]) and np.isnan(j[2])
     with pytest.raises(ValueError, match="unknown statistic"):
         statistic(t, "median")

@@ -12,9 +12,12 @@ questions 1 and 2; docs/segments.md, "Tiers and hysteresis").
   With ``band = 0`` and values in every window this is the plain cut, except
   that a null window keeps the last tier instead of falling to 0.
 * **Statistics.** ``corr`` (Eq. 8, the mean difference), ``w_mle`` (Eq. 7,
-  the equal-variance log-odds weight) and ``welch`` (Welch's t: the mean
-  difference over ``sqrt(var_near / n_near + var_far / n_far)``, each label
-  with its own variance).
+  the equal-variance log-odds weight), and two with a variance per label:
+  ``welch`` (Welch's t: the mean difference over
+  ``sqrt(var_near / n_near + var_far / n_far)``) and ``jeffreys`` (the
+  symmetric Kullback-Leibler divergence between the near and far normal fits,
+  what a quadratic discriminant separates: it grows with the mean difference
+  and with the variances' ratio alike).
 
 :func:`hysteresis_tiers` is the vectorised scan (one numpy step per window
 position, all users at once); :func:`reference_hysteresis_tiers` the plain
@@ -36,7 +39,7 @@ __all__ = [
 ]
 
 #: The statistics a tier can be cut on (columns of a docs/contract.md §3 table).
-STATISTICS = ("corr", "w_mle", "welch")
+STATISTICS = ("corr", "w_mle", "welch", "jeffreys")
 _DAY_MS = 86_400_000
 
 
@@ -50,22 +53,25 @@ def statistic(segments: pa.Table, name: str) -> np.ndarray:
     """``|name|`` per row of a segment table, NaN where it is null.
 
     ``welch`` is null where either label has fewer than 2 impressions or both
-    variances are 0; elsewhere rows follow the table's own nulls.
+    variances are 0, ``jeffreys`` where either variance is 0 or null;
+    elsewhere rows follow the table's own nulls.
 
     Raises:
         ValueError: an unknown statistic.
     """
     if name not in STATISTICS:
         raise ValueError(f"unknown statistic {name!r}; choose from {STATISTICS}")
-    if name != "welch":
+    if name in ("corr", "w_mle"):
         return np.abs(_np(segments, name))
     corr = _np(segments, "corr")
-    se2 = _np(segments, "var_near") / _np(segments, "n_near") + _np(
-        segments, "var_far"
-    ) / _np(segments, "n_far")
+    vn, vf = _np(segments, "var_near"), _np(segments, "var_far")
     with np.errstate(invalid="ignore", divide="ignore"):
-        t = np.where(se2 > 0, corr / np.sqrt(se2), np.nan)
-    return np.abs(t)
+        if name == "welch":
+            se2 = vn / _np(segments, "n_near") + vf / _np(segments, "n_far")
+            return np.abs(np.where(se2 > 0, corr / np.sqrt(se2), np.nan))
+        ok = (vn > 0) & (vf > 0)
+        j = corr**2 * (1 / vn + 1 / vf) / 2 + (vn / vf + vf / vn) / 2 - 1
+        return np.where(ok, j, np.nan)
 
 
 def cut_tiers(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
