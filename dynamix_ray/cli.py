@@ -184,6 +184,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         help="mean campaign life of an ad in days (0: every ad always live)",
     )
     p.add_argument(
+        "--switch-spread-h",
+        type=int,
+        default=_GEN.switch_spread_h,
+        help="switchers start their active block within the first N hours of "
+        "the UTC day (24: any hour; fewer: the active share follows the clock)",
+    )
+    p.add_argument(
         "--near-sigma-scale",
         type=float,
         default=_GEN.near_sigma_scale,
@@ -892,6 +899,7 @@ def generate_config(args: argparse.Namespace) -> GenerateConfig:
         ad_zipf=args.ad_zipf,
         campaign_days=args.campaign_days,
         near_sigma_scale=args.near_sigma_scale,
+        switch_spread_h=args.switch_spread_h,
     )
 
 

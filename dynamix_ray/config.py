@@ -145,6 +145,11 @@ class GenerateConfig:
             at least one day; starts spread so that as many ads are live on
             every day); an impression shows only ads live that day. 0: every
             ad is live the whole span.
+        switch_spread_h: switchers start their 12-hour active block at a
+            random hour among the first ``switch_spread_h`` of the UTC day
+            (24: any hour, so the active share is flat over the day; fewer:
+            the share moves with the clock, the diurnal mix of
+            docs/segments.md).
         near_sigma_scale: the spread of an active user's log dwell on near
             impressions, as a multiple of its spread on far ones (1: one
             variance, which Eq. 7 assumes; the unequal-variance ablation of
@@ -172,8 +177,13 @@ class GenerateConfig:
     ad_zipf: float = 0.0
     campaign_days: float = 0.0
     near_sigma_scale: float = 1.0
+    switch_spread_h: int = 24
 
     def __post_init__(self) -> None:
+        if not 1 <= self.switch_spread_h <= 24:
+            raise ValueError(
+                f"switch_spread_h must be in 1..24, got {self.switch_spread_h}"
+            )
         if self.near_sigma_scale <= 0:
             raise ValueError(
                 f"near_sigma_scale must be > 0, got {self.near_sigma_scale}"

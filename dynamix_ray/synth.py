@@ -187,7 +187,10 @@ def _users(cfg: GenerateConfig, rng: np.random.Generator, first: int, n: int) ->
         "country": rng.integers(0, max(1, cfg.n_countries), n).astype(np.int16),
         "kind": kind,
         "delta": np.where(kind > 0, rng.uniform(0.7, 1.4, n), 0.0),
-        "switch_start_hour": np.where(kind == 2, rng.integers(0, 24, n), -1),
+        # the same draw for any spread: 24 is the old world bit for bit
+        "switch_start_hour": np.where(
+            kind == 2, rng.integers(0, 24, n) * cfg.switch_spread_h // 24, -1
+        ),
         "rate": rng.lognormal(0.0, 0.4, n) / np.exp(0.08),  # mean 1
         "dwell_mu": rng.normal(np.log(6000.0), 0.3, n),
         "dwell_sigma": rng.uniform(0.5, 0.8, n),
