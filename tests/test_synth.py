@@ -119,13 +119,19 @@ def test_switch_spread_makes_the_active_share_follow_the_clock():
     roots = [f"memory://synth-{uuid.uuid4().hex[:8]}" for _ in range(3)]
     cfgs = [
         GenerateConfig(users=600, days=1, seed=3, switcher_share=0.5),
-        GenerateConfig(users=600, days=1, seed=3, switcher_share=0.5, switch_spread_h=2),
-        GenerateConfig(users=600, days=1, seed=3, switcher_share=0.5, switch_spread_h=24),
+        GenerateConfig(
+            users=600, days=1, seed=3, switcher_share=0.5, switch_spread_h=2
+        ),
+        GenerateConfig(
+            users=600, days=1, seed=3, switcher_share=0.5, switch_spread_h=24
+        ),
     ]
     for root, cfg in zip(roots, cfgs, strict=True):
         generate(root, cfg, None)
-    assert _read(roots[0], "ad_impressions").to_pandas().equals(
-        _read(roots[2], "ad_impressions").to_pandas()
+    assert (
+        _read(roots[0], "ad_impressions")
+        .to_pandas()
+        .equals(_read(roots[2], "ad_impressions").to_pandas())
     )
     swings = []
     for root in roots[:2]:
