@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -70,7 +71,14 @@ from dynamix_ray.segments.stats import (
     window_origin_ms,
 )
 
-__all__ = ["REFRESH_PARAMS", "run_refresh", "touched_groups"]
+__all__ = [
+    "REFRESH_PARAMS",
+    "Fold",
+    "bucket_counts",
+    "fold",
+    "run_refresh",
+    "touched_groups",
+]
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +170,70 @@ def bucket_counts(stats: Stats, cfg: SegmentConfig, epsilon: float) -> dict[str,
     }
 
 
+@dataclass(frozen=True)
+class Fold:
+    """:func:`fold`'s answer for one bucket."""
+
+    stats: Stats  # the bucket's partial statistics after the new events
+    fresh: Stats  # those of the touched groups, recomputed
+    touched: pd.MultiIndex  # (user, window start) of the touched groups
+    events_read: int  # events the recompute ran over
+
+
+def fold(
+    events: dict[str, pa.Table],
+    new: dict[str, pa.Table],
+    old_stats: Stats,
+    cfg: SegmentConfig,
+    origin_ms: int,
+) -> Fold:
+    """New events into one bucket's partial statistics (plain; the refresh's
+    and the streaming updater's one rule).
+
+    Args:
+        events: every event of the bucket, old and new, as ``read_bucket``
+            answers for :data:`pipeline.STAT_SOURCES` (any order).
+        new: the new events alone (the same form).
+        old_stats: the bucket's statistics before them.
+    """
+    imp_u = stat_column(new, "ad_impressions", "user_id", np.int64)
+    conv_u = stat_column(new, "conversions", "user_id", np.int64)
+    touched = touched_groups(
+        imp_u,
+        stat_column(new, "ad_impressions", "ts", np.int64),
+        conv_u,
+        stat_column(new, "conversions", "ts", np.int64),
+        cfg,
+        origin_ms,
+    )
+    users = np.unique(touched.get_level_values(0).to_numpy())
+    cols: dict[str, np.ndarray] = {}
+    for src, names in (
+        ("ad_impressions", ("user_id", "ts", "dwell_ms")),
+        ("conversions", ("user_id", "ts")),
+    ):
+        mine = np.isin(stat_column(events, src, "user_id", np.int64), users)
+        for name in names:
+            dtype = np.float64 if name == "dwell_ms" else np.int64
+            cols[f"{src}.{name}"] = stat_column(events, src, name, dtype)[mine]
+    iu, it = cols["ad_impressions.user_id"], cols["ad_impressions.ts"]
+    start = origin_ms + (it - origin_ms) // cfg.window_ms * cfg.window_ms
+    in_touched = _keys(iu, start).isin(touched)
+    fresh = compute_stats(
+        iu[in_touched],
+        it[in_touched],
+        cols["ad_impressions.dwell_ms"][in_touched],
+        cols["conversions.user_id"],
+        cols["conversions.ts"],
+        cfg,
+        origin_ms,
+    )
+    stay = ~_keys(old_stats["user_id"], old_stats["window_start_ms"]).isin(touched)
+    stats = _concat(_take(old_stats, np.flatnonzero(stay)), fresh)
+    read = int(in_touched.sum() + len(cols["conversions.ts"]))
+    return Fold(stats, fresh, touched, read)
+
+
 def _refresh_task(
     item: dict[str, Any],
     store: EventStore,
@@ -190,46 +262,12 @@ def _refresh_task(
                 fs.copy(paths[src], paths[dst])
         return {"delta": dict.fromkeys(_COUNTS, 0), "groups": 0, "events_read": 0}
 
-    touched = touched_groups(
-        imp_u,
-        stat_column(new, "ad_impressions", "ts", np.int64),
-        conv_u,
-        stat_column(new, "conversions", "ts", np.int64),
-        cfg,
-        origin_ms,
-    )
-    users = np.unique(touched.get_level_values(0).to_numpy())
-    # every event of the touched users, old parts and new (the kernel takes
-    # any order)
     ev = store.read_bucket(
         b, dict(STAT_SOURCES), parts=[*done, *pending], ordered=False
     )
-    cols: dict[str, np.ndarray] = {}
-    for src, names in (
-        ("ad_impressions", ("user_id", "ts", "dwell_ms")),
-        ("conversions", ("user_id", "ts")),
-    ):
-        u = stat_column(ev, src, "user_id", np.int64)
-        mine = np.isin(u, users)
-        for name in names:
-            dtype = np.float64 if name == "dwell_ms" else np.int64
-            cols[f"{src}.{name}"] = stat_column(ev, src, name, dtype)[mine]
-    iu, it = cols["ad_impressions.user_id"], cols["ad_impressions.ts"]
-    start = origin_ms + (it - origin_ms) // cfg.window_ms * cfg.window_ms
-    in_touched = _keys(iu, start).isin(touched)
-    fresh = compute_stats(
-        iu[in_touched],
-        it[in_touched],
-        cols["ad_impressions.dwell_ms"][in_touched],
-        cols["conversions.user_id"],
-        cols["conversions.ts"],
-        cfg,
-        origin_ms,
-    )
-
     old = _stats_of(_read_table(fs, paths["old_stats"]))
-    stay = ~_keys(old["user_id"], old["window_start_ms"]).isin(touched)
-    stats = _concat(_take(old, np.flatnonzero(stay)), fresh)
+    f = fold(ev, new, old, cfg, origin_ms)
+    touched, fresh, stats = f.touched, f.fresh, f.stats
     write_table(fs, paths["new_stats"], pa.table(stats))
 
     old_seg = _read_table(fs, paths["old_segments"])
@@ -245,7 +283,7 @@ def _refresh_task(
     return {
         "delta": {k: after[k] - before[k] for k in _COUNTS},
         "groups": len(touched),
-        "events_read": int(in_touched.sum() + len(cols["conversions.ts"])),
+        "events_read": f.events_read,
     }
 
 
