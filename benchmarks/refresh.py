@@ -93,9 +93,14 @@ def _link_tree(src: Path, dst: Path) -> None:
 
 
 def compare(a: str, b: str) -> dict[str, int]:
+    """Rows that differ between two published segment tables."""
+    return compare_tables(read_segments(a), read_segments(b))
+
+
+def compare_tables(x: pa.Table, y: pa.Table) -> dict[str, int]:
     """Rows that differ between two segment tables (floats beyond 1e-9)."""
     key = [("user_id", "ascending"), ("window_start", "ascending")]
-    x, y = read_segments(a).sort_by(key), read_segments(b).sort_by(key)
+    x, y = x.sort_by(key), y.sort_by(key)
     if x.num_rows != y.num_rows:
         return {"rows": abs(x.num_rows - y.num_rows)}
     bad = {}

@@ -50,6 +50,8 @@ __all__ = [
     "url_of",
     "user_bucket",
     "write_bucketing",
+    "parquet_files",
+    "put_atomically",
     "write_json",
     "write_json_atomically",
     "write_parquet",
@@ -165,7 +167,9 @@ def group_by_bucket(paths: Iterable[str]) -> dict[int, list[str]]:
     return out
 
 
-def _parquet_files(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
+def parquet_files(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
+    """The data files below ``folder``, sorted (names starting with ``_`` or
+    ``.`` are not data)."""
     if not fs.exists(folder):
         return []
     found = fs.find(folder)
@@ -193,7 +197,7 @@ def discover(url: str, sources: Iterable[str], required: Iterable[str] = ()) -> 
     files: dict[str, list[str]] = {}
     rows: dict[str, int] = {}
     for name in sources:
-        paths = _parquet_files(fs, f"{root}/{name}")
+        paths = parquet_files(fs, f"{root}/{name}")
         if not paths:
             if name in required:
                 raise FileNotFoundError(
@@ -253,7 +257,7 @@ def write_json_atomically(fs: fsspec.AbstractFileSystem, path: str, obj: Any) ->
     """:func:`write_json` in one step: a reader sees the old file or the new
     one, never a part (a rename on local disks, one put on object stores)."""
     data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
-    _put_atomically(fs, path, data)
+    put_atomically(fs, path, data)
 
 
 def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
@@ -493,7 +497,7 @@ def check_complete(
     return folder
 
 
-def _put_atomically(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+def put_atomically(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """One object at ``path``, all or nothing: a rename on local disks, a single
     put on object stores (where a put is atomic)."""
     if _is_local(fs):
@@ -602,7 +606,7 @@ class publish:  # noqa: N801 - used as a context manager, reads like a function
                     **_describe(self.fs, self.path(part)),
                 }
                 data = json.dumps(pointer, sort_keys=True).encode()
-                _put_atomically(self.fs, f"{self.out}/{part}/{POINTER}", data)
+                put_atomically(self.fs, f"{self.out}/{part}/{POINTER}", data)
             except BaseException:
                 self._discard(self.parts[i:])  # the parts not published
                 raise

@@ -72,6 +72,8 @@ from dynamix_ray.segments.stats import (
 )
 
 __all__ = [
+    "read_table_or_none",
+    "stats_of",
     "REFRESH_PARAMS",
     "Fold",
     "bucket_counts",
@@ -132,14 +134,16 @@ def _keys(user: np.ndarray, start_ms: np.ndarray) -> pd.MultiIndex:
     return pd.MultiIndex.from_arrays([user.astype(np.int64), start_ms.astype(np.int64)])
 
 
-def _read_table(fs: Any, path: str) -> pa.Table | None:
+def read_table_or_none(fs: Any, path: str) -> pa.Table | None:
+    """The Parquet table at ``path``, or ``None`` when there is none."""
     if not fs.exists(path):
         return None
     with fs.open(path, "rb") as fh:
         return pq.read_table(fh)
 
 
-def _stats_of(table: pa.Table | None) -> Stats:
+def stats_of(table: pa.Table | None) -> Stats:
+    """A ``stats`` table's columns (none: no group)."""
     if table is None:
         return empty_stats()
     return {c: table.column(c).to_numpy() for c in STAT_COLUMNS}
@@ -265,12 +269,12 @@ def _refresh_task(
     ev = store.read_bucket(
         b, dict(STAT_SOURCES), parts=[*done, *pending], ordered=False
     )
-    old = _stats_of(_read_table(fs, paths["old_stats"]))
+    old = stats_of(read_table_or_none(fs, paths["old_stats"]))
     f = fold(ev, new, old, cfg, origin_ms)
     touched, fresh, stats = f.touched, f.fresh, f.stats
     write_table(fs, paths["new_stats"], pa.table(stats))
 
-    old_seg = _read_table(fs, paths["old_segments"])
+    old_seg = read_table_or_none(fs, paths["old_segments"])
     fresh_seg = segment_table(fresh, cfg, epsilon)
     if old_seg is not None:
         old_seg = old_seg.cast(SEGMENT_SCHEMA)
