@@ -8,10 +8,10 @@ in-memory statistics, segment changes published within seconds
   returns the (user, window) rows whose segment row changed. A batch id it
   has applied is skipped, so a batch sent twice counts once.
 * :class:`SegmentUpdater`: a Ray actor around one state, for one range of
-  buckets. Its checkpoint is the list of batches it has applied (their ids
-  and files), put after each one: the state is the published table plus
-  those batches, so a restarted updater (``max_restarts``) rebuilds it by
-  replaying them, and the driver sends again the batch it had not
+  buckets. Its checkpoint is the table version it started from and the list
+  of batches it has applied (their ids and files), put after each one: the
+  state is that version plus those batches, so a restarted updater
+  (``max_restarts``) rebuilds it by replaying them, and the driver sends again the batch it had not
   acknowledged. The updater holds its buckets' events in memory: memory per
   updater is its share of the store's rows of the two sources, ~20 bytes
   an event.
@@ -132,14 +132,20 @@ class StreamState:
     stats: dict[int, Stats] = field(default_factory=dict)
     applied: list[str] = field(default_factory=list)
 
+    table_version: str = ""
+
     @classmethod
     def from_table(
-        cls, out_url: str, buckets: Iterable[int], store: EventStore | None = None
+        cls,
+        out_url: str,
+        buckets: Iterable[int],
+        store: EventStore | None = None,
+        version: str | None = None,
     ) -> StreamState:
-        """The state of the published table at ``out_url`` for ``buckets``:
-        their events from the table's store, their statistics from its
-        ``stats``."""
-        meta = read_segments_meta(out_url)
+        """The state of the published table at ``out_url`` (or of its
+        ``version``) for ``buckets``: their events from the table's store
+        parts, their statistics from its ``stats``."""
+        meta = read_segments_meta(out_url, version)
         store = store or open_store(meta["store"])
         if store is None:
             raise FileNotFoundError(f"{meta['store']}: the table's event store is gone")
@@ -165,6 +171,7 @@ class StreamState:
             cfg,
             int(meta["params"]["window_origin_ms"]),
             float(meta["epsilon"]),
+            table_version=str(meta["table_version"]),
         )
         parts = [int(p) for p in meta.get("store_parts", [0])]
         for b in state.buckets:
@@ -238,13 +245,18 @@ class SegmentUpdater:
 
     def __init__(self, out_url: str, buckets: list[int], checkpoint: str):
         self.checkpoint = checkpoint
-        self.state = StreamState.from_table(out_url, buckets)
         fs, path = resolve(checkpoint)
         self.log: list[list[Any]] = []
-        if fs.exists(path):  # a restart: replay what was applied
-            for batch_id, files in read_json(fs, path)["batches"]:
+        if fs.exists(path):  # a restart: the same table version, then replay
+            saved = read_json(fs, path)
+            self.state = StreamState.from_table(
+                out_url, buckets, version=saved["table_version"]
+            )
+            for batch_id, files in saved["batches"]:
                 self.state.apply(batch_id, read_batch(files))
                 self.log.append([batch_id, files])
+        else:
+            self.state = StreamState.from_table(out_url, buckets)
 
     def process(self, batch_id: str, files: dict[str, list[str]]) -> dict[str, Any]:
         """Apply one batch and put the checkpoint; the changed rows (``None``:
@@ -255,7 +267,11 @@ class SegmentUpdater:
         if changes is not None:
             self.log.append([batch_id, files])
             fs, path = resolve(self.checkpoint)
-            write_json_atomically(fs, path, {"batches": self.log})
+            write_json_atomically(
+                fs,
+                path,
+                {"table_version": self.state.table_version, "batches": self.log},
+            )
         return {
             "changes": changes,
             "events": sum(t.num_rows for t in batch.values()),
