@@ -257,6 +257,7 @@ def write_json_atomically(fs: fsspec.AbstractFileSystem, path: str, obj: Any) ->
     """:func:`write_json` in one step: a reader sees the old file or the new
     one, never a part (a rename on local disks, one put on object stores)."""
     data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
     put_atomically(fs, path, data)
 
 
