@@ -44,21 +44,25 @@ from dynamix_ray.segments.stream import run_stream, start_updaters  # noqa: E402
 _DAY = 86_400_000
 
 
-def split_last_day(plain: str, root: Path, files: int) -> tuple[Path, list[dict]]:
-    """``root/old`` (all but the last day, both sources the statistic reads)
-    and the last day's rows cut into ``files`` time slices (in memory)."""
+def split_last_day(
+    plain: str, root: Path, files: int, gen: GenerateConfig
+) -> tuple[Path, list[dict]]:
+    """``root/old`` (all but the generated span's last day, both sources the
+    statistic reads; rows with planted bad times stay there) and the last
+    day's rows cut into ``files`` time slices (in memory)."""
     if root.exists():
         shutil.rmtree(root)
+    start = int(np.datetime64(gen.start, "ms").astype(np.int64))
+    cut, end = start + (gen.days - 1) * _DAY, start + gen.days * _DAY
     slices: list[dict[str, pa.Table]] = [{} for _ in range(files)]
     for src in ("ad_impressions", "conversions"):
         t = pq.read_table(f"{plain}/{src}")
         ts = t.column("ts").to_numpy()
-        end = (int(np.nanmax(ts)) // _DAY + 1) * _DAY
-        cut = end - _DAY
-        old = t.filter(pa.array(~(ts >= cut)))
+        last = (ts >= cut) & (ts < end)
+        old = t.filter(pa.array(~last))
         (root / "old" / src).mkdir(parents=True)
         pq.write_table(old, root / "old" / src / "part-0.parquet")
-        k = np.clip((ts - cut) * files // _DAY, -1, files - 1)
+        k = np.where(last, (ts - cut) * files // _DAY, -1)
         for i in range(files):
             slices[i][src] = t.filter(pa.array(k == i))
     return root / "old", slices
@@ -81,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     gen = GenerateConfig(users=args.users, days=args.days, seed=args.seed)
     plain, _ = cached_dataset(out / f"data_u{args.users}_d{args.days}", gen)
-    old, slices = split_last_day(plain, out / "work", args.files)
+    old, slices = split_last_day(plain, out / "work", args.files, gen)
     events = out / "work" / "events"
     shutil.copytree(old, events)
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
