@@ -3,7 +3,9 @@ and sorted (``dynamix bucket``; docs/data-path.md, "Bucket once").
 
 Every stage that needs whole users (segment, samples, histories, embed,
 retrieval evaluation) reads one bucket of the store per task, and nothing else.
-The store is itself a valid docs/contract.md §1 dataset, so any reader can read it::
+Its base part is itself a valid docs/contract.md §1 dataset, so any reader
+can read it (delta parts, under ``_deltas/``, only
+:meth:`EventStore.read_bucket` merges)::
 
     ROOT/_bucketing.json          num_buckets, hash "splitmix64", layout "compact-v1",
                                   rows and ts range per source, input fingerprint,
@@ -48,6 +50,7 @@ import hashlib
 import logging
 import math
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -185,6 +188,54 @@ class EventStore:
     def parts(self) -> tuple[int, ...]:
         """The store's parts: 0 (the base) and each delta, in the order added."""
         return (0, *(int(d["part"]) for d in self.meta.get("deltas", ())))
+
+    @property
+    def part_ids(self) -> tuple[str, ...]:
+        """Each part's unique id (what a table records in ``store_parts``): a
+        rebuilt store's parts never have an earlier store's ids."""
+        base = self.meta.get("store_id") or f"legacy-{self.meta['input_fingerprint']}"
+        return (str(base), *(str(d["id"]) for d in self.meta.get("deltas", ())))
+
+    def parts_named(self, ids: Iterable[str]) -> list[int]:
+        """The part numbers of ``ids``.
+
+        Raises:
+            ValueError: an id is not one of this store's: the store was
+                rebuilt since (a table made from the old one cannot be
+                refreshed from it).
+        """
+        number = dict(zip(self.part_ids, self.parts, strict=True))
+        ids = list(ids)
+        unknown = [i for i in ids if i not in number]
+        if unknown:
+            raise ValueError(
+                f"{self.url}: the event store was rebuilt since the table was "
+                f"made (it holds parts {list(self.part_ids)}, the table "
+                f"{ids}); run `dynamix segment` without --incremental"
+            )
+        return [number[i] for i in ids]
+
+    def part_files(self, ids: Iterable[str]) -> set[str]:
+        """The input files the parts ``ids`` hold (paths as the manifest
+        records them)."""
+        deltas = {str(d["id"]): d for d in self.meta.get("deltas", ())}
+        in_deltas = {
+            f
+            for d in deltas.values()
+            for fs_ in d.get("manifest", {}).values()
+            for f in fs_
+        }
+        out: set[str] = set()
+        for i in ids:
+            if i in deltas:
+                out |= {
+                    f for fs_ in deltas[i].get("manifest", {}).values() for f in fs_
+                }
+            else:  # the base: every file no delta brought
+                out |= {
+                    f for fs_ in self.meta.get("manifest", {}).values() for f in fs_
+                } - in_deltas
+        return out
 
     def _part_meta(self, part: int) -> dict[str, Any]:
         if part == 0:
@@ -697,6 +748,7 @@ def run_bucket(
             "manifest": manifest
             if files is None
             else _subset_manifest(manifest, files),
+            "store_id": uuid.uuid4().hex[:16],
             "sources": sources,
             "columns": {s: c for s, c in present.items() if s in sources},
             "nonempty": {s: sorted(b) for s, b in nonempty.items()},
@@ -712,6 +764,8 @@ def run_bucket(
         # placed last by atomic_output: a reader sees a store only once every
         # bucket is committed
         write_json(out_fs, f"{tmp_path}/{BUCKETING_FILE}", meta)
+    if files is None and out_fs.exists(f"{out_root}/_deltas"):
+        out_fs.rm(f"{out_root}/_deltas", recursive=True)  # an earlier store's
     return EventStore(absolute_url(out_url), nb, meta)
 
 
@@ -781,7 +835,9 @@ def _merged_meta(meta: dict[str, Any], delta: dict[str, Any], part: int) -> dict
         manifest.setdefault(s, {}).update(f)
     entry = {
         "part": part,
+        "id": delta["store_id"],
         "folder": delta_folder(part),
+        "manifest": delta["manifest"],
         "rows": {s: m["rows"] for s, m in delta["sources"].items()},
         "nonempty": delta["nonempty"],
         "files": sum(len(f) for f in delta["manifest"].values()),
@@ -801,12 +857,15 @@ def append_delta(
     store: EventStore,
     events_url: str,
     files: dict[str, list[str]],
+    input_fingerprint: str,
     *,
     progress: bool = True,
     piece_rows: int = PIECE_ROWS,
 ) -> EventStore:
     """Bucket ``files`` (new files of ``events_url``: :func:`new_input_files`)
-    into a new delta part of ``store`` and list it in ``_bucketing.json``.
+    into a new delta part of ``store`` and list it in ``_bucketing.json``,
+    whose ``input_fingerprint`` becomes ``input_fingerprint`` (that of the
+    listing ``files`` came from: a file that lands meanwhile is not in it).
 
     The part is written (committed whole by :func:`run_bucket`) before
     ``_bucketing.json`` is replaced in one step, so a reader, or a refresh that
@@ -818,6 +877,9 @@ def append_delta(
     """
     fs, root = resolve(store.url)
     part = max(store.parts) + 1
+    folder = f"{root}/{delta_folder(part)}"
+    if fs.exists(folder):  # a dead attempt's, or an earlier store's
+        fs.rm(folder, recursive=True)
     delta = run_bucket(
         events_url,
         url_of(fs, f"{root}/{delta_folder(part)}"),
@@ -833,8 +895,6 @@ def append_delta(
             f"buckets, the store into {store.num_buckets}"
         )
     meta = _merged_meta(store.meta, delta.meta, part)
-    meta["input_fingerprint"] = fingerprint(
-        discover(events_url, list(SOURCES), required=["ad_impressions"])
-    )
+    meta["input_fingerprint"] = input_fingerprint
     write_json_atomically(fs, f"{root}/{BUCKETING_FILE}", meta)
     return EventStore(store.url, store.num_buckets, meta)

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from test_segment_pipeline import assert_tables_equal
 
 from dynamix_ray.config import SegmentConfig
-from dynamix_ray.events import open_store
+from dynamix_ray.events import open_store, run_bucket
 from dynamix_ray.io import resolve, version_folder
 from dynamix_ray.segments.pipeline import (
     read_segments,
@@ -165,6 +165,11 @@ def test_touched_groups_are_those_a_new_event_can_change():
     start = (t // CFG.window_ms) * CFG.window_ms
     hit = {(int(a), int(s)) for a, s in zip(u[flipped], start[flipped], strict=True)}
     assert flipped.any() and hit <= set(keys.tolist())
+    # a new impression touches its own window only
+    none = np.zeros(0, np.int64)
+    one = touched_groups(u[:5], t[:5], none, none, CFG, 0)
+    want = {(int(a), int(s)) for a, s in zip(u[:5], start[:5], strict=True)}
+    assert set(one.tolist()) == want
 
 
 def _split_world(root: str) -> tuple[dict, dict]:
@@ -186,13 +191,12 @@ def test_nothing_new_keeps_the_published_version(tmp_path):
     base = f"memory://refresh-{uuid.uuid4().hex[:8]}"
     imps, convs = _split_world(base)
     _write(f"{base}/events", "a", imps, convs)
-    first = run_refresh(f"{base}/events", f"{base}/out", CFG, progress=False)
+    run_refresh(f"{base}/events", f"{base}/out", CFG, progress=False)  # a full run
+    before = read_segments_meta(f"{base}/out")["table_version"]
     again = run_refresh(f"{base}/events", f"{base}/out", CFG, progress=False)
     assert again.meta["refresh"]["up_to_date"]
     assert "up to date" in again.summary()
-    assert read_segments_meta(f"{base}/out")["table_version"] == first.meta.get(
-        "table_version", read_segments_meta(f"{base}/out")["table_version"]
-    )
+    assert read_segments_meta(f"{base}/out")["table_version"] == before
 
 
 def test_a_calibrated_table_keeps_its_epsilon_and_says_so():
@@ -237,6 +241,12 @@ def test_a_changed_file_or_other_settings_are_refused():
     store = open_store(f"{base}/out/events")
     with pytest.raises(ValueError, match="is an event store"):
         run_refresh(store.url, f"{base}/out", CFG, progress=False)
+    # a store rebuilt since the table was made: its parts are not the table's
+    _write(f"{base}/events", "a", imps, convs)  # the file as it was
+    run_bucket(f"{base}/events", f"{base}/out/events", 3, progress=False)
+    _write(f"{base}/events", "b", pick, {c: v[:10] for c, v in convs.items()})
+    with pytest.raises(ValueError, match="rebuilt"):
+        run_refresh(f"{base}/events", f"{base}/out", CFG, progress=False)
 
 
 class CrashingFS(MemoryFileSystem):
@@ -291,7 +301,7 @@ def test_a_refresh_that_dies_anywhere_is_finished_by_the_next():
             CrashingFS.crash_at = None
             now = read_segments_meta(f"{base}/out")
             # the old table, or the whole new one (the pointer went up first)
-            assert now["table_version"] == before or now["store_parts"] == [0, 1]
+            assert now["table_version"] == before or len(now["store_parts"]) == 2
             read_segments(f"{base}/out")  # complete, as its pointer says
             run_refresh(f"{base}/events", f"{base}/out", CFG, progress=False)
             assert_same_as_full(f"{base}/events", f"{base}/out", f"{base}/full")
@@ -334,6 +344,13 @@ def test_refresh_on_ray_and_disk_equals_a_full_run(ray_session, tmp_path):
     assert meta["refresh"]["parts_folded"] == [1]
     assert open_store(f"{out}/events").parts == (0, 1)
     assert_same_as_full(events, out, str(tmp_path / "full"))
+    # one user's late events: the other buckets' files are copied on disk
+    one = imps["user_id"] == imps["user_id"][0]
+    _write(events, "one", pick(imps, one), pick(convs, convs["ts"] < 0))
+    assert dynamix([*args, "--incremental"]) == 0
+    r = read_segments_meta(out)["refresh"]
+    assert r["touched_buckets"] == 1 and r["parts_folded"] == [2]
+    assert_same_as_full(events, out, str(tmp_path / "full2"))
 
 
 def test_a_store_with_a_delta_reads_like_one_built_at_once():
@@ -341,7 +358,7 @@ def test_a_store_with_a_delta_reads_like_one_built_at_once():
     answers what a store bucketed from all the files at once answers, in
     (user, ts) order, for any column subset."""
     from dynamix_ray.events import append_delta, new_input_files, run_bucket
-    from dynamix_ray.io import discover
+    from dynamix_ray.io import discover, fingerprint
     from dynamix_ray.schema import SOURCES
 
     base = f"memory://delta-{uuid.uuid4().hex[:8]}"
@@ -355,7 +372,7 @@ def test_a_store_with_a_delta_reads_like_one_built_at_once():
     ds = discover(f"{base}/events", list(SOURCES))
     new = new_input_files(store, ds)
     assert [p.rsplit("/", 1)[-1] for p in new["ad_impressions"]] == ["b.parquet"]
-    store = append_delta(store, f"{base}/events", new, progress=False)
+    store = append_delta(store, f"{base}/events", new, fingerprint(ds), progress=False)
     whole = run_bucket(f"{base}/events", f"{base}/whole", 3, progress=False)
     assert store.rows("ad_impressions") == whole.rows("ad_impressions")
     assert store.meta["input_fingerprint"] == whole.meta["input_fingerprint"]

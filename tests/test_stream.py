@@ -11,6 +11,7 @@ import uuid
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from hypothesis import HealthCheck, given, settings
 from test_refresh import CFG, T0, _batches, _split_world, _world, _write
 from test_segment_pipeline import assert_tables_equal
@@ -89,6 +90,16 @@ def test_a_killed_updater_replays_and_the_stream_equals_a_full_run(
     assert_tables_equal(got, read_segments(str(tmp_path / "full")))
     changes = sorted((tmp_path / "out" / "segment_changes").iterdir())
     assert [p.name for p in changes] == ["000000000.parquet", "000000001.parquet"]
+    # the last published change of each row is the row as the full run has it
+    log = pa.concat_tables([pq.read_table(p) for p in changes]).to_pandas()
+    last = log.drop_duplicates(["user_id", "window_end_ms"], keep="last")
+    table = read_segments(str(tmp_path / "full"))
+    full = table.to_pandas()
+    full["window_end_ms"] = table.column("window_end").cast(pa.int64()).to_numpy()
+    both = last.merge(full, on=["user_id", "window_end_ms"], suffixes=("", "_full"))
+    assert len(both) == len(last) > 0
+    assert (both["segment"] == both["segment_full"]).all()
+    np.testing.assert_allclose(both["corr"], both["corr_full"], atol=1e-9)
     # nothing new: the driver's state says both files were sent
     again = run_stream(events, out, updaters, idle_stop_s=0.3)
     assert again.batches == 0

@@ -409,7 +409,7 @@ def run_segment(
             "store": store.url,
             "store_fingerprint": store.fingerprint,
             # the store's parts this table holds: a refresh folds in the others
-            "store_parts": list(store.parts),
+            "store_parts": list(store.part_ids),
             "mode": store.meta["mode"],
             "num_buckets": store.num_buckets,
             "params": {

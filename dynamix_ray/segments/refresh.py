@@ -25,6 +25,7 @@ next one: the parts the table does not hold yet are what it folds in.
 from __future__ import annotations
 
 import logging
+import posixpath
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,7 @@ from dynamix_ray.events import (
 )
 from dynamix_ray.io import (
     discover,
+    fingerprint,
     is_process_local,
     publish,
     resolve,
@@ -263,6 +265,7 @@ def _refresh_task(
     if len(imp_u) == 0 and len(conv_u) == 0:
         for src, dst in (("old_stats", "new_stats"), ("old_segments", "new_segments")):
             if fs.exists(paths[src]):
+                fs.makedirs(posixpath.dirname(paths[dst]), exist_ok=True)
                 fs.copy(paths[src], paths[dst])
         return {"delta": dict.fromkeys(_COUNTS, 0), "groups": 0, "events_read": 0}
 
@@ -355,15 +358,23 @@ def run_refresh(
     new_files = new_input_files(store, ds)
     phases: dict[str, float] = {}
     t_phase = time.perf_counter()
+    held = list(prev.get("store_parts") or store.part_ids[:1])
+    done = store.parts_named(held)  # ValueError when the store was rebuilt
     if new_files:
-        store = append_delta(store, events_url, new_files, progress=progress)
+        store = append_delta(
+            store, events_url, new_files, fingerprint(ds), progress=progress
+        )
     phases["store"] = time.perf_counter() - t_phase
-    done = [int(p) for p in prev.get("store_parts", [0])]
-    pending = [p for p in store.parts if p not in done]
+    pending = [
+        p for i, p in zip(store.part_ids, store.parts, strict=True) if i not in held
+    ]
     refresh: dict[str, Any] = {
         "from_version": prev["table_version"],
         "new_files": sum(len(f) for f in new_files.values()),
         "parts_folded": pending,
+        "part_ids_folded": [
+            i for i, p in zip(store.part_ids, store.parts, strict=True) if p in pending
+        ],
     }
     if not pending:
         say("segment: %s is up to date with %s", out_url, events_url)
@@ -436,7 +447,7 @@ def run_refresh(
             **{k: v for k, v in prev.items() if k != "table_version"},
             "input_fingerprint": store.meta["input_fingerprint"],
             "store_fingerprint": store.fingerprint,
-            "store_parts": list(store.parts),
+            "store_parts": list(store.part_ids),
             "epsilon_source": source,
             "counts": counts,
             "phase_s": phases,

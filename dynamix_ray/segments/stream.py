@@ -5,7 +5,7 @@ in-memory statistics, segment changes published within seconds
 * :class:`StreamState` (plain): the events and partial statistics of a range
   of user buckets, held in memory. :meth:`StreamState.apply` folds one
   micro-batch into them with the refresh's own rule (``refresh.fold``) and
-  returns the (user, window) rows whose segment row changed. A batch id it
+  returns the (user, window) rows it recomputed, as they now are. A batch id it
   has applied is skipped, so a batch sent twice counts once.
 * :class:`SegmentUpdater`: a Ray actor around one state, for one range of
   buckets. Its checkpoint is the table version it started from and the list
@@ -17,7 +17,7 @@ in-memory statistics, segment changes published within seconds
   an event.
 * :func:`run_stream`: the driver. It watches a docs/contract.md §1 dataset
   root for event files that the table's store does not hold, sends each
-  new file (a micro-batch) to every updater, and publishes the changed rows
+  new file (a micro-batch) to every updater, and publishes the recomputed rows
   as ``OUT/segment_changes/<seq>.parquet``, one put per batch. The segment
   table itself stays the batch job's: ``dynamix segment --incremental``
   folds the same files into a new version.
@@ -173,7 +173,7 @@ class StreamState:
             float(meta["epsilon"]),
             table_version=str(meta["table_version"]),
         )
-        parts = [int(p) for p in meta.get("store_parts", [0])]
+        parts = store.parts_named(meta.get("store_parts") or store.part_ids[:1])
         for b in state.buckets:
             got = store.read_bucket(b, dict(STAT_SOURCES), parts=parts, ordered=False)
             state.events[b] = {**_empty_events(), **got}
@@ -186,7 +186,7 @@ class StreamState:
         return state
 
     def apply(self, batch_id: str, batch: dict[str, pa.Table]) -> pa.Table | None:
-        """Fold one micro-batch; the changed rows (:data:`CHANGE_SCHEMA`), or
+        """Fold one micro-batch; the recomputed rows (:data:`CHANGE_SCHEMA`, as they now are), or
         ``None`` when ``batch_id`` was applied already."""
         if batch_id in self.applied:
             return None
@@ -247,24 +247,31 @@ class SegmentUpdater:
         self.checkpoint = checkpoint
         fs, path = resolve(checkpoint)
         self.log: list[list[Any]] = []
+        # the last batch's changes: when this updater died after its
+        # checkpoint and before its answer, the driver's resend gets them
+        self.last: tuple[str, pa.Table | None] = ("", None)
         if fs.exists(path):  # a restart: the same table version, then replay
             saved = read_json(fs, path)
             self.state = StreamState.from_table(
                 out_url, buckets, version=saved["table_version"]
             )
             for batch_id, files in saved["batches"]:
-                self.state.apply(batch_id, read_batch(files))
+                self.last = (batch_id, self.state.apply(batch_id, read_batch(files)))
                 self.log.append([batch_id, files])
         else:
             self.state = StreamState.from_table(out_url, buckets)
 
     def process(self, batch_id: str, files: dict[str, list[str]]) -> dict[str, Any]:
-        """Apply one batch and put the checkpoint; the changed rows (``None``:
-        applied before) and the seconds it took."""
+        """Apply one batch and put the checkpoint; the recomputed rows
+        (``None``: applied before, unless it was the last batch, whose rows
+        are kept for a resend) and the seconds it took."""
         t0 = time.perf_counter()
         batch = read_batch(files)
         changes = self.state.apply(batch_id, batch)
-        if changes is not None:
+        if changes is None and self.last[0] == batch_id:
+            changes = self.last[1]
+        elif changes is not None:
+            self.last = (batch_id, changes)
             self.log.append([batch_id, files])
             fs, path = resolve(self.checkpoint)
             write_json_atomically(
@@ -335,11 +342,14 @@ def send(
 
 
 def _new_files(events_url: str, known: set[str]) -> dict[str, list[str]]:
+    """The files under ``events_url`` not in ``known`` (paths as the store's
+    manifest records them, without a protocol), as URLs, per source."""
     fs, root = resolve(events_url)
     out = {}
     for src in STAT_SOURCES:
-        files = [url_of(fs, p) for p in parquet_files(fs, f"{root}/{src}")]
-        new = [f for f in files if f not in known]
+        new = [
+            url_of(fs, p) for p in parquet_files(fs, f"{root}/{src}") if p not in known
+        ]
         if new:
             out[src] = new
     return out
@@ -403,7 +413,9 @@ def run_stream(
     store = open_store(meta["store"])
     if store is None:
         raise FileNotFoundError(f"{meta['store']}: the table's event store is gone")
-    known = {f for files in store.meta.get("manifest", {}).values() for f in files}
+    # the files the table's own parts hold (a dead refresh's delta is not:
+    # the stream folds its files as new ones)
+    known = store.part_files(meta.get("store_parts") or store.part_ids[:1])
     fs, root = resolve(out_url)
     driver = f"{root}/stream/driver.json"
     state: dict[str, Any] = (
@@ -429,7 +441,7 @@ def run_stream(
             state["seq"] = int(state["seq"]) + 1
         now_ms = time.time() * 1000
         run.lag_ms.append(now_ms - seen_ms)
-        new = [f for fs_ in files.values() for f in fs_]
+        new = [resolve(f)[1] for fs_ in files.values() for f in fs_]
         known |= set(new)
         state["files"] = [*state["files"], *new]
         write_json_atomically(fs, driver, state)

@@ -10,7 +10,9 @@ questions 1 and 2; docs/segments.md, "Tiers and hysteresis").
   it ``< theta - band``. A window without a value (null: too few near or far
   impressions) is no evidence, so the tier stays; a user starts in tier 0.
   With ``band = 0`` and values in every window this is the plain cut, except
-  that a null window keeps the last tier instead of falling to 0.
+  at a value equal to a threshold, where the tier stays (the cut puts it
+  below), and except that a null window keeps the last tier instead of
+  falling to 0.
 * **Statistics.** ``corr`` (Eq. 8, the mean difference), ``w_mle`` (Eq. 7,
   the equal-variance log-odds weight), and two with a variance per label:
   ``welch`` (Welch's t: the mean difference over
