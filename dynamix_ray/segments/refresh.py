@@ -76,6 +76,7 @@ from dynamix_ray.segments.stats import (
 __all__ = [
     "read_table_or_none",
     "stats_of",
+    "table_config",
     "REFRESH_PARAMS",
     "Fold",
     "bucket_counts",
@@ -98,6 +99,13 @@ REFRESH_PARAMS = (
 )
 
 _COUNTS = ("rows", "eligible", "impressions", "filtered", "users", "active_rows")
+
+
+def table_config(meta: dict[str, Any]) -> SegmentConfig:
+    """The statistic's settings of a published table (its ``_meta.json``),
+    with the table's epsilon."""
+    params = {k: meta["params"][k] for k in REFRESH_PARAMS}
+    return SegmentConfig(**params, epsilon=float(meta["epsilon"]))
 
 
 def touched_groups(

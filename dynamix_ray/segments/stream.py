@@ -59,7 +59,7 @@ from dynamix_ray.segments.pipeline import (
     read_segments_meta,
     segment_table,
 )
-from dynamix_ray.segments.refresh import fold, stats_of
+from dynamix_ray.segments.refresh import fold, stats_of, table_config
 from dynamix_ray.segments.stats import Stats
 
 __all__ = ["CHANGE_SCHEMA", "SegmentUpdater", "StreamState", "read_batch", "run_stream"]
@@ -151,20 +151,7 @@ class StreamState:
             raise FileNotFoundError(f"{meta['store']}: the table's event store is gone")
         fs, root = resolve(out_url)
         folder = version_folder(fs, root, "stats", meta["table_version"])
-        cfg = SegmentConfig(
-            **{
-                k: meta["params"][k]
-                for k in (
-                    "window_s",
-                    "buffer_s",
-                    "horizon_s",
-                    "min_dwell_ms",
-                    "max_dwell_ms",
-                    "min_events",
-                )
-            },
-            epsilon=float(meta["epsilon"]),
-        )
+        cfg = table_config(meta)
         state = cls(
             sorted(buckets),
             store.num_buckets,
