@@ -66,6 +66,8 @@ __all__ = [
     "SEGMENT_SCHEMA",
     "STAT_SOURCES",
     "SegmentResult",
+    "abs_corr",
+    "bucket_counts",
     "bucket_path",
     "read_segment_bucket",
     "read_segments",
@@ -183,11 +185,27 @@ def stat_column(
     return t.column(col).to_numpy().astype(dtype, copy=False)
 
 
-def _abs_corr(stats: Columns, min_events: int) -> np.ndarray:
+def abs_corr(stats: Columns, min_events: int) -> np.ndarray:
     """``|corr|`` of the eligible rows, the same float operation as
     ``finalize``'s corr, so that segments can be counted from it exactly."""
     ok = (stats["n_near"] >= min_events) & (stats["n_far"] >= min_events)
     return np.abs(stats["mean_near"][ok] - stats["mean_far"][ok])
+
+
+def bucket_counts(stats: Columns, min_events: int) -> dict[str, int]:
+    """One bucket's share of the table's counts (``_meta.json`` ``counts``):
+    rows with a kept impression, eligible rows, impressions, filtered ones
+    and users (users never span buckets: the sum over buckets is exact)."""
+    kept = (stats["n_near"] + stats["n_far"]) > 0
+    return {
+        "rows": int(kept.sum()),
+        "eligible": len(abs_corr(stats, min_events)),
+        "impressions": int(
+            (stats["n_near"] + stats["n_far"] + stats["n_filtered"]).sum()
+        ),
+        "filtered": int(stats["n_filtered"].sum()),
+        "users": len(np.unique(stats["user_id"][kept])),
+    }
 
 
 def _stats_task(
@@ -211,19 +229,9 @@ def _stats_task(
     )
     fs, folder = resolve(tables["stats"])
     write_table(fs, bucket_path(folder, b), pa.table(stats))
-    n_near, n_far = stats["n_near"], stats["n_far"]
-    kept = (n_near + n_far) > 0
-    abs_corr = _abs_corr(stats, cfg.min_events)
-    return {
-        # the calibration's first question, answered in this same pass
-        "first_answer": select.answer(abs_corr, select.first_question()),
-        "rows": int(kept.sum()),
-        "eligible": len(abs_corr),
-        "impressions": int((n_near + n_far + stats["n_filtered"]).sum()),
-        "filtered": int(stats["n_filtered"].sum()),
-        # users never span buckets: the sum over buckets is exact
-        "users": len(np.unique(stats["user_id"][kept])),
-    }
+    first = select.answer(abs_corr(stats, cfg.min_events), select.first_question())
+    # the calibration's first question, answered in this same pass
+    return {"first_answer": first, **bucket_counts(stats, cfg.min_events)}
 
 
 def _read_stats(tables: dict[str, str], bucket: int) -> Columns:
@@ -239,7 +247,7 @@ def _answer_task(
     """A calibration pass: one bucket's answer to ``question`` about its
     eligible rows' ``|corr|`` (see ``select.py``)."""
     return select.answer(
-        _abs_corr(_read_stats(tables, item["bucket"]), min_events), question
+        abs_corr(_read_stats(tables, item["bucket"]), min_events), question
     )
 
 

@@ -58,6 +58,8 @@ from dynamix_ray.segments.pipeline import (
     SEGMENT_SCHEMA,
     STAT_SOURCES,
     SegmentResult,
+    abs_corr,
+    bucket_counts,
     bucket_path,
     read_segments_meta,
     run_segment,
@@ -79,7 +81,7 @@ __all__ = [
     "table_config",
     "REFRESH_PARAMS",
     "Fold",
-    "bucket_counts",
+    "table_counts",
     "fold",
     "run_refresh",
     "touched_groups",
@@ -167,21 +169,12 @@ def _concat(*parts: Stats) -> Stats:
     return {c: np.concatenate([p[c] for p in parts]) for c in STAT_COLUMNS}
 
 
-def bucket_counts(stats: Stats, cfg: SegmentConfig, epsilon: float) -> dict[str, int]:
-    """One bucket's share of the table's counts (``run_segment``'s, summed
-    over buckets: users never span buckets)."""
-    n = stats["n_near"] + stats["n_far"]
-    kept = n > 0
-    ok = (stats["n_near"] >= cfg.min_events) & (stats["n_far"] >= cfg.min_events)
-    corr = np.abs(stats["mean_near"] - stats["mean_far"])
-    return {
-        "rows": int(kept.sum()),
-        "eligible": int(ok.sum()),
-        "impressions": int((n + stats["n_filtered"]).sum()),
-        "filtered": int(stats["n_filtered"].sum()),
-        "users": len(np.unique(stats["user_id"][kept])),
-        "active_rows": int((ok & (corr > epsilon)).sum()),
-    }
+def table_counts(stats: Stats, cfg: SegmentConfig, epsilon: float) -> dict[str, int]:
+    """One bucket's share of the table's counts at ``epsilon``:
+    ``pipeline.bucket_counts`` and the active rows, from the same ``|corr|``
+    finalize compares with epsilon."""
+    active = int((abs_corr(stats, cfg.min_events) > epsilon).sum())
+    return {**bucket_counts(stats, cfg.min_events), "active_rows": active}
 
 
 @dataclass(frozen=True)
@@ -294,7 +287,7 @@ def _refresh_task(
         fresh_seg = pa.concat_tables([old_seg.filter(pa.array(keep)), fresh_seg])
     write_table(fs, paths["new_segments"], fresh_seg)
 
-    before, after = bucket_counts(old, cfg, epsilon), bucket_counts(stats, cfg, epsilon)
+    before, after = table_counts(old, cfg, epsilon), table_counts(stats, cfg, epsilon)
     return {
         "delta": {k: after[k] - before[k] for k in _COUNTS},
         "groups": len(touched),

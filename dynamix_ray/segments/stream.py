@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dynamix_ray.config import SegmentConfig
-from dynamix_ray.events import EventStore, open_store
+from dynamix_ray.events import EventStore, open_store, store_schema
 from dynamix_ray.io import (
     parquet_files,
     put_atomically,
@@ -99,18 +99,8 @@ def read_batch(files: dict[str, list[str]]) -> dict[str, pa.Table]:
 
 
 def _empty_events() -> dict[str, pa.Table]:
-    return {
-        "ad_impressions": pa.table(
-            {
-                "user_id": pa.array([], pa.int64()),
-                "ts": pa.array([], pa.int64()),
-                "dwell_ms": pa.array([], pa.float64()),
-            }
-        ),
-        "conversions": pa.table(
-            {"user_id": pa.array([], pa.int64()), "ts": pa.array([], pa.int64())}
-        ),
-    }
+    """No event of the statistic's two sources, in the store's types."""
+    return {src: store_schema(src, ()).empty_table() for src in STAT_SOURCES}
 
 
 @dataclass
@@ -178,21 +168,15 @@ class StreamState:
         if batch_id in self.applied:
             return None
         changes = []
-        mine = {
-            src: t.filter(
-                pa.array(
-                    np.isin(
-                        user_bucket(t.column("user_id").to_numpy(), self.num_buckets),
-                        self.buckets,
-                    )
-                )
-            )
+        # each row's bucket, hashed once per batch
+        bucket = {
+            src: user_bucket(t.column("user_id").to_numpy(), self.num_buckets)
             for src, t in batch.items()
         }
         for b in self.buckets:
             new = {}
-            for src, t in mine.items():
-                sel = user_bucket(t.column("user_id").to_numpy(), self.num_buckets) == b
+            for src, t in batch.items():
+                sel = bucket[src] == b
                 if sel.any():
                     new[src] = t.filter(pa.array(sel))
             if not new:
