@@ -26,7 +26,12 @@ from dynamix_ray.alure.evaluate import evaluate_retrieval, retrieval_summary
 from dynamix_ray.alure.feature import run_daily_embed
 from dynamix_ray.alure.graph import U2UConfig, build_u2u, read_u2u
 from dynamix_ray.alure.retrieval import BlendSpec, RetrievalConfig
-from dynamix_ray.config import GenerateConfig, SegmentConfig, parse_duration_s
+from dynamix_ray.config import (
+    GENERATE_PRESETS,
+    GenerateConfig,
+    SegmentConfig,
+    parse_duration_s,
+)
 from dynamix_ray.demo import DemoConfig, run_demo
 from dynamix_ray.events import run_bucket
 from dynamix_ray.experiments import ARMS, ExperimentConfig, run_experiment
@@ -106,6 +111,15 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("out", help="dataset root (any fsspec URL)")
     p.add_argument(
+        "--preset",
+        choices=tuple(GENERATE_PRESETS),
+        default="demo",
+        help="a named world: 'demo' (the defaults below) or 'paper' (120 ad "
+        "impressions a user-day, 3/4 of users active: 2/3 of the traffic "
+        "planted active and ~82%% of it in eligible windows); flags override "
+        "it (default %(default)s)",
+    )
+    p.add_argument(
         "--users",
         type=int,
         default=_GEN.users,
@@ -123,14 +137,24 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--events-per-user-day",
         type=float,
-        default=_GEN.impressions_per_user_day,
-        help="mean ad impressions per user and day (default %(default)s)",
+        default=None,
+        help="mean ad impressions per user and day (default "
+        f"{_GEN.impressions_per_user_day:g}, or the preset's)",
     )
     p.add_argument(
         "--active-share",
         type=float,
-        default=_GEN.active_share,
-        help="users with the planted dwell effect (default %(default).4g)",
+        default=None,
+        help="users with the planted dwell effect (default "
+        f"{_GEN.active_share:.4g}, or the preset's)",
+    )
+    p.add_argument(
+        "--passive-history-signal",
+        type=float,
+        default=_GEN.passive_history_signal,
+        help="how much of their interest a passive user's organic impressions "
+        "and page views carry, against an active user's (1: as much, the "
+        "world before this flag; default %(default)s)",
     )
     p.add_argument(
         "--switcher-share",
@@ -256,6 +280,15 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=_SEG.active_fraction,
         help="target active share of eligible rows (default %(default)s)",
+    )
+    eps.add_argument(
+        "--active-traffic",
+        type=float,
+        default=None,
+        metavar="SHARE",
+        help="calibrate instead to this share of ad traffic (impressions) in "
+        "active rows, ineligible rows counted as passive (the paper's "
+        "0.6667 of ad-traffic users)",
     )
     p.add_argument(
         "--num-buckets",
@@ -882,12 +915,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def generate_config(args: argparse.Namespace) -> GenerateConfig:
+    preset = GENERATE_PRESETS[args.preset]
+
+    def pick(flag: float | None, name: str) -> float:
+        if flag is not None:
+            return flag
+        return float(preset.get(name, getattr(_GEN, name)))
+
     return GenerateConfig(
         users=args.users,
         days=args.days,
         seed=args.seed,
-        impressions_per_user_day=args.events_per_user_day,
-        active_share=args.active_share,
+        impressions_per_user_day=pick(
+            args.events_per_user_day, "impressions_per_user_day"
+        ),
+        active_share=pick(args.active_share, "active_share"),
+        passive_history_signal=args.passive_history_signal,
         switcher_share=args.switcher_share,
         n_countries=args.countries,
         ts_type=args.ts_type,
@@ -913,6 +956,7 @@ def segment_config(args: argparse.Namespace) -> SegmentConfig:
         min_events=args.min_events,
         epsilon=args.epsilon,
         active_fraction=args.active_fraction,
+        active_traffic=args.active_traffic,
         num_buckets=args.num_buckets,
     )
 

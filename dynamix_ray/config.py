@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 
 __all__ = [
+    "GENERATE_PRESETS",
     "GenerateConfig",
     "SegmentConfig",
     "parse_duration_s",
@@ -63,6 +64,11 @@ class SegmentConfig:
         epsilon: fixed threshold on ``|corr|``; ``None`` calibrates it.
         active_fraction: target active share of eligible (user, window) rows
             when calibrating epsilon (paper: ~66.67%).
+        active_traffic: calibrate instead to this share of ad *traffic*: the
+            ad impressions of active (user, window) rows over all valid ad
+            impressions, eligible or not (the paper's "66.67% of the
+            ad-traffic users ... at any given time"). ``None``: calibrate on
+            ``active_fraction``. ``_meta.json`` records both shares either way.
         num_buckets: hash buckets for unbucketed input (``None``: from the data
             size and the cluster's CPUs).
     """
@@ -75,6 +81,7 @@ class SegmentConfig:
     min_events: int = 2
     epsilon: float | None = None
     active_fraction: float = 0.6667
+    active_traffic: float | None = None
     num_buckets: int | None = None
 
     def __post_init__(self) -> None:
@@ -101,6 +108,12 @@ class SegmentConfig:
             raise ValueError(
                 f"active_fraction must be in (0, 1), got {self.active_fraction}"
             )
+        if self.active_traffic is not None and not 0.0 < self.active_traffic < 1.0:
+            raise ValueError(
+                f"active_traffic must be in (0, 1), got {self.active_traffic}"
+            )
+        if self.active_traffic is not None and self.epsilon is not None:
+            raise ValueError("give epsilon or active_traffic, not both")
         if self.num_buckets is not None and self.num_buckets < 1:
             raise ValueError(f"num_buckets must be >= 1, got {self.num_buckets}")
 
@@ -150,6 +163,15 @@ class GenerateConfig:
             (24: any hour, so the active share is flat over the day; fewer:
             the share moves with the clock, the diurnal mix of
             docs/segments.md).
+        passive_history_signal: how much of a user's conversion intent (the
+            interest cluster) their organic impressions and page views carry
+            while the user is planted passive, as a share of what they carry
+            while active: an active user's engagement events come from their
+            own cluster 70% of the time, a passive user's ``70% * this``,
+            the rest from any cluster. The default, 0.1, follows the paper's
+            passive users, whose engagement history "carries little" of
+            their intent; 1.0 is the world before this knob, bit for bit
+            (passive histories as predictive as active ones).
         near_sigma_scale: the spread of an active user's log dwell on near
             impressions, as a multiple of its spread on far ones (1: one
             variance, which Eq. 7 assumes; the unequal-variance ablation of
@@ -178,6 +200,7 @@ class GenerateConfig:
     campaign_days: float = 0.0
     near_sigma_scale: float = 1.0
     switch_spread_h: int = 24
+    passive_history_signal: float = 0.1
 
     def __post_init__(self) -> None:
         if not 1 <= self.switch_spread_h <= 24:
@@ -203,6 +226,24 @@ class GenerateConfig:
                 f"ad_zipf and campaign_days must be >= 0, got {self.ad_zipf}, "
                 f"{self.campaign_days}"
             )
-        for name in ("own_cluster_share", "conv_rate_match", "conv_rate_other"):
+        for name in (
+            "own_cluster_share",
+            "conv_rate_match",
+            "conv_rate_other",
+            "passive_history_signal",
+        ):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+
+
+#: Named worlds of ``dynamix generate --preset`` (explicit flags override).
+#: ``paper``: the paper's regime (docs/experiments.md, "The paper's world").
+#: 120 ad impressions a user-day put ~31 in a 6-hour window with one (the
+#: sessions are bursty), and ~82% of ad traffic in windows with 2 near and
+#: 2 far impressions (30 a day: ~47%). Switchers (1/6 of users) are active
+#: half the day, so 3/4 of users planted active puts 2/3 of them, and of the
+#: traffic, active at any hour (7/12 always + 1/12); the default 2/3 puts 7/12.
+GENERATE_PRESETS: dict[str, dict[str, float]] = {
+    "demo": {},
+    "paper": {"impressions_per_user_day": 120.0, "active_share": 0.75},
+}

@@ -12,7 +12,12 @@ What is planted (all of it written to ``OUT/_truth/``):
 * **Interest.** Each user has a latent cluster that drives which ads (hence
   categories, advertisers, semantic ids), organic content and pages they see,
   and raises the conversion rate on ads of that cluster. Organic impressions and
-  page views carry the cluster (so boosting them can help). ``campaign_id``,
+  page views carry the cluster (so boosting them can help), fully while the
+  user is planted active and ``passive_history_signal`` as much while
+  passive (the paper's passive users: their engagement history carries
+  little of their intent). Ad impressions keep the platform's targeting for
+  everyone (the candidate ads, hence the labels, follow it); a passive
+  user's dwell carries nothing already. ``campaign_id``,
   ``media_type``, ``surface`` and ``position`` of ad impressions are drawn
   independently of everything: they carry no signal.
 * **Popularity and campaigns** (off by default, ``ad_zipf``,
@@ -197,6 +202,16 @@ def _users(cfg: GenerateConfig, rng: np.random.Generator, first: int, n: int) ->
     }
 
 
+def _planted_on(users: dict, uidx: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """(M,) whether each event's user is planted active at its hour: active
+    users always, switchers inside their 12-hour block."""
+    hour = (ts // _HOUR_MS) % 24
+    kind = users["kind"][uidx]
+    return (kind == 1) | (
+        (kind == 2) & (((hour - users["switch_start_hour"][uidx]) % 24) < _SWITCH_HOURS)
+    )
+
+
 def _sessions(
     rng: np.random.Generator,
     rate: np.ndarray,
@@ -230,7 +245,8 @@ def _interest_events(
     items_per_cluster: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Organic or page events: (user index, ts_ms, cluster, item index); 70% of
-    items come from the user's own interest cluster."""
+    items come from the user's own interest cluster while the user is planted
+    active, ``70% * passive_history_signal`` while passive."""
     c = cfg.n_clusters
     uidx, ts = _sessions(
         rng,
@@ -241,8 +257,12 @@ def _interest_events(
         per_session,
     )
     n = len(uidx)
+    own: float | np.ndarray = 0.7
+    if cfg.passive_history_signal != 1.0:  # else the old world, bit for bit
+        on = _planted_on(users, uidx, ts)
+        own = np.where(on, 0.7, 0.7 * cfg.passive_history_signal)
     cluster = np.where(
-        rng.random(n) < 0.7, users["cluster"][uidx], rng.integers(0, c, n)
+        rng.random(n) < own, users["cluster"][uidx], rng.integers(0, c, n)
     )
     return uidx, ts, cluster, cluster + c * rng.integers(0, items_per_cluster, n)
 
@@ -268,11 +288,7 @@ def _chunk(
     conv_user, conv_ts, conv_ad = iu[ci], its[ci] + delay, ad_idx[ci]
 
     near = near_mask(iu, its, conv_user, conv_ts, _BUFFER_MS, _HORIZON_MS)
-    hour = (its // _HOUR_MS) % 24
-    kind = users["kind"][iu]
-    on = (kind == 1) | (
-        (kind == 2) & (((hour - users["switch_start_hour"][iu]) % 24) < _SWITCH_HOURS)
-    )
+    on = _planted_on(users, iu, its)
     sigma = users["dwell_sigma"][iu]
     if cfg.near_sigma_scale != 1.0:  # else the old world, bit for bit
         sigma = sigma * np.where(near & on, cfg.near_sigma_scale, 1.0)
@@ -476,6 +492,11 @@ def generate(
         "switch_hours": _SWITCH_HOURS,
         "dwell_effect": "log dwell += delta when near (conversion in [t-60s, t+300s])",
         "near_sigma_scale": cfg.near_sigma_scale,
+        "passive_history_signal": cfg.passive_history_signal,
+        "engagement_own_cluster": {
+            "active": 0.7,
+            "passive": 0.7 * cfg.passive_history_signal,
+        },
         "wall_s": time.perf_counter() - t_start,
     }
     write_json(fs, f"{root}/_truth/truth.json", truth)

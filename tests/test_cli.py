@@ -85,6 +85,32 @@ def test_epsilon_and_active_fraction_are_exclusive(capsys):
     assert "not allowed with" in capsys.readouterr().err
 
 
+def test_active_traffic_is_a_third_way_to_choose_epsilon(capsys):
+    from dynamix_ray.cli import build_parser, segment_config
+
+    args = ["segment", "in", "out", "--active-traffic", "0.6667"]
+    assert segment_config(build_parser().parse_args(args)).active_traffic == 0.6667
+    with pytest.raises(SystemExit):
+        main(["segment", "a", "b", "--epsilon", "0.1", "--active-traffic", "0.5"])
+    assert "not allowed with" in capsys.readouterr().err
+
+
+def test_generate_preset_is_a_base_that_flags_override():
+    from dynamix_ray.cli import build_parser, generate_config
+    from dynamix_ray.config import GenerateConfig
+
+    def cfg(*flags: str) -> GenerateConfig:
+        return generate_config(build_parser().parse_args(["generate", "o", *flags]))
+
+    assert cfg() == GenerateConfig()
+    paper = cfg("--preset", "paper")
+    assert (paper.impressions_per_user_day, paper.active_share) == (120.0, 0.75)
+    # a flag wins over the preset, even at the demo default's value
+    mixed = cfg("--preset", "paper", "--events-per-user-day", "30")
+    assert (mixed.impressions_per_user_day, mixed.active_share) == (30.0, 0.75)
+    assert cfg("--passive-history-signal", "1").passive_history_signal == 1.0
+
+
 def test_bad_input_is_a_clear_error_not_a_traceback(ray_session, capsys):
     import fsspec
 

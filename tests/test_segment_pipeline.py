@@ -145,6 +145,55 @@ def test_calibrated_epsilon_equals_the_one_of_every_eligible_row(plain_run):
     assert result.meta["counts"]["rows"] == table.num_rows
 
 
+def _all_stats(out: str):
+    import pyarrow.parquet as pq
+
+    fs, root = resolve(out)
+    folder = version_folder(fs, root, "stats")
+    return pa.concat_tables(
+        pq.read_table(f, filesystem=fs)
+        for f in sorted(fs.glob(f"{folder}/*/*.parquet"))
+    )
+
+
+def test_active_traffic_calibrates_on_impressions_and_records_both_shares(
+    ray_session, tiny_events, plain_run, tmp_path
+):
+    """--active-traffic: the share of ad impressions in active rows, counted
+    over every valid impression (ineligible rows are passive), is the target;
+    epsilon is exactly the plain reference's, and _meta.json holds the shares
+    of eligible rows and of traffic for this run and for the row-calibrated
+    one alike."""
+    from dynamix_ray.segments.epsilon import calibrate_epsilon_traffic
+
+    out = str(tmp_path / "traffic")
+    result = run_segment(
+        tiny_events,
+        out,
+        SegmentConfig(num_buckets=4, active_traffic=0.3),
+        progress=False,
+    )
+    st = _all_stats(out)
+    n_near, n_far = (st.column(c).to_numpy() for c in ("n_near", "n_far"))
+    imps = n_near + n_far + st.column("n_filtered").to_numpy()
+    ok = (n_near >= 2) & (n_far >= 2)
+    a = np.abs(st.column("mean_near").to_numpy() - st.column("mean_far").to_numpy())
+    want = calibrate_epsilon_traffic(a[ok], imps[ok], int(imps.sum()), 0.3)
+    meta, c = result.meta, result.meta["counts"]
+    assert meta["epsilon"] == want
+    assert meta["epsilon_source"] == "calibrated to active_traffic=0.3"
+    assert c["impressions"] == imps.sum()
+    assert c["eligible_impressions"] == imps[ok].sum()
+    active = ok & (a > want)
+    assert c["active_impressions"] == imps[active].sum()
+    assert c["active_share_traffic"] == pytest.approx(imps[active].sum() / imps.sum())
+    table = read_segments(out)
+    assert c["active_rows"] == int(table.column("segment").to_numpy().sum())
+    # the default run records its traffic share too
+    plain = plain_run[0].meta["counts"]
+    assert 0 < plain["active_share_traffic"] <= plain["eligible_share_traffic"] <= 1
+
+
 def test_segments_and_statistics_are_written_per_bucket(plain_run):
     import pyarrow.parquet as pq
 

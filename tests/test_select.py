@@ -450,3 +450,49 @@ def test_partitions_changing_during_the_search_raise():
 
     with pytest.raises(RuntimeError, match="must not change"):
         calibrate_epsilon_distributed(ask, 0.5, max_fetch=0)
+
+
+# ------------------------------------------------- calibrating to ad traffic
+
+
+def brute_force_traffic(a, w, total, target):
+    """Every threshold calibrate_epsilon could return, scored by the traffic
+    share it makes active: the smallest |share - target| is all that is
+    asked of calibrate_epsilon_traffic."""
+    cands = np.concatenate([[0.0], a, a / 2.0, [np.inf]])
+    shares = [float(w[a > c].sum()) / total for c in cands]
+    return min(abs(s - target) for s in shares)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.9, 1.5]), st.integers(0, 40)),
+        min_size=1,
+        max_size=30,
+    ),
+    st.integers(0, 500),
+    st.floats(0.01, 0.99),
+)
+def test_traffic_calibration_reaches_the_closest_traffic_share(rows, ineligible, f):
+    """Rows of equal |corr| cannot be split, ineligible traffic stays passive:
+    the share of all impressions made active is still the closest one any
+    threshold achieves, and the distributed search (run-length answers, one
+    count per impression) returns the plain reference's float."""
+    from dynamix_ray.segments.epsilon import (
+        calibrate_epsilon_traffic,
+        traffic_fraction,
+    )
+
+    a = np.array([r[0] for r in rows])
+    w = np.array([r[1] for r in rows], dtype=np.int64)
+    total = int(w.sum()) + ineligible
+    if total == 0:
+        return
+    eps = calibrate_epsilon_traffic(a, w, total, f)
+    got = float(w[a > eps].sum()) / total
+    assert abs(got - f) <= brute_force_traffic(a, w, total, f) + 1e-12
+    half = len(a) // 2
+    parts, counts = [a[:half], a[half:]], [w[:half], w[half:]]
+    frac = traffic_fraction(f, int(w.sum()), total)
+    assert calibrate_epsilon_distributed(ask_of(parts, counts), frac) == eps

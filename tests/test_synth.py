@@ -108,6 +108,65 @@ OLD_WORLDS = {
 }
 
 
+#: Digests of the organic impressions and page views of the same worlds,
+#: drawn before ``passive_history_signal`` existed (commit a960eaf): a signal
+#: of 1.0 must draw them again, bit for bit.
+OLD_ENGAGEMENT = {
+    "users=400, days=3, seed=4": "5e0fa00941d3fbfd",
+    "users=600, days=1, seed=3, switcher_share=0.5": "7ed9599aa42d4bea",
+}
+
+
+def _engagement_digest(root: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for src in ("organic_impressions", "page_views"):
+        t = _read(root, src)
+        for c in t.column_names:
+            h.update(c.encode())
+            h.update(t.column(c).to_pandas().to_numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def test_passive_history_signal_makes_passive_engagement_noise():
+    """The paper's passive users: their organic impressions and page views
+    carry little of their interest (default 0.1), an active user's carry it
+    as before; 1.0 draws the world before the knob, bit for bit, and the ad
+    impressions and conversions never change with it."""
+    from dynamix_ray.synth import _CONTENT_ID0
+
+    key = "users=400, days=3, seed=4"
+    roots = {}
+    for signal in (1.0, 0.1):
+        roots[signal] = f"memory://synth-{uuid.uuid4().hex[:8]}"
+        cfg = GenerateConfig(users=400, days=3, seed=4, passive_history_signal=signal)
+        generate(roots[signal], cfg, None)
+    assert _engagement_digest(roots[1.0]) == OLD_ENGAGEMENT[key]
+    assert _digest(roots[0.1]) == _digest(roots[1.0]) == OLD_WORLDS[key]
+    truth = json.loads(
+        resolve(roots[0.1])[0].cat_file(f"{resolve(roots[0.1])[1]}/_truth/truth.json")
+    )
+    assert truth["engagement_own_cluster"] == pytest.approx(
+        {"active": 0.7, "passive": 0.07}
+    )
+    users = read_truth_users(roots[0.1]).to_pandas().set_index("user_id")
+    own = {}
+    for signal, root in roots.items():
+        org = _read(root, "organic_impressions").to_pandas().dropna(subset=["user_id"])
+        org = org[org["user_id"].isin(users.index)]
+        cluster = (org["content_id"] - _CONTENT_ID0) % 16
+        kind = org["user_id"].map(users["kind"]).to_numpy()
+        same = cluster.to_numpy() == org["user_id"].map(users["cluster"]).to_numpy()
+        own[signal] = {k: float(same[kind == k].mean()) for k in (0, 1)}
+    chance = 1 / 16
+    # passive: 0.7 * signal of their own cluster, plus chance from the rest
+    assert own[0.1][0] == pytest.approx(0.07 + 0.93 * chance, abs=0.02)
+    assert own[1.0][0] == pytest.approx(0.7 + 0.3 * chance, abs=0.02)
+    for signal in roots:  # active users keep their signal
+        assert own[signal][1] == pytest.approx(0.7 + 0.3 * chance, abs=0.02)
+
+
 def test_near_sigma_scale_widens_active_users_near_dwell_only():
     """``near_sigma_scale`` plants unequal variances (docs/segments.md): the
     active users' near log-dwell spreads wider than their far one; the

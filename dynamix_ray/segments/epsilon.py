@@ -3,7 +3,8 @@
 Two ways, both from per-window statistics, not events:
 
 * :func:`calibrate_epsilon`: the active share of eligible (user, window) rows
-  hits a target (paper: 66.67%);
+  hits a target (paper: 66.67%); :func:`calibrate_epsilon_traffic`: the
+  active share of ad *traffic* (impressions) does;
 * the paper's own rule, "maximise NE separation between the two segments":
   :func:`ne_by_threshold` sweeps epsilon and measures a baseline model's NE on
   each side; :func:`separation_epsilon` picks the widest gap.
@@ -15,6 +16,8 @@ import numpy as np
 
 __all__ = [
     "calibrate_epsilon",
+    "calibrate_epsilon_traffic",
+    "traffic_fraction",
     "log_loss",
     "ne_by_threshold",
     "reference_ne_by_threshold",
@@ -56,6 +59,46 @@ def calibrate_epsilon(abs_corr: np.ndarray, active_fraction: float) -> float:
         shares = np.insert(shares, 0, 1.0)
     best = int(np.argmin(np.abs(shares - active_fraction)))
     return float(thresholds[best])
+
+
+def traffic_fraction(
+    active_traffic: float, eligible_impressions: int, impressions: int
+) -> float:
+    """The share of *eligible* traffic to make active so that ``active_traffic``
+    of all traffic is: ineligible rows are passive whatever epsilon is.
+
+    Above 1 when the eligible rows hold less traffic than the target; the
+    calibration then makes every eligible row it can active (the closest
+    achievable share), and ``_meta.json`` shows the share reached.
+    """
+    if eligible_impressions <= 0:
+        return 1.0
+    return float(active_traffic) * float(impressions) / float(eligible_impressions)
+
+
+def calibrate_epsilon_traffic(
+    abs_corr: np.ndarray,
+    row_impressions: np.ndarray,
+    impressions: int,
+    active_traffic: float,
+) -> float:
+    """Threshold such that the ad impressions of rows with ``|corr| > eps`` are
+    the closest achievable share ``active_traffic`` of all ``impressions``.
+
+    The plain reference of the pipeline's traffic calibration: each eligible
+    row counts once per impression (``calibrate_epsilon`` of the values
+    repeated by their impressions), against the eligible share
+    :func:`traffic_fraction` gives.
+
+    Args:
+        abs_corr: (E,) ``|corr|`` of eligible rows.
+        row_impressions: (E,) ad impressions of each of those rows.
+        impressions: every valid ad impression, eligible rows or not.
+        active_traffic: target share of traffic in (0, 1).
+    """
+    w = np.asarray(row_impressions, np.int64)
+    f = traffic_fraction(active_traffic, int(w.sum()), impressions)
+    return calibrate_epsilon(np.repeat(np.asarray(abs_corr, np.float64), w), f)
 
 
 def log_loss(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:

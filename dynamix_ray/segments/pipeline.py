@@ -12,7 +12,8 @@ Flow (each pass a Ray Data task per bucket of the event store, the logic in
    are written to ``OUT/stats/bucket=K/`` (mergeable: ``stats.merge_stats``)
    and the task returns counts only;
 3. **epsilon**: given, or calibrated exactly as :func:`epsilon.calibrate_epsilon`
-   would on every eligible row, but by a few passes of small questions over
+   would on every eligible row (or :func:`epsilon.calibrate_epsilon_traffic`
+   on every eligible row's impressions, ``--active-traffic``), but by a few passes of small questions over
    the buckets' statistics (``select.py``: histograms refined to the exact
    rank), so that no ``|corr|`` array is ever gathered;
 4. **finalize**: per bucket, the docs/contract.md §3 columns into
@@ -55,6 +56,7 @@ from dynamix_ray.io import (
 )
 from dynamix_ray.runtime import ensure_ray, map_items
 from dynamix_ray.segments import select
+from dynamix_ray.segments.epsilon import traffic_fraction
 from dynamix_ray.segments.stats import (
     STAT_COLUMNS,
     compute_stats,
@@ -67,14 +69,18 @@ __all__ = [
     "STAT_SOURCES",
     "SegmentResult",
     "abs_corr",
+    "active_counts",
     "bucket_counts",
+    "calibration_values",
     "bucket_path",
     "read_segment_bucket",
     "read_segments",
     "read_segments_meta",
     "segments_pointer",
     "run_segment",
+    "row_impressions",
     "segment_table",
+    "shares",
     "stat_column",
     "write_table",
 ]
@@ -126,7 +132,9 @@ class SegmentResult:
             f"  eligible       {c['eligible']:,} rows with non-null corr",
             f"  epsilon        {m['epsilon']:.6g} ({m['epsilon_source']})",
             f"  active share   {c['active_share_eligible']:.4f} of eligible rows, "
-            f"{c['active_share_rows']:.4f} of all rows",
+            f"{c['active_share_rows']:.4f} of all rows, "
+            f"{c['active_share_traffic']:.4f} of ad traffic "
+            f"({c['eligible_share_traffic']:.4f} of traffic is eligible)",
             f"  wall time      {m['wall_s']:.1f} s",
             f"  output         {self.segments_path}",
         ]
@@ -192,19 +200,68 @@ def abs_corr(stats: Columns, min_events: int) -> np.ndarray:
     return np.abs(stats["mean_near"][ok] - stats["mean_far"][ok])
 
 
+def _eligible(stats: Columns, min_events: int) -> np.ndarray:
+    return (stats["n_near"] >= min_events) & (stats["n_far"] >= min_events)
+
+
+def row_impressions(stats: Columns) -> np.ndarray:
+    """(S,) every valid ad impression of each row, kept or filtered by the
+    dwell bounds: the row's ad *traffic*."""
+    return np.asarray(stats["n_near"] + stats["n_far"] + stats["n_filtered"], np.int64)
+
+
+def calibration_values(
+    stats: Columns, cfg: SegmentConfig
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """What one bucket gives the epsilon search (``select.answer``'s values
+    and counts): the eligible rows' ``|corr|``, each counted once per row, or
+    once per impression when calibrating to a share of traffic."""
+    values = abs_corr(stats, cfg.min_events)
+    if cfg.active_traffic is None:
+        return values, None
+    return values, row_impressions(stats)[_eligible(stats, cfg.min_events)]
+
+
 def bucket_counts(stats: Columns, min_events: int) -> dict[str, int]:
     """One bucket's share of the table's counts (``_meta.json`` ``counts``):
-    rows with a kept impression, eligible rows, impressions, filtered ones
-    and users (users never span buckets: the sum over buckets is exact)."""
+    rows with a kept impression, eligible rows, impressions (all and of
+    eligible rows), filtered ones and users (users never span buckets: the
+    sum over buckets is exact)."""
     kept = (stats["n_near"] + stats["n_far"]) > 0
+    imps = row_impressions(stats)
     return {
         "rows": int(kept.sum()),
         "eligible": len(abs_corr(stats, min_events)),
-        "impressions": int(
-            (stats["n_near"] + stats["n_far"] + stats["n_filtered"]).sum()
-        ),
+        "impressions": int(imps.sum()),
+        "eligible_impressions": int(imps[_eligible(stats, min_events)].sum()),
         "filtered": int(stats["n_filtered"].sum()),
         "users": len(np.unique(stats["user_id"][kept])),
+    }
+
+
+def active_counts(stats: Columns, min_events: int, epsilon: float) -> dict[str, int]:
+    """One bucket's active rows and their impressions at ``epsilon``, from the
+    same ``|corr|`` finalize compares with it."""
+    ok = _eligible(stats, min_events)
+    active = abs_corr(stats, min_events) > epsilon
+    return {
+        "active_rows": int(active.sum()),
+        "active_impressions": int(row_impressions(stats)[ok][active].sum()),
+    }
+
+
+def shares(counts: dict[str, Any]) -> dict[str, float]:
+    """The active shares ``_meta.json`` records, whichever one was the target:
+    of eligible rows, of all rows, and of ad traffic (impressions)."""
+
+    def ratio(a: str, b: str) -> float:
+        return counts[a] / counts[b] if counts[b] else 0.0
+
+    return {
+        "active_share_eligible": ratio("active_rows", "eligible"),
+        "active_share_rows": ratio("active_rows", "rows"),
+        "active_share_traffic": ratio("active_impressions", "impressions"),
+        "eligible_share_traffic": ratio("eligible_impressions", "impressions"),
     }
 
 
@@ -229,7 +286,8 @@ def _stats_task(
     )
     fs, folder = resolve(tables["stats"])
     write_table(fs, bucket_path(folder, b), pa.table(stats))
-    first = select.answer(abs_corr(stats, cfg.min_events), select.first_question())
+    values, weights = calibration_values(stats, cfg)
+    first = select.answer(values, select.first_question(), weights)
     # the calibration's first question, answered in this same pass
     return {"first_answer": first, **bucket_counts(stats, cfg.min_events)}
 
@@ -242,13 +300,12 @@ def _read_stats(tables: dict[str, str], bucket: int) -> Columns:
 
 
 def _answer_task(
-    item: dict[str, Any], tables: dict[str, str], min_events: int, question: Any
+    item: dict[str, Any], tables: dict[str, str], cfg: SegmentConfig, question: Any
 ) -> Any:
     """A calibration pass: one bucket's answer to ``question`` about its
     eligible rows' ``|corr|`` (see ``select.py``)."""
-    return select.answer(
-        abs_corr(_read_stats(tables, item["bucket"]), min_events), question
-    )
+    values, weights = calibration_values(_read_stats(tables, item["bucket"]), cfg)
+    return select.answer(values, question, weights)
 
 
 def _fold(question: Any, answers: Any) -> Any:
@@ -263,11 +320,14 @@ def _fold(question: Any, answers: Any) -> Any:
 def _finalize_task(
     item: dict[str, Any], tables: dict[str, str], cfg: SegmentConfig, epsilon: float
 ) -> dict[str, Any]:
-    """Pass 4: one bucket's docs/contract.md §3 rows, written; active rows returned."""
+    """Pass 4: one bucket's docs/contract.md §3 rows, written; active rows and
+    their impressions returned."""
     fs, folder = resolve(tables["segments"])
-    table = segment_table(_read_stats(tables, item["bucket"]), cfg, epsilon)
-    write_table(fs, bucket_path(folder, item["bucket"]), table)
-    return {"active_rows": int(np.count_nonzero(table.column("segment").to_numpy()))}
+    stats = _read_stats(tables, item["bucket"])
+    write_table(
+        fs, bucket_path(folder, item["bucket"]), segment_table(stats, cfg, epsilon)
+    )
+    return active_counts(stats, cfg.min_events, epsilon)
 
 
 # ------------------------------------------------------------------ the pipeline
@@ -333,7 +393,15 @@ def run_segment(
         # what the tasks resolve: this run's version folders
         tmp = {t: url_of(out_fs, version.path(t)) for t in ("segments", "stats")}
         counts: dict[str, Any] = dict.fromkeys(
-            ("rows", "eligible", "impressions", "filtered", "users"), 0
+            (
+                "rows",
+                "eligible",
+                "impressions",
+                "eligible_impressions",
+                "filtered",
+                "users",
+            ),
+            0,
         )
         first: list[Any] = []
         phases = {"store": time.perf_counter() - t0}
@@ -372,24 +440,31 @@ def run_segment(
                     map_items(
                         _answer_task,
                         items,
-                        (tmp, cfg.min_events, question),
+                        (tmp, cfg, question),
                         local=local,
                         name="segment: epsilon pass",
                         progress=False,
                     ),
                 )
 
-            epsilon, search = select.calibrate_epsilon_distributed_stats(
-                ask, cfg.active_fraction
-            )
-            calibration = asdict(search)
-            eps_source = f"calibrated to active_fraction={cfg.active_fraction}"
+            if cfg.active_traffic is None:
+                target = cfg.active_fraction
+                eps_source = f"calibrated to active_fraction={cfg.active_fraction}"
+            else:
+                target = traffic_fraction(
+                    cfg.active_traffic,
+                    counts["eligible_impressions"],
+                    counts["impressions"],
+                )
+                eps_source = f"calibrated to active_traffic={cfg.active_traffic}"
+            epsilon, search = select.calibrate_epsilon_distributed_stats(ask, target)
+            calibration = {**asdict(search), "eligible_target": target}
         else:
             epsilon, eps_source = float(cfg.epsilon), "given"
         phases["epsilon"] = time.perf_counter() - t_phase
         t_phase = time.perf_counter()
 
-        active = 0
+        counts.update(active_rows=0, active_impressions=0)
         for r in map_items(
             _finalize_task,
             items,
@@ -398,18 +473,15 @@ def run_segment(
             name="segment: finalize",
             progress=progress,
         ):
-            active += r["active_rows"]
+            for k, v in r.items():
+                counts[k] += v
         phases["finalize"] = time.perf_counter() - t_phase
         rejected = store.rejected(STAT_SOURCES)
         counts.update(
-            active_rows=active,
             conversions=store.rows("conversions"),
             rejected=rejected,
             rejected_total=int(sum(rejected.values())),
-            active_share_eligible=active / counts["eligible"]
-            if counts["eligible"]
-            else 0.0,
-            active_share_rows=active / counts["rows"] if counts["rows"] else 0.0,
+            **shares(counts),
         )
         meta = {
             "input": events_url,

@@ -58,12 +58,13 @@ from dynamix_ray.segments.pipeline import (
     SEGMENT_SCHEMA,
     STAT_SOURCES,
     SegmentResult,
-    abs_corr,
+    active_counts,
     bucket_counts,
     bucket_path,
     read_segments_meta,
     run_segment,
     segment_table,
+    shares,
     stat_column,
     write_table,
 )
@@ -100,7 +101,16 @@ REFRESH_PARAMS = (
     "min_events",
 )
 
-_COUNTS = ("rows", "eligible", "impressions", "filtered", "users", "active_rows")
+_COUNTS = (
+    "rows",
+    "eligible",
+    "impressions",
+    "eligible_impressions",
+    "filtered",
+    "users",
+    "active_rows",
+    "active_impressions",
+)
 
 
 def table_config(meta: dict[str, Any]) -> SegmentConfig:
@@ -171,10 +181,11 @@ def _concat(*parts: Stats) -> Stats:
 
 def table_counts(stats: Stats, cfg: SegmentConfig, epsilon: float) -> dict[str, int]:
     """One bucket's share of the table's counts at ``epsilon``:
-    ``pipeline.bucket_counts`` and the active rows, from the same ``|corr|``
-    finalize compares with epsilon."""
-    active = int((abs_corr(stats, cfg.min_events) > epsilon).sum())
-    return {**bucket_counts(stats, cfg.min_events), "active_rows": active}
+    ``pipeline.bucket_counts`` and ``pipeline.active_counts``."""
+    return {
+        **bucket_counts(stats, cfg.min_events),
+        **active_counts(stats, cfg.min_events, epsilon),
+    }
 
 
 @dataclass(frozen=True)
@@ -429,17 +440,11 @@ def run_refresh(
         phases["refresh"] = time.perf_counter() - t_phase
         phases["refresh_tasks"] = task_stats.get("task_s", 0.0)
         rejected = store.rejected(STAT_SOURCES)
-        active, eligible, rows = (
-            counts["active_rows"],
-            counts["eligible"],
-            counts["rows"],
-        )
         counts.update(
             conversions=store.rows("conversions"),
             rejected=rejected,
             rejected_total=int(sum(rejected.values())),
-            active_share_eligible=active / eligible if eligible else 0.0,
-            active_share_rows=active / rows if rows else 0.0,
+            **shares(counts),
         )
         source = prev["epsilon_source"]
         if not source.startswith("kept"):
