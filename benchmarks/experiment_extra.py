@@ -60,13 +60,14 @@ def inference_by_candidates(
         for a in arms
         for s in results["seeds"]
     }
-    _, mcfg, _ = load_checkpoint(ckpt[("baseline", results["seeds"][0])])
+    _, mcfg, ck = load_checkpoint(ckpt[("baseline", results["seeds"][0])])
+    seq = ck["samples"].lengths()
     avail = features_of(hist.attributes())
     out: dict[str, Any] = {}
     for c in counts:
         reqs = _requests(inputs["events"], inputs["segments"], hist, n, c)
         share = float(np.mean([r[0] for r in reqs]))
-        flops = request_flops_by_arm(mcfg, arms, removed, avail, c)
+        flops = request_flops_by_arm(mcfg, arms, removed, avail, c, seq)
         per_seed: dict[str, list[float]] = {a: [] for a in arms}
         for seed in results["seeds"]:
             score = arm_scorers({a: ckpt[(a, seed)] for a in arms}, hist)

@@ -427,14 +427,16 @@ def section_policies(args, env, traffic, base: str) -> dict[str, Any]:
             )
             qps[policy].append(m["qps"])
             print(f"  round {r + 1} {policy:16s} {m['qps']:7.1f} QPS", flush=True)
-    _, mcfg, _ = load_checkpoint(env["checkpoints"]["baseline"])
+    _, mcfg, ck = load_checkpoint(env["checkpoints"]["baseline"])
     from dynamix_ray.histories import read_histories
     from dynamix_ray.loader import features_of
 
     avail = features_of(read_histories(env["histories"]).attributes())
     removed = tuple(env["removed"])
     share = 2 / 3
-    flops = request_flops_by_arm(mcfg, POLICIES, removed, avail, args.candidates)
+    flops = request_flops_by_arm(
+        mcfg, POLICIES, removed, avail, args.candidates, ck["samples"].lengths()
+    )
 
     out: dict[str, Any] = {"qps": qps, "active_share": share, "removed": list(removed)}
     for policy in POLICIES:

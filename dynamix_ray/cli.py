@@ -39,8 +39,8 @@ from dynamix_ray.features import POLICIES
 from dynamix_ray.histories import run_histories
 from dynamix_ray.inputs import check_checkpoint, check_events, check_table
 from dynamix_ray.io import resolve, write_json
-from dynamix_ray.model import ModelConfig
 from dynamix_ray.online import ingest, redact
+from dynamix_ray.presets import MODEL_PRESETS, model_preset
 from dynamix_ray.report import experiment_summary, write_report
 from dynamix_ray.runtime import (
     apply_ray_log_levels,
@@ -426,9 +426,23 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-seq-len",
         type=int,
-        default=t.samples.max_seq_len,
+        default=None,
         help="events per history source (recorded in the checkpoint; serving "
-        "and ALURE read it from there)",
+        f"and ALURE read it from there; default {t.samples.max_seq_len}, or "
+        "the preset's longest)",
+    )
+    _add_preset(p)
+
+
+def _add_preset(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--preset",
+        choices=tuple(MODEL_PRESETS),
+        default="small",
+        help="model shape: 'small' (one 32-wide block per source) or 'prod' "
+        "(two 64-wide blocks; 256 ad impressions, 128 organic impressions, "
+        "64 page views and 64 conversions: history encoding dominates a "
+        "request; default %(default)s)",
     )
 
 
@@ -513,11 +527,13 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=e.epochs, help="passes per run")
     p.add_argument("--batch-size", type=int, default=e.batch_size, help="rows per step")
     p.add_argument("--lr", type=float, default=e.lr, help="Adam learning rate")
+    _add_preset(p)
     p.add_argument(
         "--max-seq-len",
         type=int,
-        default=e.samples.max_seq_len,
-        help="events per history source (saved in every run's checkpoint)",
+        default=None,
+        help="events per history source (saved in every run's checkpoint; "
+        f"default {e.samples.max_seq_len}, or the preset's longest)",
     )
     p.add_argument(
         "--num-workers", type=int, default=e.num_workers, help="workers per run (DDP)"
@@ -1041,6 +1057,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ValueError("pass either --removed or --removed-from, not both")
         removed = removed_from_baseline(args.removed_from)
         extra["removed_from"] = os.path.abspath(args.removed_from)
+    model, samples = model_preset(args.preset, TrainConfig().samples, args.max_seq_len)
     tcfg = TrainConfig(
         policy=args.policy,
         removed=removed,
@@ -1054,8 +1071,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         mixed_precision=args.mixed_precision,
         max_failures=args.max_failures,
         checkpoint_steps=args.checkpoint_steps,
-        samples=SampleConfig(max_seq_len=args.max_seq_len),
-        model=ModelConfig(max_seq_len=args.max_seq_len),
+        samples=samples,
+        model=model,
         alure=args.alure_embeddings,
         contrastive_weight=args.contrastive_weight,
     )
@@ -1095,13 +1112,17 @@ def int_list(text: str) -> tuple[int, ...]:
 def cmd_experiment(args: argparse.Namespace) -> int:
 
     removed = tuple(a for a in args.removed.split(",") if a) or None
+    model, samples = model_preset(
+        args.preset, ExperimentConfig().samples, args.max_seq_len
+    )
     cfg = ExperimentConfig(
         kind=args.kind,
         seeds=args.seeds,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
-        samples=SampleConfig(max_seq_len=args.max_seq_len),
+        samples=samples,
+        model=model,
         num_workers=args.num_workers,
         cpus_per_worker=args.cpus_per_worker,
         use_gpu=args.use_gpu,

@@ -53,6 +53,7 @@ from dynamix_ray.samples import (
     SampleConfig,
     attach_histories,
     events_of,
+    seq_len_of,
 )
 
 __all__ = [
@@ -111,12 +112,13 @@ def _as_events(rows: Mapping[str, np.ndarray] | SourceEvents) -> SourceEvents:
 def user_histories(
     events: Mapping[str, Mapping[str, np.ndarray] | SourceEvents],
     as_of_ms: int,
-    max_seq_len: int,
+    max_seq_len: int | Mapping[str, int],
     since_ms: int | None = None,
     buffer_s: int = SampleConfig.buffer_s,
 ) -> dict[str, np.ndarray]:
     """One row per user: the last ``max_seq_len`` events of each source strictly
-    before ``as_of_ms`` (the loader's columns, without a candidate).
+    before ``as_of_ms`` (the loader's columns, without a candidate); one
+    length for all sources or one per source (``SampleConfig.lengths()``).
 
     Args:
         events: per source, compact events or raw rows (``user_id``,
@@ -150,7 +152,13 @@ def user_histories(
     if n == 0:
         return {"user_id": users}
     # the rule's bound is t - buffer: a pseudo request at as_of + buffer
-    cfg = SampleConfig(max_seq_len=max_seq_len, buffer_s=buffer_s)
+    if isinstance(max_seq_len, int):
+        cfg = SampleConfig(max_seq_len=max_seq_len, buffer_s=buffer_s)
+    else:
+        longest = max(max_seq_len.values())
+        cfg = SampleConfig(
+            max_seq_len=longest, buffer_s=buffer_s, seq_lens=tuple(max_seq_len.items())
+        )
     pseudo = {"user_id": users, "t_ms": np.full(n, as_of_ms + cfg.buffer_ms, np.int64)}
     hist = {s: ev for s, ev in evs.items() if s in HISTORY_SOURCES}
     out = attach_histories(pseudo, hist, cfg)
@@ -293,7 +301,7 @@ class HistoryStore:
         ts_ms: np.ndarray | None = None,
         features: Any = None,
         buffer_ms: int = SampleConfig().buffer_ms,
-        max_seq_len: int | None = None,
+        max_seq_len: int | Mapping[str, int] | None = None,
     ) -> dict[str, np.ndarray]:
         """Each user's histories, in the loader's columns (W = the longest of
         the batch).
@@ -304,7 +312,8 @@ class HistoryStore:
                 (default: the snapshot's ``as_of + buffer``, every event).
             features: a ``FeatureSet``: gather only its sources and attributes
                 (default: everything held).
-            max_seq_len: L (default: the snapshot's).
+            max_seq_len: L, one for every source or one per source
+                (``SampleConfig.lengths()``); default and cap: the snapshot's.
         """
         q = np.asarray(user_ids, np.int64)
         t = (
@@ -312,12 +321,13 @@ class HistoryStore:
             if ts_ms is None
             else np.broadcast_to(np.asarray(ts_ms, np.int64), q.shape)
         )
-        seq = min(max_seq_len or self.max_seq_len, self.max_seq_len)
         out: dict[str, np.ndarray] = {}
         for src, ev in self.events.items():
             attrs = list(ev.columns) if features is None else list(features.attrs(src))
             if features is not None and not attrs:
                 continue
+            want = seq_len_of(max_seq_len or self.max_seq_len, src, self.max_seq_len)
+            seq = min(want, self.max_seq_len)
             start, count = history_window(ev, q, t - buffer_ms, seq)
             g = gather(ev, start, count, [a for a in attrs if a in ev.columns])
             out.update({f"{src}.{k}": v for k, v in g.items()})

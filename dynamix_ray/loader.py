@@ -38,7 +38,7 @@ from dynamix_ray.model.config import (
     SOURCE_ATTRIBUTES,
     FeatureSet,
 )
-from dynamix_ray.samples import HISTORY_SOURCES
+from dynamix_ray.samples import HISTORY_SOURCES, seq_len_of
 
 __all__ = [
     "EventCache",
@@ -120,7 +120,8 @@ class LoaderSpec:
     Args:
         store_url / num_buckets / store_meta: the event store (picklable).
         policy, removed: the feature policy (``features.POLICIES``).
-        max_seq_len: L per source.
+        max_seq_len: L per source, unless ``seq_lens`` gives the source its
+            own (``SampleConfig.seq_lens``).
         buffer_ms: the history bound is ``t - buffer`` (docs/contract.md §6).
         cache_bytes: the :class:`EventCache` budget per worker.
         available: what the store can give (:func:`store_features`).
@@ -134,6 +135,7 @@ class LoaderSpec:
     policy: str = "baseline"
     removed: tuple[str, ...] = ()
     max_seq_len: int = 64
+    seq_lens: tuple[tuple[str, int], ...] = ()
     buffer_ms: int = 60_000
     cache_bytes: int = 1 << 30
     available: FeatureSet = field(default_factory=FeatureSet)
@@ -152,6 +154,9 @@ class LoaderSpec:
     @property
     def store(self) -> EventStore:
         return EventStore(self.store_url, self.num_buckets, self.store_meta)
+
+    def seq_len(self, source: str) -> int:
+        return int(dict(self.seq_lens).get(source, self.max_seq_len))
 
     def features(self, segment: int) -> FeatureSet:
         return policy_features(self.policy, segment, self.removed, self.available)
@@ -191,10 +196,14 @@ class SegmentBatcher:
         return attach_daily(d.user_id, d.days_ms, d.emb, users, bound_ms)
 
     def part(
-        self, rows: Mapping[str, np.ndarray], fs: FeatureSet, width: int | None = None
+        self,
+        rows: Mapping[str, np.ndarray],
+        fs: FeatureSet,
+        width: int | Mapping[str, int] | None = None,
     ) -> dict[str, np.ndarray]:
         """The model columns of rows under feature set ``fs`` (``width``: the
-        histories' W; default the part's longest window, at most L)."""
+        histories' W, one for all sources or one per source; default the
+        part's longest window, at most L)."""
         out = {k: np.asarray(rows[k]) for k in _PASS if k in rows}
         for a in fs.candidate:
             out[f"cand.{a}"] = np.asarray(rows[f"cand.{a}"])
@@ -215,10 +224,14 @@ class SegmentBatcher:
                         {a: np.float64 if a == DWELL else np.int64 for a in attrs}
                     )
                 start, count = history_window(
-                    ev, users[idx], bound[idx], self.spec.max_seq_len
+                    ev, users[idx], bound[idx], self.spec.seq_len(src)
                 )
                 windows.append((ev, idx, start, count))
-            w_src = width or max(1, max(int(w[3].max(initial=0)) for w in windows))
+            w_src = (
+                seq_len_of(width, src, self.spec.seq_len(src))
+                if width
+                else max(1, max(int(w[3].max(initial=0)) for w in windows))
+            )
             cols: dict[str, np.ndarray] = {}
             for ev, idx, start, count in windows:
                 for k, v in gather(ev, start, count, attrs, w_src).items():

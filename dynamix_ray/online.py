@@ -200,7 +200,7 @@ class RedisHistories:
         ts_ms: np.ndarray | None = None,
         features: Any = None,
         buffer_ms: int = SampleConfig().buffer_ms,
-        max_seq_len: int | None = None,
+        max_seq_len: int | Mapping[str, int] | None = None,
     ) -> dict[str, np.ndarray]:
         """:meth:`HistoryStore.rows` over the users' current events."""
         sources = [

@@ -74,6 +74,7 @@ __all__ = [
     "run_samples",
     "segment_at",
     "segment_rows",
+    "seq_len_of",
 ]
 
 #: History sources and the attributes a sample carries for each: the integer
@@ -108,7 +109,11 @@ class SampleConfig:
     them; serving and ALURE read them from there).
 
     Args:
-        max_seq_len: L, events per history source.
+        max_seq_len: L, events per history source: the longest history any
+            source keeps (snapshots and online stores hold this many).
+        seq_lens: per-source lengths below ``max_seq_len``, e.g.
+            ``{"page_views": 64}`` (a mapping or pairs; kept as sorted
+            pairs): :meth:`seq_len` is the one rule every gather reads.
         buffer_s / horizon_s: the label's interval and the history bound, as
             in the statistic (docs/contract.md §2, §6).
         eval_days: last full days held out for evaluation.
@@ -118,10 +123,33 @@ class SampleConfig:
     buffer_s: int = 60
     horizon_s: int = 300
     eval_days: int = 1
+    seq_lens: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_seq_len < 1:
             raise ValueError(f"max_seq_len must be >= 1, got {self.max_seq_len}")
+        lens = dict(self.seq_lens)  # a mapping, pairs, or JSON's lists
+        unknown = sorted(set(lens) - set(HISTORY_SOURCES))
+        if unknown:
+            raise ValueError(
+                f"seq_lens: unknown sources {unknown}; expected some of "
+                f"{list(HISTORY_SOURCES)}"
+            )
+        bad = {s: n for s, n in lens.items() if not 1 <= int(n) <= self.max_seq_len}
+        if bad:
+            raise ValueError(
+                f"seq_lens {bad}: each must be in 1..max_seq_len={self.max_seq_len}"
+            )
+        pairs = tuple(sorted((str(s), int(n)) for s, n in lens.items()))
+        object.__setattr__(self, "seq_lens", pairs)
+
+    def seq_len(self, source: str) -> int:
+        """L of ``source``: its entry of ``seq_lens``, else ``max_seq_len``."""
+        return int(dict(self.seq_lens).get(source, self.max_seq_len))
+
+    def lengths(self) -> dict[str, int]:
+        """L of every history source."""
+        return {s: self.seq_len(s) for s in HISTORY_SOURCES}
         if self.buffer_s < 0 or self.horizon_s < 0:
             raise ValueError(
                 f"buffer_s and horizon_s must be >= 0, got {self.buffer_s}, "
@@ -133,6 +161,14 @@ class SampleConfig:
     @property
     def buffer_ms(self) -> int:
         return int(self.buffer_s * 1000)
+
+
+def seq_len_of(lengths: int | Mapping[str, int], source: str, default: int) -> int:
+    """One source's history length from one length for all sources or a
+    per-source mapping (a source it lacks gets ``default``)."""
+    if isinstance(lengths, int):
+        return lengths
+    return int(lengths.get(source, default))
 
 
 # ------------------------------------------------------------------ plain core
@@ -246,8 +282,9 @@ def attach_histories(
     bound = np.asarray(samples["t_ms"], np.int64) - cfg.buffer_ms
     for src, ev in history.items():
         attrs = [a for a in HISTORY_SOURCES[src] if a in ev.columns]
-        start, count = history_window(ev, samples["user_id"], bound, cfg.max_seq_len)
-        g = gather(ev, start, count, attrs, width or cfg.max_seq_len)
+        seq = cfg.seq_len(src)
+        start, count = history_window(ev, samples["user_id"], bound, seq)
+        g = gather(ev, start, count, attrs, width or seq)
         out.update({f"{src}.{k}": v for k, v in g.items()})
     return out
 
@@ -336,7 +373,7 @@ def reference_samples(
                     if int(ev["user_id"][j]) == u
                     and int(ev["ts_ms"][j]) < t - buffer_ms
                 ),
-            )[-cfg.max_seq_len :]
+            )[-cfg.seq_len(src) :]
             hist[src] = {"ts_ms": [ts for ts, _ in mine]}
             for a in ev:
                 if a not in ("user_id", "ts_ms"):

@@ -756,6 +756,7 @@ class TrainData:
             policy=tcfg.policy,
             removed=tcfg.removed,
             max_seq_len=self.samples.max_seq_len,
+            seq_lens=self.samples.seq_lens,
             buffer_ms=self.samples.buffer_ms,
             cache_bytes=tcfg.cache_bytes,
             alure=self.alure,
@@ -874,7 +875,7 @@ def run_train(
         run_config=run_config,
     )
     result = trainer.fit()
-    seq = {s: tcfg.samples.max_seq_len for s in tcfg.model.sources}
+    seq = {s: tcfg.samples.seq_len(s) for s in tcfg.model.sources}
     ckpt = result.checkpoint.path if result.checkpoint else None
     metrics = {
         **(result.metrics or {}),

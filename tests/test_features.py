@@ -249,6 +249,12 @@ def test_policy_feature_sets():
     assert passive.organic_impressions == full.organic_impressions
     assert passive.page_views == BASE_ATTRIBUTES["page_views"]
     assert passive.conversions == BASE_ATTRIBUTES["conversions"]
+    # the selection reading: passive users see the boosted organic history only
+    only = policy_features("boost-selective-only", 0, REMOVED, full)
+    assert only.enabled_sources == ("organic_impressions",)
+    assert only.organic_impressions == full.organic_impressions
+    assert only.candidate == CANDIDATE_ATTRIBUTES
+    assert policy_features("boost-selective-only", 1, REMOVED, full) == full
 
 
 def test_policy_errors_name_the_valid_choices():
@@ -271,6 +277,9 @@ def test_flops_of_the_policies():
     assert f["boost-all"][0] > base[0] and f["boost-all"][1] > base[1]
     assert base[0] < f["boost-selective"][0] < f["boost-all"][0]
     assert f["boost-selective"][1] == f["boost-all"][1]
+    # selecting organic alone for passive users costs less than the baseline
+    assert f["boost-selective-only"][0] < base[0]
+    assert f["boost-selective-only"][1] == f["boost-all"][1]
     # a mapping of lengths and the model's own attributes (available=None) work
     seq = {s: 64 for s in SOURCE_ATTRIBUTES}
     assert flops_by_segment(cfg, "baseline", REMOVED, available, seq) == base

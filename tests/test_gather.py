@@ -160,10 +160,19 @@ def _all_rows(table):
 
 
 @pytest.mark.parametrize(
-    "policy", ["baseline", "remove-active", "boost-all", "boost-selective"]
+    ("policy", "lens"),
+    [
+        ("baseline", ()),
+        ("remove-active", ()),
+        ("boost-all", ()),
+        ("boost-selective", ()),
+        ("boost-selective-only", ()),
+        # per-source lengths (SampleConfig.seq_lens): one rule for both paths
+        ("boost-all", (("organic_impressions", 4), ("page_views", 2))),
+    ],
 )
 def test_loader_parts_equal_the_full_builder_and_hold_only_the_policys_columns(
-    store_and_samples, policy
+    store_and_samples, policy, lens
 ):
     from dynamix_ray.alure.evaluate import read_events_frame
     from dynamix_ray.events import open_store
@@ -175,7 +184,9 @@ def test_loader_parts_equal_the_full_builder_and_hold_only_the_policys_columns(
     events, table = store_and_samples
     store = open_store(table.store_url)
     removed = ("campaign_id", "media_type", "surface", "position")
-    spec = LoaderSpec.of(store, policy=policy, removed=removed, max_seq_len=6)
+    spec = LoaderSpec.of(
+        store, policy=policy, removed=removed, max_seq_len=6, seq_lens=lens
+    )
     batcher = SegmentBatcher(spec)
     rows = _all_rows(table)
     perm = np.random.default_rng(0).permutation(len(rows["label"]))[:700]
@@ -191,7 +202,7 @@ def test_loader_parts_equal_the_full_builder_and_hold_only_the_policys_columns(
         ev["conversions"],
         ev,
         segment_rows(read_segments(table.meta["segments"])),
-        SampleConfig(max_seq_len=6),
+        cfg := SampleConfig(max_seq_len=6, seq_lens=lens),
     )
     index = {
         (u, t, a): i
@@ -213,9 +224,10 @@ def test_loader_parts_equal_the_full_builder_and_hold_only_the_policys_columns(
             i = index[(part["user_id"][j], part["t_ms"][j], part["cand.ad_id"][j])]
             assert full["label"][i] == part["label"][j] and full["segment"][i] == seg
             for k in got_cols:
-                w = part[k].shape[1]
-                assert (full[k][i][: 6 - w] == 0).all()  # nothing cut off
-                np.testing.assert_array_equal(full[k][i][6 - w :], part[k][j])
+                w, L = part[k].shape[1], cfg.seq_len(k.split(".")[0])
+                assert full[k].shape[1] == L and w <= L
+                assert (full[k][i][: L - w] == 0).all()  # nothing cut off
+                np.testing.assert_array_equal(full[k][i][L - w :], part[k][j])
 
 
 def test_removing_features_moves_fewer_bytes(store_and_samples):

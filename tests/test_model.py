@@ -379,6 +379,28 @@ def test_analytic_flops_match_flop_counter(name, part):
     assert analytic == pytest.approx(measured, rel=0.10)
 
 
+@pytest.mark.parametrize("n_cands", [(1,), (3, 5)])
+def test_request_flops_match_flop_counter_on_the_shared_pass(n_cands):
+    """A ranking request (``user_index``): each history and its target K/V
+    once per user, the rest once per candidate, as
+    ``experiments.request_flops`` counts it."""
+    from dynamix_ray.experiments import request_flops
+
+    model = tiny_model()
+    seq = 6
+    users = make_batch(full_lengths(b=len(n_cands)), seq_len=seq)
+    index = torch.repeat_interleave(torch.arange(len(n_cands)), torch.tensor(n_cands))
+    cand = {a: torch.randint(1, 10**6, (len(index),)) for a in CANDIDATE_ATTRIBUTES}
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(users.replace(cand=cand), None, user_index=index)
+    measured = counter.get_total_flops() / 2
+    want = sum(
+        request_flops(TINY, FeatureSet(), c, {s: seq for s in SOURCE_ATTRIBUTES})
+        for c in n_cands
+    )
+    assert want / 2 == pytest.approx(measured, rel=0.10)
+
+
 def test_flops_fall_with_fewer_features():
     cfg = ModelConfig()
     full = flops_per_sample(cfg, FeatureSet())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -79,12 +80,18 @@ def user_events(draw):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ev=user_events(), max_len=st.integers(1, 6))
-def test_builder_equals_reference(ev, max_len):
+@given(
+    ev=user_events(),
+    max_len=st.integers(1, 6),
+    page_len=st.one_of(st.none(), st.integers(1, 6)),
+)
+def test_builder_equals_reference(ev, max_len, page_len):
     """Every column: label, segment, candidate, and per source the history's
-    timestamps and attribute values, right-aligned with zeroed padding."""
+    timestamps and attribute values, right-aligned with zeroed padding, at one
+    length for all sources or a shorter one for page views."""
     imps, convs, hist, segs = ev
-    cfg = SampleConfig(max_seq_len=max_len)
+    lens = () if page_len is None else (("page_views", min(page_len, max_len)),)
+    cfg = SampleConfig(max_seq_len=max_len, seq_lens=lens)
     fast = build_samples(imps, convs, hist, segs, cfg)
     slow = reference_samples(imps, convs, hist, segs, cfg)
     assert len(fast["t_ms"]) == len(slow)
@@ -106,9 +113,10 @@ def test_builder_equals_reference(ev, max_len):
             assert fast[f"cand.{a}"][i] == v
         for src, want in row["hist"].items():
             mask = fast[f"{src}.mask"][i]
-            n = int(mask.sum())
+            n, L = int(mask.sum()), cfg.seq_len(src)
+            assert len(mask) == L
             # right-aligned: padding first, events newest last
-            assert not mask[: max_len - n].any() and mask[max_len - n :].all()
+            assert not mask[: L - n].any() and mask[L - n :].all()
             assert fast[f"{src}.ts_ms"][i][mask].tolist() == want["ts_ms"]
             assert (fast[f"{src}.ts_ms"][i][~mask] == 0).all()
             for a, vals in want.items():
@@ -257,3 +265,52 @@ def test_segment_at_carries_any_window_column_with_a_fill():
         np.array([3, 4]),
     )
     assert got.tolist() == [3, 4]
+
+
+def test_per_source_lengths_are_checked_and_survive_json():
+    """``seq_lens`` is one rule with a clear error, and reads back from a
+    checkpoint's or a JSON file's lists."""
+    import json
+    from dataclasses import asdict
+
+    cfg = SampleConfig(max_seq_len=8, seq_lens={"page_views": 2, "conversions": 4})
+    assert cfg.lengths() == {
+        "ad_impressions": 8,
+        "organic_impressions": 8,
+        "page_views": 2,
+        "conversions": 4,
+    }
+    back = SampleConfig(**json.loads(json.dumps(asdict(cfg))))
+    assert back == cfg and back.seq_lens == (("conversions", 4), ("page_views", 2))
+    with pytest.raises(ValueError, match="unknown sources"):
+        SampleConfig(seq_lens={"clicks": 2})
+    with pytest.raises(ValueError, match="max_seq_len=8"):
+        SampleConfig(max_seq_len=8, seq_lens={"page_views": 9})
+
+
+def test_prod_preset_makes_history_encoding_dominate():
+    """``--preset prod`` (presets.py): the model and history lengths of
+    docs/experiments.md; encoding the histories is most of a 100-candidate
+    request's FLOPs, where the small model's is not."""
+    from dynamix_ray.experiments import request_flops
+    from dynamix_ray.model import FeatureSet, flops_per_sample
+    from dynamix_ray.presets import model_preset
+
+    model, samples = model_preset("prod", SampleConfig(max_seq_len=32))
+    assert (model.n_layers, model.d_model, model.max_seq_len) == (2, 64, 256)
+    assert samples.lengths()["page_views"] == 64
+    capped = model_preset("prod", SampleConfig(), max_seq_len=100)[1]
+    assert capped.lengths() == {
+        "ad_impressions": 100,
+        "organic_impressions": 100,
+        "page_views": 64,
+        "conversions": 64,
+    }
+    fs = FeatureSet()
+    small = model_preset("small", SampleConfig(max_seq_len=32))[0]
+    share = {}
+    for name, cfg in (("prod", model), ("small", small)):
+        seq = samples.lengths() if name == "prod" else None
+        user = flops_per_sample(cfg, fs, seq, part="user_tower")
+        share[name] = user / request_flops(cfg, fs, 100, seq)
+    assert share["prod"] > 0.5 > share["small"]

@@ -172,7 +172,7 @@ def _user_rows(
     store: EventStore,
     as_of_ms: int,
     since_ms: int | None,
-    seq: int,
+    seq: int | dict[str, int],
     buffer_s: int,
 ) -> dict[str, np.ndarray]:
     """Ray Data map: the history rows of one bucket's users to embed."""
@@ -300,7 +300,8 @@ def run_embed(
     ckpt = absolute_url(resolve_checkpoint(checkpoint))  # loaded by the actors
     _, mcfg, ck = load_checkpoint(ckpt)
     version = model_version(ckpt)
-    seq = cfg.max_seq_len or ck["samples"].max_seq_len
+    # the checkpoint's per-source lengths, unless one is given for all
+    seq: int | dict[str, int] = cfg.max_seq_len or ck["samples"].lengths()
     buffer_s = ck["samples"].buffer_s
     out = out_url.rstrip("/")
     store = ensure_store(

@@ -216,15 +216,11 @@ class DynamixCTR(nn.Module):
         embedded: dict[str, dict[str, Tensor]] = {}
         encoded = self.encode(batch, fs, embedded)
         user = self._user(encoded, len(batch))  # (U, E)
-        if user_index is not None:  # user rows -> candidate rows
-            encoded = {
-                s: (h[user_index], m[user_index]) for s, (h, m) in encoded.items()
-            }
-            embedded = {
-                s: {a: x[user_index] for a, x in attrs.items()}
-                for s, attrs in embedded.items()
-            }
-            user = user[user_index]
+
+        def per_candidate(x: Tensor) -> Tensor:  # user rows -> candidate rows
+            return x if user_index is None else x[user_index]
+
+        user = per_candidate(user)
         b = user.shape[0]
         cand_emb: dict[str, Tensor] = {}
         cand = self.candidate(batch.cand, fs.candidate, b, cand_emb)  # (B, D)
@@ -241,15 +237,18 @@ class DynamixCTR(nn.Module):
             parts["alure"] = ext[user_index] if user_index is not None else ext
         e = self.cfg.emb_dim
         for s, attrs in embedded.items():
-            m = encoded[s][1]  # (B, L)
-            count = m.sum(-1, keepdim=True).clamp(min=1).to(cand.dtype)  # (B, 1)
+            m = encoded[s][1]  # (U, L)
+            count = m.sum(-1, keepdim=True).clamp(min=1).to(cand.dtype)  # (U, 1)
             for a, h in attrs.items():
                 if a in cand_emb:  # mean similarity of the candidate's value to
-                    # the history's: ~1 per identical id at init (no padding)
-                    dots = (h @ cand_emb[a][:, :, None])[..., 0]  # (B, L)
-                    parts[f"match.{s}.{a}"] = dots.sum(-1, keepdim=True) / (e * count)
+                    # the history's (~1 per identical id at init; padding rows
+                    # are 0): sum_l h_l . c = (sum_l h_l) . c, the history's
+                    # sum once per user row
+                    pooled = per_candidate(h.sum(1) / (e * count))  # (B, e)
+                    dots = pooled[:, None, :] @ cand_emb[a][:, :, None]  # (B, 1, 1)
+                    parts[f"match.{s}.{a}"] = dots[:, 0]  # (B, 1)
         for s, (h, m) in encoded.items():
-            t = self.target[s](cand, h, m)  # (B, D)
+            t = self.target[s](cand, h, m, user_index)  # (B, D)
             parts[f"target.{s}"] = t
             parts[f"cross.{s}"] = cand * t  # (B, D): DIN-style interaction
         return self.head_out(self.head_in(parts))[:, 0]  # (B,)
@@ -343,7 +342,7 @@ def flops_per_sample(
     cfg: ModelConfig,
     features: Features = None,
     seq_lens: Mapping[str, int] | None = None,
-    part: Literal["ctr", "user_tower"] = "ctr",
+    part: Literal["ctr", "user_tower", "request_user"] = "ctr",
 ) -> int:
     """Analytic FLOPs (2 x multiply-accumulates) of one sample's forward pass.
 
@@ -355,7 +354,10 @@ def flops_per_sample(
         cfg: the model's shapes.
         features: the feature set of the pass (default: all).
         seq_lens: padded history length per source (default ``cfg.max_seq_len``).
-        part: ``"ctr"`` (the whole model) or ``"user_tower"``.
+        part: ``"ctr"`` (the whole model), ``"user_tower"``, or
+            ``"request_user"``: what a ranking request computes once per user
+            (``forward(user_index=...)``): the user tower and the target
+            attention's K/V projection of each history.
     """
     fs = FeatureSet.of(features)
     seq_lens = seq_lens or {}
@@ -372,10 +374,12 @@ def flops_per_sample(
         per_layer += 2 * length * d * m  # MLP
         macs += cfg.n_layers * per_layer
         macs += 2 * length * d  # attention pooling: scores + weighted sum
-        if part == "ctr":  # target attention: q, kv, scores, mix, out
-            macs += d * d + length * 2 * d * d + 2 * length * d + d * d
+        if part != "user_tower":  # target attention's K/V of the history
+            macs += length * 2 * d * d
+        if part == "ctr":  # target attention: q, scores, mix, out
+            macs += d * d + 2 * length * d + d * d
             n_match = sum(1 for a in used if a != DWELL and a in fs.candidate)
-            macs += n_match * length * e  # match: history x candidate dots
+            macs += n_match * e  # match: the history's sum . the candidate
     if enabled:
         macs += len(enabled) * d * cfg.user_dim  # user_proj
     if part == "ctr":

@@ -151,8 +151,11 @@ class MultiHeadSelfAttention(nn.Module):
 class TargetAttention(nn.Module):
     """A query vector (the candidate ad) attends over an encoded history.
 
-    Shapes: ``forward(query (B, D), keys (B, L, D), mask (B, L))`` -> (B, D);
-    a row without real events gives exactly zeros.
+    Shapes: ``forward(query (B, D), keys (U, L, D), mask (U, L), user_index
+    (B,))`` -> (B, D); without ``user_index``, U = B (one history a query).
+    The keys' K/V projection depends on the history alone, so serving runs it
+    once per user row and only gathers it per candidate. A row without real
+    events gives exactly zeros.
     """
 
     def __init__(self, d_model: int, n_heads: int) -> None:
@@ -162,11 +165,19 @@ class TargetAttention(nn.Module):
         self.kv = nn.Linear(d_model, 2 * d_model)
         self.out = nn.Linear(d_model, d_model)
 
-    def forward(self, query: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
+    def forward(
+        self,
+        query: Tensor,
+        keys: Tensor,
+        mask: Tensor,
+        user_index: Tensor | None = None,
+    ) -> Tensor:
         d = keys.shape[-1]
         q = _heads(self.q(query)[:, None, :], self.n_heads)  # (B, H, 1, dh)
         q = q * (d // self.n_heads) ** -0.5
         k, v = (_heads(t, self.n_heads) for t in self.kv(keys).split(d, -1))
+        if user_index is not None:  # (U, H, L, dh) -> (B, H, L, dh)
+            k, v, mask = k[user_index], v[user_index], mask[user_index]
         w = masked_softmax(q @ k.transpose(-2, -1), mask[:, None, None, :])
         y = self.out(_merge(w.to(v.dtype) @ v)[:, 0])  # (B, D)
         return y * mask.any(-1, keepdim=True).to(y.dtype)

@@ -116,7 +116,7 @@ class Ranker:
             t_ms,
             self.features,
             self.samples.buffer_ms,
-            self.samples.max_seq_len,
+            self.samples.lengths(),
         )
         cols["t_ms"] = t_ms
         cand = np.concatenate(candidates).astype(np.int64, copy=False)
