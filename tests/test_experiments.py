@@ -198,16 +198,25 @@ def _check_rendered(summary, arms) -> None:
 
 def test_summarize_experiment_puts_measured_rounds_beside_what_flops_predict():
     cfg = ExperimentConfig(kind="boosting", seeds=(0,))
-    arms = ("baseline", "boost-all", "boost-selective")
+    arms = ("baseline", "boost-all", "boost-selective", "boost-selective-only")
     metrics = {
         a: {0: {"ne": 0.9, "train_examples_per_s": 100.0, "inference_qps_change": 0.0}}
         for a in arms
     }
     step = {"baseline": [100.0, 100.0], "boost-all": [80.0, 90.0]}
     step["boost-selective"] = [90.0, 95.0]
-    qps = {0: {"baseline": [10.0], "boost-all": [8.0], "boost-selective": [9.0]}}
+    step["boost-selective-only"] = [110.0, 105.0]
+    qps = {
+        0: {
+            "baseline": [10.0],
+            "boost-all": [8.0],
+            "boost-selective": [9.0],
+            "boost-selective-only": [11.0],
+        }
+    }
     flops = {"baseline": {0: 100, 1: 100}, "boost-all": {0: 200, 1: 200}}
     flops["boost-selective"] = {0: 120, 1: 200}
+    flops["boost-selective-only"] = {0: 40, 1: 200}
     cost = {
         "flops_train": flops,
         "req_flops": flops,
@@ -224,6 +233,10 @@ def test_summarize_experiment_puts_measured_rounds_beside_what_flops_predict():
     assert sel["flop_inference_change_pct"] == pytest.approx(100 * (100 / 140 - 1))
     assert sel["mflop_per_request"] == {"passive": 120e-6, "active": 200e-6}
     assert sel["inference_qps_vs_boost_all_pct"]["mean"] == pytest.approx(12.5)
+    only = s["boost-selective-only"]
+    assert only["inference_qps_vs_boost_all_pct"]["mean"] == pytest.approx(37.5)
+    # the selection reading costs less than the baseline: 100 / (0.75*40 + 0.25*200)
+    assert only["flop_inference_change_pct"] == pytest.approx(100 * (100 / 80 - 1))
     assert all(s[a]["epsilon"] == 0.3 for a in arms)
 
 
@@ -255,8 +268,11 @@ def test_inference_harness_scores_every_request_with_every_arm_each_round():
 def test_request_flops_pays_the_history_once():
     cfg = ModelConfig(max_seq_len=8)
     fs = policy_features("baseline", 1, (), FeatureSet())
-    user = flops_per_sample(cfg, fs, part="user_tower")
+    tower = flops_per_sample(cfg, fs, part="user_tower")
+    # once per user: the tower and the target attention's K/V of the history
+    user = flops_per_sample(cfg, fs, part="request_user")
     per = flops_per_sample(cfg, fs)
+    assert tower < user < per
     assert request_flops(cfg, fs, 1) == per
     assert request_flops(cfg, fs, 100) == user + 100 * (per - user)
     boosted = policy_features("boost-all", 1, (), FeatureSet())
