@@ -66,9 +66,21 @@ def _events(draw):
 
 
 @settings(max_examples=60, deadline=None)
-@given(ev=_events(), as_of=st.integers(0, 10_001), seq=st.integers(1, 6))
-def test_histories_hold_the_last_events_strictly_before_as_of(ev, as_of, seq):
-    h = user_histories({"ad_impressions": ev}, as_of, seq)
+@given(
+    ev=_events(),
+    as_of=st.integers(0, 10_001),
+    seq=st.integers(1, 6),
+    per_source=st.booleans(),
+)
+def test_histories_hold_the_last_events_strictly_before_as_of(
+    ev, as_of, seq, per_source
+):
+    """One length for all sources, or per source (a checkpoint's
+    ``SampleConfig.lengths()``, what ``dynamix embed`` passes)."""
+    lengths = {"ad_impressions": seq, "page_views": 6} if per_source else seq
+    h = user_histories({"ad_impressions": ev}, as_of, lengths)
+    if len(h["user_id"]):
+        assert h["ad_impressions.mask"].shape[1] == seq
     before = ev["ts_ms"] < as_of
     assert h["user_id"].tolist() == sorted(set(ev["user_id"][before].tolist()))
     for i, u in enumerate(h["user_id"]):

@@ -263,6 +263,37 @@ def test_ranker_cuts_histories_with_the_checkpoints_sample_settings(tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_ranker_cuts_each_source_at_the_checkpoints_own_length(tmp_path):
+    """Per-source lengths (``SampleConfig.seq_lens``) travel in the checkpoint:
+    the ranker gathers 2 page views and 4 events of every other source, and
+    scores what the model gives on exactly those rows."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(emb_dim=4, d_model=8, user_dim=8, head_hidden=16, max_seq_len=4)
+    model = DynamixCTR(cfg).eval()
+    samples = SampleConfig(max_seq_len=4, seq_lens={"page_views": 2})
+    ckpt = save_checkpoint(str(tmp_path / "c"), model, cfg, samples=samples)
+    store = _random_histories(3, seq=8, seed=5)
+    ranker = Ranker(ckpt, store, 1)
+    assert ranker.samples.seq_len("page_views") == 2
+    t = store.as_of_ms + 60_000
+    cand = [np.arange(len(CANDIDATE_ATTRIBUTES))[None] % 7]
+    got = ranker.score([10], [t], cand)[0]
+    cols = store.rows(np.array([10]), np.array([t]), None, 60_000, samples.lengths())
+    assert cols["page_views.mask"].sum() == 2
+    assert cols["ad_impressions.mask"].sum() == 4
+    cols["t_ms"] = np.array([t])
+    for j, a in enumerate(CANDIDATE_ATTRIBUTES):
+        cols[f"cand.{a}"] = cand[0][:, j]
+    with torch.no_grad():
+        want = torch.sigmoid(model(to_model_batch(cols), ranker.features)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    longer = store.rows(np.array([10]), np.array([t]), None, 60_000, 4)
+    cols.update({k: v for k, v in longer.items() if k.startswith("page_views.")})
+    with torch.no_grad():
+        other = torch.sigmoid(model(to_model_batch(cols), ranker.features)).numpy()
+    assert not np.allclose(got, other)  # the length is not a no-op
+
+
 def _cfg(**over) -> AppConfig:
     spec = {"checkpoint": "c"}
     return AppConfig.model_validate(

@@ -65,6 +65,8 @@ from dynamix_ray.segments.stats import (
 )
 
 __all__ = [
+    "ACTIVE_COUNTS",
+    "BUCKET_COUNTS",
     "SEGMENT_SCHEMA",
     "STAT_SOURCES",
     "SegmentResult",
@@ -239,6 +241,19 @@ def bucket_counts(stats: Columns, min_events: int) -> dict[str, int]:
     }
 
 
+#: The keys of :func:`bucket_counts` and of :func:`active_counts`: the
+#: table's additive counts (``_meta.json`` ``counts``), summed over buckets.
+BUCKET_COUNTS = (
+    "rows",
+    "eligible",
+    "impressions",
+    "eligible_impressions",
+    "filtered",
+    "users",
+)
+ACTIVE_COUNTS = ("active_rows", "active_impressions")
+
+
 def active_counts(stats: Columns, min_events: int, epsilon: float) -> dict[str, int]:
     """One bucket's active rows and their impressions at ``epsilon``, from the
     same ``|corr|`` finalize compares with it."""
@@ -392,17 +407,7 @@ def run_segment(
     with publish(out_fs, out_root, ["stats", "segments"]) as version:
         # what the tasks resolve: this run's version folders
         tmp = {t: url_of(out_fs, version.path(t)) for t in ("segments", "stats")}
-        counts: dict[str, Any] = dict.fromkeys(
-            (
-                "rows",
-                "eligible",
-                "impressions",
-                "eligible_impressions",
-                "filtered",
-                "users",
-            ),
-            0,
-        )
+        counts: dict[str, Any] = dict.fromkeys(BUCKET_COUNTS, 0)
         first: list[Any] = []
         phases = {"store": time.perf_counter() - t0}
         t_phase = time.perf_counter()
@@ -464,7 +469,7 @@ def run_segment(
         phases["epsilon"] = time.perf_counter() - t_phase
         t_phase = time.perf_counter()
 
-        counts.update(active_rows=0, active_impressions=0)
+        counts.update(dict.fromkeys(ACTIVE_COUNTS, 0))
         for r in map_items(
             _finalize_task,
             items,

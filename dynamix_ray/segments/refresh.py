@@ -55,6 +55,8 @@ from dynamix_ray.io import (
 from dynamix_ray.runtime import ensure_ray, map_items
 from dynamix_ray.schema import SOURCES
 from dynamix_ray.segments.pipeline import (
+    ACTIVE_COUNTS,
+    BUCKET_COUNTS,
     SEGMENT_SCHEMA,
     STAT_SOURCES,
     SegmentResult,
@@ -101,16 +103,7 @@ REFRESH_PARAMS = (
     "min_events",
 )
 
-_COUNTS = (
-    "rows",
-    "eligible",
-    "impressions",
-    "eligible_impressions",
-    "filtered",
-    "users",
-    "active_rows",
-    "active_impressions",
-)
+_COUNTS = BUCKET_COUNTS + ACTIVE_COUNTS
 
 
 def table_config(meta: dict[str, Any]) -> SegmentConfig:
