@@ -655,6 +655,16 @@ def _train_arms(
     return metrics, tuple(removed or ()), importance
 
 
+def _spread_text(spread: dict[str, Any] | None) -> str:
+    """``; over N seeds m ± s`` of the separation epsilons (empty without)."""
+    if not spread or len(spread["values"]) < 2:
+        return ""
+    return (
+        f"; over {len(spread['values'])} seeds {format_or_dash(spread['mean'])} "
+        f"± {format_or_dash(spread['std'])}"
+    )
+
+
 def _epsilon_line(eps: dict[str, Any]) -> str:
     sep, cal = eps["separation"], eps["calibrated"]
     return (
@@ -668,6 +678,7 @@ def _epsilon_line(eps: dict[str, Any]) -> str:
             if sep["epsilon"] is not None
             else "none (no threshold leaves both sides large enough)"
         )
+        + _spread_text(eps.get("separation_by_seed"))
     )
 
 
@@ -835,6 +846,13 @@ def run_experiment(
     _log(progress, "  epsilon: NE-separation sweep on the evaluation rows ...")
     rows = _eval_rows(metrics["baseline"][cfg.seeds[0]]["checkpoint"], data)
     eps = epsilon_study(rows, segments_url, cfg.sweep_points, cfg.min_side_share)
+    # the spread of the paper's rule over seeds: each seed's baseline sweeps
+    by_seed = [eps["separation"]["epsilon"]]
+    for seed in cfg.seeds[1:]:
+        other = _eval_rows(metrics["baseline"][seed]["checkpoint"], data)
+        study = epsilon_study(other, segments_url, cfg.sweep_points, cfg.min_side_share)
+        by_seed.append(study["separation"]["epsilon"])
+    eps["separation_by_seed"] = mean_std(by_seed)
     _log(progress, _epsilon_line(eps))
 
     _log(progress, "  training-step throughput (arms interleaved) ...")

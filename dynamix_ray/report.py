@@ -702,6 +702,14 @@ def render_html(
             f"<td>{format_or_dash(e['separation'], '+.4f')}</td></tr>"
         )
     parts.append("</table>")
+    spread = eps.get("separation_by_seed")
+    if spread and len(spread["values"]) > 1:
+        parts.append(
+            f"<p>NE-separation epsilon of each seed's baseline: "
+            f"{html.escape(', '.join(format_or_dash(v) for v in spread['values']))} "
+            f"(mean {format_or_dash(spread['mean'])}, std "
+            f"{format_or_dash(spread['std'])}).</p>"
+        )
     rec = results.get("truth_recovery")
     if rec:
         parts.append(

@@ -194,6 +194,14 @@ def _check_rendered(summary, arms) -> None:
     assert "1,234 segment rows" in page and "src='dwell.png'" in page
     assert "a &lt;caption&gt;" in page and "in-process &lt;1 thread&gt;" in page
     assert "class='note'>a note" in page and "Table 3 analog" in page
+    # the separation epsilon of each seed's baseline, when there are several
+    results["epsilon"]["separation_by_seed"] = {
+        "mean": 0.25,
+        "std": 0.05,
+        "values": [0.2, 0.3, None],
+    }
+    page = render_html(results, 1234, [], [])
+    assert "baseline: 0.2000, 0.3000, – (mean 0.2500, std 0.0500)" in page
 
 
 def test_summarize_experiment_puts_measured_rounds_beside_what_flops_predict():
