@@ -152,13 +152,13 @@ def user_histories(
     if n == 0:
         return {"user_id": users}
     # the rule's bound is t - buffer: a pseudo request at as_of + buffer
-    if isinstance(max_seq_len, int):
-        cfg = SampleConfig(max_seq_len=max_seq_len, buffer_s=buffer_s)
-    else:
+    if isinstance(max_seq_len, Mapping):
         longest = max(max_seq_len.values())
         cfg = SampleConfig(
             max_seq_len=longest, buffer_s=buffer_s, seq_lens=tuple(max_seq_len.items())
         )
+    else:
+        cfg = SampleConfig(max_seq_len=int(max_seq_len), buffer_s=buffer_s)
     pseudo = {"user_id": users, "t_ms": np.full(n, as_of_ms + cfg.buffer_ms, np.int64)}
     hist = {s: ev for s, ev in evs.items() if s in HISTORY_SOURCES}
     out = attach_histories(pseudo, hist, cfg)

@@ -675,6 +675,16 @@ def render_html(
             f"<p>boost-selective vs boost-all inference QPS: {_fmt(bs, 1, True)} "
             f"(paper: +{results['paper']['boost-selective']['inference_qps_vs_boost_all_pct']}%).</p>"
         )
+    only = results["arms"].get("boost-selective-only", {})
+    if only.get("inference_qps_vs_boost_all_pct"):
+        paper_only = results["paper"].get("boost-selective-only", {})
+        parts.append(
+            "<p>boost-selective-only (the selection reading: passive users get "
+            "the organic history alone) vs boost-all inference QPS: "
+            f"{_fmt(only['inference_qps_vs_boost_all_pct'], 1, True)}; vs the "
+            "baseline it is in the table (paper, selective boosting vs "
+            f"baseline: +{paper_only.get('inference_qps_pct', '–')}%).</p>"
+        )
     removed, planted = results["removed"], results["planted_no_signal"]
     if any(a.startswith("remove-") for a in results["arms"]):
         parts.append(

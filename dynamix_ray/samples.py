@@ -128,6 +128,13 @@ class SampleConfig:
     def __post_init__(self) -> None:
         if self.max_seq_len < 1:
             raise ValueError(f"max_seq_len must be >= 1, got {self.max_seq_len}")
+        if self.buffer_s < 0 or self.horizon_s < 0:
+            raise ValueError(
+                f"buffer_s and horizon_s must be >= 0, got {self.buffer_s}, "
+                f"{self.horizon_s}"
+            )
+        if self.eval_days < 1:
+            raise ValueError(f"eval_days must be >= 1, got {self.eval_days}")
         lens = dict(self.seq_lens)  # a mapping, pairs, or JSON's lists
         unknown = sorted(set(lens) - set(HISTORY_SOURCES))
         if unknown:
@@ -150,13 +157,6 @@ class SampleConfig:
     def lengths(self) -> dict[str, int]:
         """L of every history source."""
         return {s: self.seq_len(s) for s in HISTORY_SOURCES}
-        if self.buffer_s < 0 or self.horizon_s < 0:
-            raise ValueError(
-                f"buffer_s and horizon_s must be >= 0, got {self.buffer_s}, "
-                f"{self.horizon_s}"
-            )
-        if self.eval_days < 1:
-            raise ValueError(f"eval_days must be >= 1, got {self.eval_days}")
 
     @property
     def buffer_ms(self) -> int:
@@ -166,9 +166,9 @@ class SampleConfig:
 def seq_len_of(lengths: int | Mapping[str, int], source: str, default: int) -> int:
     """One source's history length from one length for all sources or a
     per-source mapping (a source it lacks gets ``default``)."""
-    if isinstance(lengths, int):
-        return lengths
-    return int(lengths.get(source, default))
+    if isinstance(lengths, Mapping):
+        return int(lengths.get(source, default))
+    return int(lengths)
 
 
 # ------------------------------------------------------------------ plain core

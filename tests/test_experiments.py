@@ -243,6 +243,30 @@ def test_summarize_experiment_puts_measured_rounds_beside_what_flops_predict():
     assert sel["inference_qps_vs_boost_all_pct"]["mean"] == pytest.approx(12.5)
     only = s["boost-selective-only"]
     assert only["inference_qps_vs_boost_all_pct"]["mean"] == pytest.approx(37.5)
+    from dynamix_ray.experiments import PAPER
+    from dynamix_ray.report import render_html
+
+    page = render_html(
+        {
+            "kind": "boosting",
+            "seeds": [0],
+            "inference_harness": "h",
+            "tables": {"boosting": list(arms)},
+            "arms": s,
+            "epsilon": {
+                "calibrated": {"epsilon": None},
+                "separation": {"epsilon": None},
+            },
+            "removed": [],
+            "planted_no_signal": [],
+            "paper": PAPER,
+        },
+        1,
+        [],
+        [],
+    )
+    assert "boost-selective-only (the selection reading" in page
+    assert "baseline: +4.2%" in page
     # the selection reading costs less than the baseline: 100 / (0.75*40 + 0.25*200)
     assert only["flop_inference_change_pct"] == pytest.approx(100 * (100 / 80 - 1))
     assert all(s[a]["epsilon"] == 0.3 for a in arms)

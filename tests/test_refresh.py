@@ -5,6 +5,7 @@ what a full run on all the files gives, whatever the order they came in."""
 from __future__ import annotations
 
 import itertools
+import json
 import uuid
 
 import fsspec
@@ -34,7 +35,16 @@ T0 = 1_767_571_200_000  # 2026-01-05 00:00 UTC
 CFG = SegmentConfig(
     window_s=600, buffer_s=60, horizon_s=300, epsilon=0.2, num_buckets=3
 )
-_COUNTED = ("rows", "eligible", "impressions", "filtered", "users", "active_rows")
+_COUNTED = (
+    "rows",
+    "eligible",
+    "impressions",
+    "eligible_impressions",
+    "filtered",
+    "users",
+    "active_rows",
+    "active_impressions",
+)
 
 
 def _write(root: str, name: str, imps: dict, convs: dict) -> None:
@@ -234,6 +244,22 @@ def test_a_changed_file_or_other_settings_are_refused():
             SegmentConfig(**{**CFG.__dict__, "epsilon": 0.5}),
             progress=False,
         )
+    # a refresh keeps the table's epsilon: it cannot recalibrate to traffic
+    no_eps = {**CFG.__dict__, "epsilon": None, "active_traffic": 0.5}
+    with pytest.raises(ValueError, match="active_traffic"):
+        run_refresh(
+            f"{base}/events", f"{base}/out", SegmentConfig(**no_eps), progress=False
+        )
+    # a table from before the traffic counts: a clear error, not a KeyError
+    fs, root = resolve(f"{base}/out")
+    meta_path = f"{version_folder(fs, root, 'segments')}/_meta.json"
+    meta = json.loads(fs.cat_file(meta_path))
+    new_keys = ("eligible_impressions", "active_impressions")
+    old = {k: v for k, v in meta["counts"].items() if k not in new_keys}
+    fs.pipe_file(meta_path, json.dumps({**meta, "counts": old}).encode())
+    with pytest.raises(ValueError, match="predates the counts"):
+        run_refresh(f"{base}/events", f"{base}/out", CFG, progress=False)
+    fs.pipe_file(meta_path, json.dumps(meta).encode())
     pick = {c: v[:100] for c, v in imps.items()}
     _write(f"{base}/events", "a", pick, {c: v[:10] for c, v in convs.items()})
     with pytest.raises(ValueError, match="append-only"):

@@ -286,6 +286,14 @@ def test_per_source_lengths_are_checked_and_survive_json():
         SampleConfig(seq_lens={"clicks": 2})
     with pytest.raises(ValueError, match="max_seq_len=8"):
         SampleConfig(max_seq_len=8, seq_lens={"page_views": 9})
+    with pytest.raises(ValueError, match="buffer_s and horizon_s"):
+        SampleConfig(buffer_s=-5)
+    with pytest.raises(ValueError, match="eval_days"):
+        SampleConfig(eval_days=0)
+    from dynamix_ray.samples import seq_len_of
+
+    assert seq_len_of(np.int64(5), "page_views", 8) == 5  # numpy ints too
+    assert seq_len_of({"page_views": 2}, "organic_impressions", 8) == 8
 
 
 def test_prod_preset_makes_history_encoding_dominate():

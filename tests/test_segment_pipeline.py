@@ -180,6 +180,9 @@ def test_active_traffic_calibrates_on_impressions_and_records_both_shares(
     a = np.abs(st.column("mean_near").to_numpy() - st.column("mean_far").to_numpy())
     want = calibrate_epsilon_traffic(a[ok], imps[ok], int(imps.sum()), 0.3)
     meta, c = result.meta, result.meta["counts"]
+    # a target the eligible rows can meet: the search had to find a threshold
+    assert 0 < meta["epsilon_calibration"]["eligible_target"] < 1
+    assert 0 < c["active_impressions"] < c["eligible_impressions"]
     assert meta["epsilon"] == want
     assert meta["epsilon_source"] == "calibrated to active_traffic=0.3"
     assert c["impressions"] == imps.sum()

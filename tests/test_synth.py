@@ -167,6 +167,33 @@ def test_passive_history_signal_makes_passive_engagement_noise():
         assert own[signal][1] == pytest.approx(0.7 + 0.3 * chance, abs=0.02)
 
 
+def test_switchers_engagement_follows_their_active_block():
+    """A switcher is passive outside its 12-hour block: its page views carry
+    the cluster inside the block only; at 1.0, the old world bit for bit."""
+    from dynamix_ray.synth import _HOUR_MS, _PAGE_ID0, _SWITCH_HOURS
+
+    key = "users=600, days=1, seed=3, switcher_share=0.5"
+    roots = {}
+    for signal in (1.0, 0.1):
+        roots[signal] = f"memory://synth-{uuid.uuid4().hex[:8]}"
+        cfg = GenerateConfig(
+            users=600, days=1, seed=3, switcher_share=0.5, passive_history_signal=signal
+        )
+        generate(roots[signal], cfg, None)
+    assert _engagement_digest(roots[1.0]) == OLD_ENGAGEMENT[key]
+    users = read_truth_users(roots[0.1]).to_pandas().set_index("user_id")
+    pages = _read(roots[0.1], "page_views").to_pandas().dropna(subset=["user_id"])
+    pages = pages[pages["user_id"].isin(users.index[users["kind"] == 2])]
+    u = users.loc[pages["user_id"].to_numpy()]
+    hour = (pages["ts"].to_numpy() // _HOUR_MS) % 24
+    inside = ((hour - u["switch_start_hour"].to_numpy()) % 24) < _SWITCH_HOURS
+    cluster = (pages["page_id"].to_numpy() - _PAGE_ID0) % 16
+    same = cluster == u["cluster"].to_numpy()
+    chance = 1 / 16
+    assert same[inside].mean() == pytest.approx(0.7 + 0.3 * chance, abs=0.03)
+    assert same[~inside].mean() == pytest.approx(0.07 + 0.93 * chance, abs=0.03)
+
+
 def test_near_sigma_scale_widens_active_users_near_dwell_only():
     """``near_sigma_scale`` plants unequal variances (docs/segments.md): the
     active users' near log-dwell spreads wider than their far one; the

@@ -462,8 +462,20 @@ def run_segment(
                     counts["impressions"],
                 )
                 eps_source = f"calibrated to active_traffic={cfg.active_traffic}"
+                if target > 1:
+                    log.warning(
+                        "segment: only %.4f of the ad traffic is in eligible "
+                        "windows, below --active-traffic %s: every eligible row "
+                        "is made active",
+                        counts["eligible_impressions"] / max(1, counts["impressions"]),
+                        cfg.active_traffic,
+                    )
             epsilon, search = select.calibrate_epsilon_distributed_stats(ask, target)
-            calibration = {**asdict(search), "eligible_target": target}
+            calibration = {
+                **asdict(search),
+                # the share of eligible rows (or their traffic) asked for
+                "eligible_target": target if counts["eligible"] else None,
+            }
         else:
             epsilon, eps_source = float(cfg.epsilon), "given"
         phases["epsilon"] = time.perf_counter() - t_phase

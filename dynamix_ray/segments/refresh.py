@@ -303,9 +303,20 @@ def _check_params(prev: dict[str, Any], cfg: SegmentConfig, out_url: str) -> Non
     """Raises ValueError when ``cfg`` asks for other statistic parameters, or
     another epsilon, than the published table was made with."""
     params = prev["params"]
+    missing = [k for k in _COUNTS if k not in prev["counts"]]
+    if missing:
+        raise ValueError(
+            f"{out_url}: the published table predates the counts {missing} "
+            "(ad traffic per segment); run `dynamix segment` without "
+            "--incremental once"
+        )
     differ = [k for k in REFRESH_PARAMS if params.get(k) != getattr(cfg, k)]
     if cfg.epsilon is not None and cfg.epsilon != prev["epsilon"]:
         differ.append("epsilon")
+    if cfg.active_traffic is not None and cfg.active_traffic != params.get(
+        "active_traffic"
+    ):
+        differ.append("active_traffic")
     if cfg.num_buckets is not None and cfg.num_buckets != prev["num_buckets"]:
         differ.append("num_buckets")
     if differ:
