@@ -22,6 +22,8 @@ from dynamix_ray.config import SegmentConfig
 from dynamix_ray.events import open_store, run_bucket
 from dynamix_ray.io import resolve, version_folder
 from dynamix_ray.segments.pipeline import (
+    ACTIVE_COUNTS,
+    BUCKET_COUNTS,
     read_segments,
     read_segments_meta,
     run_segment,
@@ -35,16 +37,8 @@ T0 = 1_767_571_200_000  # 2026-01-05 00:00 UTC
 CFG = SegmentConfig(
     window_s=600, buffer_s=60, horizon_s=300, epsilon=0.2, num_buckets=3
 )
-_COUNTED = (
-    "rows",
-    "eligible",
-    "impressions",
-    "eligible_impressions",
-    "filtered",
-    "users",
-    "active_rows",
-    "active_impressions",
-)
+#: every additive count of the table (the traffic counts included)
+_COUNTED = BUCKET_COUNTS + ACTIVE_COUNTS
 
 
 def _write(root: str, name: str, imps: dict, convs: dict) -> None:

@@ -235,6 +235,16 @@ def test_a_request_before_the_snapshot_sees_no_later_events(tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+def _model_scores(model, ranker, cols, t, cand) -> np.ndarray:
+    """The model's probabilities for history columns ``cols`` at ``t`` and the
+    candidate rows ``cand``, under the ranker's feature set."""
+    cols = {**cols, "t_ms": np.array([t])}
+    for j, a in enumerate(CANDIDATE_ATTRIBUTES):
+        cols[f"cand.{a}"] = cand[:, j]
+    with torch.no_grad():
+        return torch.sigmoid(model(to_model_batch(cols), ranker.features)).numpy()
+
+
 def test_ranker_cuts_histories_with_the_checkpoints_sample_settings(tmp_path):
     """Serving reads the sequence length and the buffer from the checkpoint,
     not from defaults: a model trained with L = 4 and a 10-minute buffer sees
@@ -255,11 +265,7 @@ def test_ranker_cuts_histories_with_the_checkpoints_sample_settings(tmp_path):
         if k.endswith(".ts_ms"):
             assert (v[cols[k[:-5] + "mask"]] < t - 600_000).all()
             assert cols[k[:-5] + "mask"].sum() <= 4
-    cols["t_ms"] = np.array([t])
-    for j, a in enumerate(CANDIDATE_ATTRIBUTES):
-        cols[f"cand.{a}"] = cand[0][:, j]
-    with torch.no_grad():
-        want = torch.sigmoid(model(to_model_batch(cols), ranker.features)).numpy()
+    want = _model_scores(model, ranker, cols, t, cand[0])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -281,16 +287,11 @@ def test_ranker_cuts_each_source_at_the_checkpoints_own_length(tmp_path):
     cols = store.rows(np.array([10]), np.array([t]), None, 60_000, samples.lengths())
     assert cols["page_views.mask"].sum() == 2
     assert cols["ad_impressions.mask"].sum() == 4
-    cols["t_ms"] = np.array([t])
-    for j, a in enumerate(CANDIDATE_ATTRIBUTES):
-        cols[f"cand.{a}"] = cand[0][:, j]
-    with torch.no_grad():
-        want = torch.sigmoid(model(to_model_batch(cols), ranker.features)).numpy()
+    want = _model_scores(model, ranker, cols, t, cand[0])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     longer = store.rows(np.array([10]), np.array([t]), None, 60_000, 4)
     cols.update({k: v for k, v in longer.items() if k.startswith("page_views.")})
-    with torch.no_grad():
-        other = torch.sigmoid(model(to_model_batch(cols), ranker.features)).numpy()
+    other = _model_scores(model, ranker, cols, t, cand[0])
     assert not np.allclose(got, other)  # the length is not a no-op
 
 
