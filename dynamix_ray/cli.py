@@ -515,6 +515,13 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
         + ". Re-running with the same OUT resumes each run.",
     )
     p.add_argument("kind", choices=sorted(ARMS), help="which table's arms")
+    p.add_argument(
+        "--skip-arms",
+        default="",
+        metavar="ARMS",
+        help="comma-separated arms of KIND not to run (never the baseline), "
+        "e.g. boost-selective-only",
+    )
     p.add_argument("events", help="dataset root (docs/contract.md §1)")
     p.add_argument("segments", help="output root of `dynamix segment`")
     p.add_argument("out", help="output folder (runs/, results.json, report/)")
@@ -1127,6 +1134,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         cpus_per_worker=args.cpus_per_worker,
         use_gpu=args.use_gpu,
         removed=removed,
+        skip_arms=tuple(a for a in args.skip_arms.split(",") if a),
         candidates=args.candidates,
         qps_requests=args.qps_requests,
         qps_rounds=args.qps_rounds,

@@ -126,6 +126,8 @@ class ExperimentConfig:
         scored by every arm), rounds.
     step_batches / step_rounds: training-step harness: fixed batches per
         round, rounds.
+    skip_arms: arms of ``kind`` not to run (never the baseline), e.g. the
+        demo's ``("boost-selective-only",)``, to stay in its time budget.
     sweep_points: epsilons in the NE-separation sweep.
     min_side_share: a sweep point needs this share of rows on each side.
     """
@@ -148,11 +150,19 @@ class ExperimentConfig:
     step_rounds: int = 3
     sweep_points: int = 37
     min_side_share: float = 0.05
+    skip_arms: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in ARMS:
             raise ValueError(
                 f"experiment kind {self.kind!r}: expected one of {sorted(ARMS)}"
+            )
+        others = ARMS[self.kind][1:]  # the baseline comes first
+        bad = sorted(set(self.skip_arms) - set(others))
+        if bad:
+            raise ValueError(
+                f"skip_arms {bad}: can skip only arms of {self.kind!r} other than "
+                f"the baseline: {', '.join(others)}"
             )
         if not self.seeds:
             raise ValueError("seeds: at least one seed is needed")
@@ -161,6 +171,11 @@ class ExperimentConfig:
         for name in ("qps_requests", "qps_rounds", "step_batches", "step_rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def arms(self) -> tuple[str, ...]:
+        """The arms this experiment runs: ``ARMS[kind]`` less ``skip_arms``."""
+        return tuple(a for a in ARMS[self.kind] if a not in self.skip_arms)
 
 
 # ----------------------------------------------------------------- plain core
@@ -600,7 +615,7 @@ def _train_arms(
     """
 
     events_url, segments_url, out_dir = urls
-    arms = ARMS[cfg.kind]
+    arms = cfg.arms
     metrics: dict[str, dict[int, dict[str, Any]]] = {a: {} for a in arms}
     removed = cfg.removed
     importance = None
@@ -698,7 +713,7 @@ def _inference(
     """
 
     events_url, segments_url, out_dir = urls
-    arms = ARMS[cfg.kind]
+    arms = cfg.arms
     hist_root = f"{out_dir}/histories"
     run_histories(
         data.store.url, hist_root, None, cfg.samples.max_seq_len, progress=False
@@ -745,7 +760,7 @@ def summarize_experiment(
             ``share_train`` and ``share_inf`` (active shares).
         epsilon: the calibrated epsilon the table was segmented with.
     """
-    arms = ARMS[cfg.kind]
+    arms = cfg.arms
     summary = summarize_arms(arms, metrics)
     flops_train, req_flops = cost["flops_train"], cost["req_flops"]
     for a in arms:
@@ -810,7 +825,7 @@ def run_experiment(
     import ray
 
     cfg = cfg or ExperimentConfig()
-    arms = ARMS[cfg.kind]
+    arms = cfg.arms
     t_start = time.perf_counter()
     out_dir = os.path.abspath(out_dir)
     events_url, segments_url = absolute_url(events_url), absolute_url(segments_url)

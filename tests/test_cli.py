@@ -263,8 +263,7 @@ def test_demo_runs_end_to_end_on_tiny_sizes(ray_session, tmp_path, capsys):
         "remove-active",
         "boost-all",
         "boost-selective",
-        "boost-selective-only",
-    }
+    }  # boost-selective-only is left out of the demo (demo.DEMO_SKIPS)
     assert results["tables"]["removal"] == [
         "baseline",
         "remove-passive",

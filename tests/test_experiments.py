@@ -321,6 +321,18 @@ def test_experiment_config_rejects_what_cannot_run():
         ExperimentConfig(seeds=(1, 1))
     with pytest.raises(ValueError, match="qps_rounds"):
         ExperimentConfig(qps_rounds=0)
+    with pytest.raises(ValueError, match="other than the baseline"):
+        ExperimentConfig(kind="boosting", skip_arms=("baseline",))
+    with pytest.raises(ValueError, match="other than the baseline"):
+        ExperimentConfig(kind="removal", skip_arms=("boost-all",))
+    cfg = ExperimentConfig(kind="all", skip_arms=("boost-selective-only",))
+    assert cfg.arms == (
+        "baseline",
+        "remove-passive",
+        "remove-active",
+        "boost-all",
+        "boost-selective",
+    )
 
 
 def test_every_plot_writes_a_png(tmp_path):
