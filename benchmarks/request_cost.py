@@ -48,7 +48,7 @@ from dynamix_ray.experiments import (  # noqa: E402
     predicted_gain,
     request_flops_by_arm,
 )
-from dynamix_ray.features import POLICIES, policy_features, to_model_batch  # noqa: E402
+from dynamix_ray.features import POLICIES, policy_features  # noqa: E402
 from dynamix_ray.histories import read_histories, run_histories  # noqa: E402
 from dynamix_ray.loader import features_of  # noqa: E402
 from dynamix_ray.model import DynamixCTR, flops_per_sample  # noqa: E402
@@ -56,7 +56,6 @@ from dynamix_ray.model.checkpoint import save_checkpoint  # noqa: E402
 from dynamix_ray.presets import model_preset  # noqa: E402
 from dynamix_ray.runtime import ensure_ray  # noqa: E402
 from dynamix_ray.samples import SampleConfig  # noqa: E402
-from dynamix_ray.schema import CANDIDATE_ATTRIBUTES  # noqa: E402
 from dynamix_ray.segments.pipeline import read_segments_meta, run_segment  # noqa: E402
 from dynamix_ray.synth import NO_SIGNAL_ATTRIBUTES  # noqa: E402
 
@@ -68,18 +67,7 @@ def encoding_share(ranker: Any, requests: list[Any], repeats: int = 3) -> float:
 
     shares = []
     for _, user, ts, cands in requests:
-        cols = ranker.histories.rows(
-            np.array([user]),
-            np.array([ts]),
-            ranker.features,
-            ranker.samples.buffer_ms,
-            ranker.samples.lengths(),
-        )
-        cols["t_ms"] = np.array([ts])
-        for j, a in enumerate(CANDIDATE_ATTRIBUTES):
-            cols[f"cand.{a}"] = cands[:, j]
-        batch = to_model_batch(cols)
-        index = torch.zeros(len(cands), dtype=torch.int64)
+        batch, index = ranker.batch([user], [ts], [cands])  # as score() builds it
         t_user, t_all = [], []
         with torch.inference_mode():
             for _ in range(repeats):

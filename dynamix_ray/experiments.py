@@ -423,16 +423,18 @@ def epsilon_study(
     segments_url: str,
     points: int = 37,
     min_side_share: float = 0.05,
+    table: Any = None,
 ) -> dict[str, Any]:
     """The NE-separation sweep beside the segment table's calibrated epsilon.
 
     Each evaluation row gets ``|corr|`` of its user's last window ended at or
     before it (as its segment), and the sweep measures the baseline's NE on
-    each side of every epsilon.
+    each side of every epsilon. ``table``: the segment table, when the caller
+    has read it already (several seeds' sweeps read it once).
     """
     import pandas as pd
 
-    table = read_segments(segments_url)
+    table = read_segments(segments_url) if table is None else table
     corr = table.column("corr").to_numpy(zero_copy_only=False).astype(np.float64)
     seg_rows = segment_rows(table)
     uniques = pd.Index(pd.unique(rows["user_id"]))
@@ -860,12 +862,15 @@ def run_experiment(
 
     _log(progress, "  epsilon: NE-separation sweep on the evaluation rows ...")
     rows = _eval_rows(metrics["baseline"][cfg.seeds[0]]["checkpoint"], data)
-    eps = epsilon_study(rows, segments_url, cfg.sweep_points, cfg.min_side_share)
+    table = read_segments(segments_url)
+    eps = epsilon_study(rows, segments_url, cfg.sweep_points, cfg.min_side_share, table)
     # the spread of the paper's rule over seeds: each seed's baseline sweeps
     by_seed = [eps["separation"]["epsilon"]]
     for seed in cfg.seeds[1:]:
         other = _eval_rows(metrics["baseline"][seed]["checkpoint"], data)
-        study = epsilon_study(other, segments_url, cfg.sweep_points, cfg.min_side_share)
+        study = epsilon_study(
+            other, segments_url, cfg.sweep_points, cfg.min_side_share, table
+        )
         by_seed.append(study["separation"]["epsilon"])
     eps["separation_by_seed"] = mean_std(by_seed)
     _log(progress, _epsilon_line(eps))

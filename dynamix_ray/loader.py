@@ -156,7 +156,8 @@ class LoaderSpec:
         return EventStore(self.store_url, self.num_buckets, self.store_meta)
 
     def seq_len(self, source: str) -> int:
-        return int(dict(self.seq_lens).get(source, self.max_seq_len))
+        """L of ``source``, by ``SampleConfig.seq_len``'s rule."""
+        return seq_len_of(dict(self.seq_lens), source, self.max_seq_len)
 
     def features(self, segment: int) -> FeatureSet:
         return policy_features(self.policy, segment, self.removed, self.available)

@@ -152,7 +152,7 @@ class SampleConfig:
 
     def seq_len(self, source: str) -> int:
         """L of ``source``: its entry of ``seq_lens``, else ``max_seq_len``."""
-        return int(dict(self.seq_lens).get(source, self.max_seq_len))
+        return seq_len_of(dict(self.seq_lens), source, self.max_seq_len)
 
     def lengths(self) -> dict[str, int]:
         """L of every history source."""

@@ -73,6 +73,8 @@ _DAY_MS = 86_400_000
 _HOUR_MS = 3_600_000
 _BUFFER_MS, _HORIZON_MS = 60_000, 300_000
 _SWITCH_HOURS = 12
+#: Share of an active user's organic and page events from their own cluster.
+_ENGAGEMENT_OWN = 0.7
 _AD_ID0, _CONTENT_ID0, _PAGE_ID0 = 1_000_000, 5_000_000, 9_000_000
 
 
@@ -257,10 +259,12 @@ def _interest_events(
         per_session,
     )
     n = len(uidx)
-    own: float | np.ndarray = 0.7
+    own: float | np.ndarray = _ENGAGEMENT_OWN
     if cfg.passive_history_signal != 1.0:  # else the old world, bit for bit
         on = _planted_on(users, uidx, ts)
-        own = np.where(on, 0.7, 0.7 * cfg.passive_history_signal)
+        own = np.where(
+            on, _ENGAGEMENT_OWN, _ENGAGEMENT_OWN * cfg.passive_history_signal
+        )
     cluster = np.where(
         rng.random(n) < own, users["cluster"][uidx], rng.integers(0, c, n)
     )
@@ -494,8 +498,8 @@ def generate(
         "near_sigma_scale": cfg.near_sigma_scale,
         "passive_history_signal": cfg.passive_history_signal,
         "engagement_own_cluster": {
-            "active": 0.7,
-            "passive": 0.7 * cfg.passive_history_signal,
+            "active": _ENGAGEMENT_OWN,
+            "passive": _ENGAGEMENT_OWN * cfg.passive_history_signal,
         },
         "wall_s": time.perf_counter() - t_start,
     }

@@ -198,11 +198,12 @@ def stat_column(
 def abs_corr(stats: Columns, min_events: int) -> np.ndarray:
     """``|corr|`` of the eligible rows, the same float operation as
     ``finalize``'s corr, so that segments can be counted from it exactly."""
-    ok = (stats["n_near"] >= min_events) & (stats["n_far"] >= min_events)
+    ok = _eligible(stats, min_events)
     return np.abs(stats["mean_near"][ok] - stats["mean_far"][ok])
 
 
 def _eligible(stats: Columns, min_events: int) -> np.ndarray:
+    """(S,) rows with the near and far impressions a ``corr`` needs."""
     return (stats["n_near"] >= min_events) & (stats["n_far"] >= min_events)
 
 

@@ -92,19 +92,16 @@ class Ranker:
         )
         self.model_version = model_version(ckpt)
 
-    def score(
+    def batch(
         self,
         user_ids: Sequence[int],
         ts_ms: Sequence[int],
         candidates: Sequence[np.ndarray],
-    ) -> list[np.ndarray]:
-        """Click/conversion probabilities, one (C_i,) array per request.
-
-        Args:
-            user_ids, ts_ms: (R,) the requests' users and instants.
-            candidates: R arrays (C_i, len(CANDIDATE_ATTRIBUTES)) int64, columns
-                in ``CANDIDATE_ATTRIBUTES`` order.
-        """
+    ) -> tuple[Any, Any]:
+        """The model's input for requests: the users' histories as a
+        ``ModelBatch`` (U user rows, every candidate row) and ``user_index``
+        (B,), which user row each candidate belongs to. Arguments as
+        :meth:`score`."""
         import torch
 
         counts = np.array([len(c) for c in candidates], np.int64)
@@ -122,13 +119,31 @@ class Ranker:
         cand = np.concatenate(candidates).astype(np.int64, copy=False)
         for j, a in enumerate(CANDIDATE_ATTRIBUTES):
             cols[f"cand.{a}"] = cand[:, j]
-        batch = to_model_batch(cols, self.device)
         index = torch.as_tensor(
             np.repeat(np.arange(len(counts)), counts), device=self.device
         )
+        return to_model_batch(cols, self.device), index
+
+    def score(
+        self,
+        user_ids: Sequence[int],
+        ts_ms: Sequence[int],
+        candidates: Sequence[np.ndarray],
+    ) -> list[np.ndarray]:
+        """Click/conversion probabilities, one (C_i,) array per request.
+
+        Args:
+            user_ids, ts_ms: (R,) the requests' users and instants.
+            candidates: R arrays (C_i, len(CANDIDATE_ATTRIBUTES)) int64, columns
+                in ``CANDIDATE_ATTRIBUTES`` order.
+        """
+        import torch
+
+        batch, index = self.batch(user_ids, ts_ms, candidates)
         with torch.inference_mode():
             logits = self.model(batch, self.features, user_index=index)
         probs = torch.sigmoid(logits.float()).cpu().numpy()
+        counts = [len(c) for c in candidates]
         return np.split(probs, np.cumsum(counts)[:-1])
 
 
