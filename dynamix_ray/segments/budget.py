@@ -48,7 +48,9 @@ class SegmentCost:
 
     def at(self, share: float) -> float:
         """Cost per request when ``share`` of the traffic is active."""
-        return share * self.active + (1.0 - share) * self.passive
+        # passive + share * (active - passive): monotone in share in floats
+        # too (equal costs give one cost), so bisection and a search agree
+        return self.passive + share * (self.active - self.passive)
 
 
 def active_share(
@@ -113,7 +115,7 @@ def epsilon_for_budget(
     above = np.r_[np.cumsum(sw[::-1])[::-1], 0.0]
     total = float(w.sum())
     shares = above[np.searchsorted(sv, cands, side="right")] / (total or 1.0)
-    costs = shares * cost.active + (1.0 - shares) * cost.passive
+    costs = cost.passive + shares * (cost.active - cost.passive)  # as cost.at
     ok = costs <= budget
     if not ok.any():
         raise ValueError(
