@@ -257,35 +257,82 @@ def section_handles(args, traffic) -> dict[str, Any]:
     return out
 
 
+def deploy_hop(grpc: bool, on_replica_loop: bool) -> None:
+    """One trivial Serve hop, the yardstick of the router's overhead: ``Hop``
+    forwards its argument to ``Echo``, which returns it, through a handle made
+    like the Router's (same transport, same loop; app "hop")."""
+    from ray import serve
+
+    from dynamix_ray.serve.app import SEPARATE_LOOP_ENV
+
+    @serve.deployment(
+        name="Echo", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64
+    )
+    class Echo:
+        async def call(self, x: Any) -> Any:
+            return x
+
+    actor: dict[str, Any] = {"num_cpus": 0.1}
+    if on_replica_loop:
+        actor["runtime_env"] = {"env_vars": {SEPARATE_LOOP_ENV: "0"}}
+
+    @serve.deployment(name="Hop", ray_actor_options=actor, max_ongoing_requests=64)
+    class Hop:
+        def __init__(self, echo: Any) -> None:
+            self.echo = echo.options(_by_reference=False) if grpc else echo
+
+        async def call(self, x: Any) -> Any:
+            return await self.echo.call.remote(x)
+
+    serve.run(Hop.bind(Echo.bind()), name="hop", route_prefix="/hop")
+
+
 def router_overhead(args, traffic) -> dict[str, Any]:
     """Sequential, interleaved: the ranker's handle alone vs the router's handle
-    (router -> ranker), plus the in-process validation of the request body."""
+    (router -> ranker), one trivial hop (``Hop`` -> ``Echo`` vs ``Echo``
+    alone, :func:`deploy_hop`, the same argument), plus the in-process
+    validation of the request body. ``overhead_ratio``: what the router adds
+    over what one trivial hop adds, the same way measured."""
     from ray import serve
 
     from dynamix_ray.serve.api import RankRequest
 
     router = serve.get_deployment_handle("Router", app_name=APP)
     ranker = serve.get_deployment_handle("ActiveRanker", app_name=APP)
+    hop = serve.get_deployment_handle("Hop", app_name="hop")
+    echo = serve.get_deployment_handle("Echo", app_name="hop")
     items = traffic.bodies[1]
     reqs = [RankRequest.model_validate_json(b) for _, _, b in items]
-    direct, routed, validate = [], [], []
+    lat: dict[str, list[float]] = {
+        k: [] for k in ("direct", "routed", "echo", "hop", "validate")
+    }
+
+    def timed(key: str, call: Any, *args: Any) -> None:
+        t0 = time.perf_counter()
+        out = call(*args)
+        if key != "validate":
+            out.result(timeout_s=60)
+        lat[key].append(1000 * (time.perf_counter() - t0))
+
     for i in range(args.overhead_requests):
         u, c, b = items[i % len(items)]
-        t0 = time.perf_counter()
-        ranker.rank.remote(u, traffic.ts, c).result(timeout_s=60)
-        direct.append(1000 * (time.perf_counter() - t0))
-        t0 = time.perf_counter()
-        router.rank_parsed.remote(reqs[i % len(reqs)]).result(timeout_s=60)
-        routed.append(1000 * (time.perf_counter() - t0))
-        t0 = time.perf_counter()
-        RankRequest.model_validate_json(b)
-        validate.append(1000 * (time.perf_counter() - t0))
+        timed("direct", ranker.rank.remote, u, traffic.ts, c)
+        timed("routed", router.rank_parsed.remote, reqs[i % len(reqs)])
+        timed("echo", echo.call.remote, (u, traffic.ts, c))
+        timed("hop", hop.call.remote, (u, traffic.ts, c))
+        timed("validate", RankRequest.model_validate_json, b)
+    p50 = {k: pct(v, 50) or 0.0 for k, v in lat.items()}
+    overhead, hop_ms = p50["routed"] - p50["direct"], p50["hop"] - p50["echo"]
     return {
         "requests": args.overhead_requests,
-        "ranker_direct_p50_ms": pct(direct, 50),
-        "router_to_ranker_p50_ms": pct(routed, 50),
-        "overhead_p50_ms": pct(routed, 50) - pct(direct, 50),  # type: ignore[operator]
-        "validation_p50_ms": pct(validate, 50),
+        "ranker_direct_p50_ms": p50["direct"],
+        "router_to_ranker_p50_ms": p50["routed"],
+        "overhead_p50_ms": overhead,
+        "echo_p50_ms": p50["echo"],
+        "hop_to_echo_p50_ms": p50["hop"],
+        "hop_p50_ms": hop_ms,
+        "overhead_ratio": overhead / hop_ms if hop_ms > 0 else None,
+        "validation_p50_ms": p50["validate"],
         "candidates": args.candidates,
     }
 
@@ -373,6 +420,7 @@ def section_router_overhead(args, env, traffic, base: str) -> dict[str, Any]:
         for key, grpc, on_replica in setups:
             cfg = app_config(env, "baseline", args)
             deploy({**cfg, "grpc_handles": grpc, "handles_on_replica_loop": on_replica})
+            deploy_hop(grpc, on_replica)
             http_pair(base, traffic, 20)  # warm-up
             h = http_pair(base, traffic, args.overhead_requests)
             m = router_overhead(args, traffic)
@@ -383,30 +431,47 @@ def section_router_overhead(args, env, traffic, base: str) -> dict[str, Any]:
                 f"router adds {h['overhead_p50_ms']:.2f} ms | handles: router -> "
                 f"ranker {m['router_to_ranker_p50_ms']:.2f} ms vs ranker "
                 f"{m['ranker_direct_p50_ms']:.2f} ms (validation "
-                f"{m['validation_p50_ms']:.2f} ms)",
+                f"{m['validation_p50_ms']:.2f} ms) | one trivial hop "
+                f"{m['hop_p50_ms']:.2f} ms: ratio {_num(m['overhead_ratio'])}",
                 flush=True,
             )
     out: dict[str, Any] = {"candidates": args.candidates, "rounds": rounds}
     for key, runs in rounds.items():
         http = statistics.median(x["http"]["overhead_p50_ms"] for x in runs)
         handles = statistics.median(x["handles"]["overhead_p50_ms"] for x in runs)
-        out[key] = {"http_overhead_p50_ms": http, "handles_overhead_p50_ms": handles}
+        hop = statistics.median(x["handles"]["hop_p50_ms"] for x in runs)
+        ratio = statistics.median(
+            x["handles"]["overhead_ratio"] or float("nan") for x in runs
+        )
+        out[key] = {
+            "http_overhead_p50_ms": http,
+            "handles_overhead_p50_ms": handles,
+            "trivial_hop_p50_ms": hop,
+            "overhead_ratio_to_hop": ratio,
+        }
         print(
             f"  {key}: the router adds {http:.2f} ms over HTTP, {handles:.2f} ms "
-            f"through handles (median of {len(runs)} rounds' p50 differences)",
+            f"through handles; one trivial hop adds {hop:.2f} ms: the router is "
+            f"{ratio:.2f} hops (medians of {len(runs)} rounds)",
             flush=True,
         )
     from ray import serve
 
     serve.delete("direct")
+    serve.delete("hop")
     deploy(app_config(env, "baseline", args))
     return out
 
 
 def section_policies(args, env, traffic, base: str) -> dict[str, Any]:
     from dynamix_ray.model.checkpoint import load_checkpoint
+    from dynamix_ray.serve.loadgen import replica_cpu_seconds
 
     qps: dict[str, list[float]] = {p: [] for p in POLICIES}
+    # CPU ms per request of each ranker's own segment, per round
+    cpu_ms: dict[str, dict[str, list[float]]] = {
+        p: {"ActiveRanker": [], "PassiveRanker": []} for p in POLICIES
+    }
     for r in range(args.rounds):
         order = list(POLICIES[r % len(POLICIES) :]) + list(
             POLICIES[: r % len(POLICIES)]
@@ -416,17 +481,36 @@ def section_policies(args, env, traffic, base: str) -> dict[str, Any]:
             asyncio.run(
                 closed_loop(f"{base}/rank", lambda: traffic.pick(2 / 3)[1], 4, 2, 50)
             )
+            sent = {0: 0, 1: 0}
+
+            def body(sent: dict[int, int] = sent) -> bytes:
+                seg, b = traffic.pick(2 / 3)
+                sent[seg] += 1
+                return b
+
+            before = replica_cpu_seconds(APP)
             m = asyncio.run(
                 closed_loop(
                     f"{base}/rank",
-                    lambda: traffic.pick(2 / 3)[1],
+                    body,
                     args.policy_concurrency,
                     args.duration,
                     args.max_requests,
                 )
             )
+            after = replica_cpu_seconds(APP)
             qps[policy].append(m["qps"])
-            print(f"  round {r + 1} {policy:16s} {m['qps']:7.1f} QPS", flush=True)
+            for seg, name in ((1, "ActiveRanker"), (0, "PassiveRanker")):
+                used = sum(
+                    cpu - before[name].get(pid, cpu) for pid, cpu in after[name].items()
+                )
+                cpu_ms[policy][name].append(1000 * used / max(sent[seg], 1))
+            print(
+                f"  round {r + 1} {policy:16s} {m['qps']:7.1f} QPS  CPU ms per "
+                f"request: active {cpu_ms[policy]['ActiveRanker'][-1]:.2f}, passive "
+                f"{cpu_ms[policy]['PassiveRanker'][-1]:.2f}",
+                flush=True,
+            )
     _, mcfg, ck = load_checkpoint(env["checkpoints"]["baseline"])
     from dynamix_ray.histories import read_histories
     from dynamix_ray.loader import features_of
@@ -450,10 +534,16 @@ def section_policies(args, env, traffic, base: str) -> dict[str, Any]:
                 name: flops[policy][seg] / 1e6
                 for seg, name in ((0, "passive"), (1, "active"))
             },
+            "cpu_ms_per_request": {
+                name.removesuffix("Ranker").lower(): statistics.median(v)
+                for name, v in cpu_ms[policy].items()
+            },
         }
+        c = out[policy]["cpu_ms_per_request"]
         print(
             f"  {policy:16s} median {out[policy]['median_qps']:7.1f} QPS  change "
-            f"{100 * change:+6.2f}%  FLOP-predicted {100 * predicted:+6.2f}%",
+            f"{100 * change:+6.2f}%  FLOP-predicted {100 * predicted:+6.2f}%  CPU "
+            f"ms/request active {c['active']:.2f} passive {c['passive']:.2f}",
             flush=True,
         )
     return out
@@ -472,20 +562,51 @@ def section_autoscaling(args, env, traffic, base: str, rate: float) -> dict[str,
         },
         "ray_actor_options": {"num_cpus": args.autoscale_cpus},
     }
-    cfg = app_config(env, "baseline", args, active=auto, passive=auto)
+    from dynamix_ray.serve.app import router_autoscaling
+
+    router = {
+        "autoscaling_config": router_autoscaling(
+            args.max_replicas, args.router_target_ongoing
+        ),
+    }
+    cfg = app_config(env, "baseline", args, active=auto, passive=auto, router=router)
     deploy(cfg)
-    out = {"config": auto, **record_autoscaling(base, traffic, rate, args.phase_s, APP)}
+    out = {
+        "config": auto,
+        "router_config": router,
+        **record_autoscaling(base, traffic, rate, args.phase_s, APP),
+    }
     print(
         f"  open loop {rate:.1f} QPS, {out['requests']} requests, "
-        f"{out['errors']} errors; replicas (active, passive) in the second half of "
-        "each phase: "
+        f"{out['errors']} errors; replicas (router, active, passive) in the second "
+        "half of each phase: "
         + ", ".join(
-            f"{k} phase: max ({v['ActiveRanker_max']}, {v['PassiveRanker_max']})"
+            f"{k} phase: max ({v['Router_max']}, {v['ActiveRanker_max']}, "
+            f"{v['PassiveRanker_max']})"
             for k, v in out["phases"].items()
         ),
         flush=True,
     )
+    c = out["compute"]
+    for name in ("first", "second"):
+        share = c["phases"][name]["active_replica_share"]
+        print(
+            f"  {name} phase: active users' share of traffic "
+            f"{_pct(c['active_traffic_share_by_phase'][name])}, the active "
+            f"ranker's share of ranker replica-seconds {_pct(share)}",
+            flush=True,
+        )
+    print(
+        "  CPU ms per request: "
+        + ", ".join(f"{d} {_num(v)}" for d, v in c["cpu_ms_per_request"].items())
+        + f"; the active ranker's share of ranker CPU {_pct(c['active_cpu_share'])}",
+        flush=True,
+    )
     return out
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
 
 
 def _open_rate(url: str, traffic: Traffic, rate: float, duration_s: float) -> dict:
@@ -749,6 +870,14 @@ def main() -> None:
         help="between the in-flight calls a ranker has at 1/3 and at 2/3 of the "
         "load (~0.25 and ~0.5 at 40 QPS here); at 0.5 the loaded ranker sat at "
         "its target and often did not scale",
+    )
+    p.add_argument(
+        "--router-target-ongoing",
+        type=float,
+        default=1.0,
+        help="the router's autoscaling target in the autoscaling section: at "
+        "this machine's 40 QPS a router holds ~2 requests, so 1 shows it scale "
+        "(the app's default, serve.app.ROUTER_TARGET_ONGOING, is 32)",
     )
     p.add_argument("--downscale-delay-s", type=float, default=15.0)
     p.add_argument("--upscale-delay-s", type=float, default=5.0)

@@ -878,7 +878,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         metavar="MAX",
         type=int,
         default=None,
-        help="autoscale each ranker between 1 and MAX replicas",
+        help="autoscale each ranker, and the router, between 1 and MAX replicas "
+        "(the router on its own in-flight requests: serve.app.router_autoscaling)",
     )
     p.add_argument(
         "--host",
@@ -1337,6 +1338,16 @@ def serve_app_config(args: argparse.Namespace) -> tuple[dict, dict]:
                 **scaling,
             },
         }
+        if args.autoscale:
+            from dynamix_ray.serve.app import AppConfig, router_autoscaling
+
+            router = AppConfig.model_fields["router"].get_default(
+                call_default_factory=True
+            )
+            app_args["router"] = {
+                **router.model_dump(),
+                "autoscaling_config": router_autoscaling(args.autoscale),
+            }
         if args.candidates:
             app_args["candidates"] = {"table": args.candidates}
     if args.host:

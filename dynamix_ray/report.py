@@ -276,22 +276,31 @@ def plot_recovery(
 
 
 def plot_timeline(autoscaling: dict[str, Any], path: str) -> str:
-    """Running replicas of each ranker over time under a load whose active
-    share changes at ``phase_s`` (``benchmarks/serve_load.py`` autoscaling
-    section, or the demo's)."""
+    """Running replicas of each ranker (and of the router, when the timeline
+    has it) over time under a load whose active share changes at ``phase_s``
+    (``benchmarks/serve_load.py`` autoscaling section, or the demo's)."""
     plt = _plt()
     tl = autoscaling["timeline"]
     t = [x["t"] for x in tl]
     fig, ax = plt.subplots(figsize=(7, 3.2))
-    ax.step(t, [x["ActiveRanker"] for x in tl], where="post", label="ActiveRanker")
-    ax.step(t, [x["PassiveRanker"] for x in tl], where="post", label="PassiveRanker")
+    shown = [
+        d for d in ("ActiveRanker", "PassiveRanker", "Router") if tl and d in tl[0]
+    ]
+    for d in shown:
+        ax.step(
+            t,
+            [x[d] for x in tl],
+            where="post",
+            label=d,
+            ls=":" if d == "Router" else "-",
+        )
     phase = autoscaling["phase_s"]
     ax.axvline(phase, color="grey", ls="--", lw=1)
     ax.text(phase / 2, 0.2, "active share 1/3", ha="center")
     ax.text(1.5 * phase, 0.2, "active share 2/3", ha="center")
     ax.set_xlabel("seconds")
     ax.set_ylabel("running replicas")
-    top = max(max(x["ActiveRanker"], x["PassiveRanker"]) for x in tl) if tl else 1
+    top = max(max(x[d] for d in shown) for x in tl) if tl else 1
     ax.set_ylim(0, top + 1)
     ax.legend(loc="upper left")
     ax.set_title(f"Autoscaling under {autoscaling['rate_qps']:.0f} QPS open-loop load")

@@ -152,7 +152,7 @@ def test_serve_config_file_and_flags_give_a_valid_app_config():
     """serve_configs/dynamix.yaml is the app's typed config; the flags build
     the same shape; a missing flag is an error naming it."""
     from dynamix_ray.cli import serve_app_config
-    from dynamix_ray.serve.app import AppConfig
+    from dynamix_ray.serve.app import AppConfig, router_autoscaling, router_options
 
     args = build_parser().parse_args(
         ["serve", "--config", "serve_configs/dynamix.yaml"]
@@ -160,6 +160,8 @@ def test_serve_config_file_and_flags_give_a_valid_app_config():
     app_args, http = serve_app_config(args)
     cfg = AppConfig.model_validate(app_args)
     assert cfg.active.autoscaling_config and cfg.passive.autoscaling_config
+    assert cfg.router.autoscaling_config["target_ongoing_requests"] == 32
+    assert "autoscaling_config" in router_options(cfg)
     assert http == {"host": "127.0.0.1", "port": 8000, "request_timeout_s": 3.0}
     assert http["request_timeout_s"] == cfg.proxy_timeout_s  # the one rule
     flags = ["serve", "--segments", "s", "--histories", "h", "--active-checkpoint", "a"]
@@ -169,6 +171,10 @@ def test_serve_config_file_and_flags_give_a_valid_app_config():
     cfg = AppConfig.model_validate(app_args)
     assert cfg.passive.checkpoint == "a"
     assert cfg.active.autoscaling_config["max_replicas"] == 3
+    assert cfg.router.autoscaling_config == router_autoscaling(3)
+    assert cfg.router.max_queued_requests == 32  # the default bounds are kept
+    app_args, _ = serve_app_config(build_parser().parse_args(flags))
+    assert "router" not in app_args  # a fixed app: one router, the default
     with pytest.raises(ValueError, match="--histories"):
         serve_app_config(build_parser().parse_args(["serve", "--segments", "s"]))
 
@@ -276,6 +282,10 @@ def test_demo_runs_end_to_end_on_tiny_sizes(ray_session, tmp_path, capsys):
     timeline = json.loads((out / "serving_timeline.json").read_text())
     ok = timeline["requests"] - timeline["errors"]
     assert timeline["requests"] == 60 and ok == 60  # 10 QPS x 2 phases x 3 s
+    assert all(row["Router"] == 1 for row in timeline["timeline"])
+    compute = timeline["compute"]  # the replica processes were found and read
+    assert compute["cpu_s"]["ActiveRanker"] > 0 and compute["cpu_s"]["Router"] > 0
+    assert 0 < compute["phases"]["all"]["active_replica_share"] < 1
     report = re.search(r"report: (\S+index.html)", text).group(1)
     page = Path(report).read_text()
     for png in (

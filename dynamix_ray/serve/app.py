@@ -79,12 +79,42 @@ from dynamix_ray.serve.store import (
     segments_version,
 )
 
-__all__ = ["AppConfig", "DeploymentOptions", "RankerSpec", "Router", "build_app"]
+__all__ = [
+    "AppConfig",
+    "DeploymentOptions",
+    "RankerSpec",
+    "Router",
+    "build_app",
+    "router_autoscaling",
+]
 
 log = logging.getLogger("ray.serve")
 
 #: Seconds the HTTP proxy waits beyond a request's model-call deadline.
 PROXY_GRACE_S = 1.0
+
+#: In-flight requests per Router replica the Router's autoscaling aims at: a
+#: third of its default ``max_ongoing_requests`` (96), so a new replica starts
+#: well before the queue fills (docs/serving.md, "Autoscaling the router").
+ROUTER_TARGET_ONGOING = 32
+
+
+def router_autoscaling(
+    max_replicas: int, target_ongoing: float = ROUTER_TARGET_ONGOING
+) -> dict[str, Any]:
+    """The Router's ``autoscaling_config`` between 1 and ``max_replicas``: it
+    scales on its own in-flight requests (the whole app's traffic), each
+    ranker on its segment's."""
+    return {
+        "min_replicas": 1,
+        "max_replicas": max_replicas,
+        "target_ongoing_requests": target_ongoing,
+        "upscale_delay_s": 5,
+        "downscale_delay_s": 15,
+        "metrics_interval_s": 0.5,
+        "look_back_period_s": 5,
+    }
+
 
 #: Serve's switch for where a process's handles route requests (see
 #: ``AppConfig.handles_on_replica_loop``).

@@ -21,17 +21,22 @@ import numpy as np
 from dynamix_ray.model.config import CANDIDATE_ATTRIBUTES
 
 __all__ = [
+    "DEPLOYMENTS",
     "RANKERS",
     "Traffic",
+    "compute_shares",
     "closed_loop",
     "open_loop",
     "pct",
     "record_autoscaling",
     "replica_counts",
+    "replica_cpu_seconds",
     "summarize",
 ]
 
 RANKERS = ("ActiveRanker", "PassiveRanker")
+#: The deployments whose replicas the autoscaling timeline records.
+DEPLOYMENTS = ("Router", *RANKERS)
 
 
 class Traffic:
@@ -240,15 +245,62 @@ async def open_loop(
 
 
 def replica_counts(app_name: str = "dynamix") -> dict[str, int]:
-    """RUNNING replicas of each ranker of the Serve application ``app_name``."""
+    """RUNNING replicas of the router and each ranker of the Serve
+    application ``app_name``."""
     from ray import serve
 
     app = serve.status().applications.get(app_name)
     out = {}
-    for name in RANKERS:
+    for name in DEPLOYMENTS:
         d = app.deployments.get(name) if app else None
         states = d.replica_states if d else {}
         out[name] = int(sum(n for s, n in states.items() if str(s).endswith("RUNNING")))
+    return out
+
+
+def replica_cpu_seconds(app_name: str = "dynamix") -> dict[str, dict[int, float]]:
+    """CPU seconds (user + system) each live replica process of the router and
+    the rankers has used so far, ``{deployment: {pid: seconds}}``, found by
+    the process title Ray gives a Serve replica (``ray::ServeReplica:<app>:
+    <deployment>``). Local processes only: the benchmark's one-node cluster."""
+    import psutil
+
+    out: dict[str, dict[int, float]] = {name: {} for name in DEPLOYMENTS}
+    tags = {f"ServeReplica:{app_name}:{name}": name for name in DEPLOYMENTS}
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            title = " ".join(proc.info["cmdline"] or ())
+            for tag, name in tags.items():
+                at = title.find(tag)
+                end = at + len(tag)
+                if at >= 0 and (end == len(title) or not title[end].isalnum()):
+                    cpu = proc.cpu_times()
+                    out[name][proc.pid] = cpu.user + cpu.system
+                    break
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return out
+
+
+def compute_shares(
+    timeline: list[dict[str, Any]], phases: list[tuple[str, float, float]]
+) -> dict[str, dict[str, float | None]]:
+    """Per phase ``(name, start_s, end_s)``: each deployment's replica-seconds
+    (running replicas integrated over the timeline's samples, each held until
+    the next sample) and the active ranker's share of the two rankers'
+    replica-seconds (``None`` when neither ran)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for name, lo, hi in phases:
+        sums = dict.fromkeys(DEPLOYMENTS, 0.0)
+        for row, nxt in zip(timeline, timeline[1:], strict=False):
+            dt = max(0.0, min(nxt["t"], hi) - max(row["t"], lo))
+            for d in DEPLOYMENTS:
+                sums[d] += dt * row.get(d, 0)
+        rankers = sums["ActiveRanker"] + sums["PassiveRanker"]
+        out[name] = {
+            **{f"{d}_replica_s": round(v, 3) for d, v in sums.items()},
+            "active_replica_share": sums["ActiveRanker"] / rankers if rankers else None,
+        }
     return out
 
 
@@ -262,23 +314,37 @@ def record_autoscaling(
 ) -> dict[str, Any]:
     """Open-loop load at ``rate`` QPS for two phases of ``phase_s`` seconds,
     the active share going ``shares[0]`` -> ``shares[1]``, while a thread
-    samples each ranker's running replicas (and the router's in-flight calls
-    from ``/healthz``) every 0.5 s.
+    samples the running replicas of the router and each ranker (and the
+    router's in-flight calls from ``/healthz``) every 0.5 s, and the CPU
+    seconds of every replica process (:func:`replica_cpu_seconds`).
 
     Returns:
         ``rate_qps``, ``phase_s``, ``shares``, ``requests``, ``errors``,
-        ``timeline`` (``[{"t", "ActiveRanker", "PassiveRanker", "inflight"}]``)
-        and per phase the replica counts in its second half.
+        ``timeline`` (``[{"t", "Router", "ActiveRanker", "PassiveRanker",
+        "inflight"}]``), per phase the replica counts in its second half, and
+        ``compute`` (:func:`compute_shares` per phase and overall, the share
+        of requests that went to active users, and each deployment's CPU
+        seconds per request of its own segment's traffic: the router's per
+        request, each ranker's per request it ranked).
     """
     import requests
 
     timeline: list[dict[str, Any]] = []
     stop = threading.Event()
     t0 = time.perf_counter()
+    first: dict[int, float] = {}  # pid -> CPU seconds when first seen
+    last: dict[int, tuple[str, float]] = {}  # pid -> (deployment, latest)
+
+    def sample_cpu() -> None:
+        for name, procs in replica_cpu_seconds(app_name).items():
+            for pid, cpu in procs.items():
+                first.setdefault(pid, cpu)
+                last[pid] = (name, cpu)
 
     def sample() -> None:
         s = requests.Session()
         while not stop.is_set():
+            sample_cpu()
             row: dict[str, Any] = {
                 "t": time.perf_counter() - t0,
                 **replica_counts(app_name),
@@ -292,6 +358,7 @@ def record_autoscaling(
             timeline.append(row)
             stop.wait(0.5)
 
+    sample_cpu()  # the baseline of the replicas running before the load
     th = threading.Thread(target=sample, daemon=True)
     th.start()
     try:
@@ -307,6 +374,7 @@ def record_autoscaling(
     finally:
         stop.set()
         th.join()
+    sample_cpu()
     ok = [r for r in recs if r["status"] == 200]
     phases = {}
     for name, lo, hi in (("first", 0.0, phase_s), ("second", phase_s, 2 * phase_s)):
@@ -317,9 +385,49 @@ def record_autoscaling(
                 if rows
                 else None
             )
-            for r in RANKERS
+            for r in DEPLOYMENTS
             for k in ("max", "end")
         }
+    cpu = dict.fromkeys(DEPLOYMENTS, 0.0)
+    for pid, (name, latest) in last.items():
+        cpu[name] += latest - first[pid]
+    by_seg = {seg: sum(r["segment"] == seg for r in ok) for seg in (0, 1)}
+    served = {
+        "Router": len(ok),
+        "ActiveRanker": by_seg[1],
+        "PassiveRanker": by_seg[0],
+    }
+    compute = {
+        "phases": compute_shares(
+            timeline,
+            [
+                ("first", 0.0, phase_s),
+                ("second", phase_s, 2 * phase_s),
+                ("all", 0.0, 2 * phase_s),
+            ],
+        ),
+        "active_traffic_share": by_seg[1] / len(ok) if ok else None,
+        "active_traffic_share_by_phase": {
+            name: (
+                sum(r["segment"] for r in rows) / len(rows)
+                if (rows := [r for r in ok if lo <= r["t"] < hi])
+                else None
+            )
+            for name, lo, hi in (
+                ("first", 0.0, phase_s),
+                ("second", phase_s, 2 * phase_s),
+            )
+        },
+        "cpu_s": {d: round(v, 3) for d, v in cpu.items()},
+        "cpu_ms_per_request": {
+            d: (1000 * cpu[d] / served[d] if served[d] else None) for d in DEPLOYMENTS
+        },
+        "active_cpu_share": (
+            cpu["ActiveRanker"] / (cpu["ActiveRanker"] + cpu["PassiveRanker"])
+            if cpu["ActiveRanker"] + cpu["PassiveRanker"] > 0
+            else None
+        ),
+    }
     return {
         "rate_qps": rate,
         "phase_s": phase_s,
@@ -328,4 +436,5 @@ def record_autoscaling(
         "errors": len(recs) - len(ok),
         "timeline": timeline,
         "phases": phases,
+        "compute": compute,
     }
