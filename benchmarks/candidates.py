@@ -63,7 +63,7 @@ def synthetic_table(users: int, per_user: int, seed: int = 0) -> pa.Table:
 
 
 def lookup_latency(table: pa.Table, queries: int, k: int) -> dict[str, float]:
-    t = CandidateTable(table, {"as_of_ms": 0}, "bench")
+    t = CandidateTable.from_table(table, {"as_of_ms": 0}, "bench")
     rng = np.random.default_rng(1)
     users = rng.choice(t.user_id, queries)
     lat = []

@@ -266,13 +266,13 @@ def deploy_hop(grpc: bool, on_replica_loop: bool) -> None:
     from dynamix_ray.serve.app import SEPARATE_LOOP_ENV
 
     @serve.deployment(
-        name="Echo", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64
+        name="Echo", ray_actor_options={"num_cpus": 0.02}, max_ongoing_requests=64
     )
     class Echo:
         async def call(self, x: Any) -> Any:
             return x
 
-    actor: dict[str, Any] = {"num_cpus": 0.1}
+    actor: dict[str, Any] = {"num_cpus": 0.02}  # beside the direct app, in 2 CPUs
     if on_replica_loop:
         actor["runtime_env"] = {"env_vars": {SEPARATE_LOOP_ENV: "0"}}
 

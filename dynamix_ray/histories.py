@@ -15,16 +15,19 @@ with the one rule of ``gather.history_window``:
   ``_meta.json``, published by ``OUT/histories/_CURRENT.json`` (``io.publish``);
 * :class:`HistoryStore`: a snapshot loaded for serving, one
   ``SourceEvents`` per source; :meth:`HistoryStore.rows` gathers requests'
-  histories exactly as the training loader does.
+  histories exactly as the training loader does;
+* :func:`open_node_cached`: a published table built once per node into
+  memory-mappable files that every replica maps (:func:`open_shared_histories`
+  here, ``candidates_job.open_shared_candidates`` for the Retriever).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -57,9 +60,13 @@ from dynamix_ray.samples import (
 )
 
 __all__ = [
+    "NODE_CACHE_ENV",
     "HistoryStore",
     "cut_histories",
     "mode_by_user",
+    "node_cache_dir",
+    "open_node_cached",
+    "open_shared_histories",
     "read_histories",
     "run_histories",
     "user_histories",
@@ -374,9 +381,15 @@ def read_histories(url: str, pointer: dict[str, Any] | None = None) -> HistorySt
     )
 
 
-#: Where a node keeps memory-mappable copies of published histories
+#: Where a node keeps memory-mappable copies of published tables
 #: (``DYNAMIX_NODE_CACHE`` overrides it): docs/serving.md, "One copy per node".
 NODE_CACHE_ENV = "DYNAMIX_NODE_CACHE"
+
+#: What a node-cache build writes last into its folder: a version folder
+#: without it is never opened.
+NODE_CACHE_MANIFEST = "manifest.json"
+
+T = TypeVar("T")
 
 
 def node_cache_dir() -> str:
@@ -387,11 +400,13 @@ def node_cache_dir() -> str:
     )
 
 
-def _cache_key(fs: Any, root: str) -> str:
-    """The node-cache folder of one histories root (its versions inside)."""
+def _cache_key(fs: Any, root: str, part: str) -> str:
+    """The node-cache folder of one published part of one root (its
+    versions inside): ``<part>-<hash of the root's URL>``, so that the
+    histories and the candidates of one OUT have a folder each."""
     import hashlib
 
-    return hashlib.sha1(url_of(fs, root).encode()).hexdigest()[:20]
+    return f"{part}-{hashlib.sha1(url_of(fs, root).encode()).hexdigest()[:20]}"
 
 
 def _private_dir(path: str) -> str:
@@ -406,6 +421,104 @@ def _private_dir(path: str) -> str:
             f"{path}: not a folder of this user (set ${NODE_CACHE_ENV} elsewhere)"
         )
     return path
+
+
+def _build_aside(
+    build: Callable[[str, dict[str, Any], str], None],
+    url: str,
+    part: str,
+    ptr: dict[str, Any],
+    tmp: str,
+    here: bool,
+) -> None:
+    """``build(url, ptr, tmp)``: in a spawned process, so that the table read
+    whole to convert it does not stay in this replica's heap after it is
+    freed (``here``: memory://, seen by this process only, so built here).
+
+    Raises:
+        RuntimeError: the build failed or wrote no manifest.
+    """
+    import multiprocessing
+
+    if here:
+        build(url, ptr, tmp)
+    else:
+        proc = multiprocessing.get_context("spawn").Process(
+            target=build, args=(url, ptr, tmp), daemon=True
+        )
+        proc.start()
+        proc.join()
+        if proc.exitcode != 0:
+            raise RuntimeError(
+                f"{url}: converting {part} version {ptr['version']} for the node "
+                f"cache failed (exit code {proc.exitcode})"
+            )
+    if not os.path.exists(os.path.join(tmp, NODE_CACHE_MANIFEST)):
+        raise RuntimeError(
+            f"{url}: converting {part} version {ptr['version']} for the node "
+            f"cache wrote no {NODE_CACHE_MANIFEST} into {tmp}"
+        )
+
+
+def open_node_cached(
+    url: str,
+    part: str,
+    build: Callable[[str, dict[str, Any], str], None],
+    load: Callable[[str], T],
+    cache_dir: str | None = None,
+) -> T:
+    """The published version of ``url``'s ``part``, opened from one copy per
+    node: the first replica on a node builds it into a folder of files under
+    :func:`node_cache_dir` (under a lock, so one replica builds while the
+    others wait; built aside in a spawned process, then renamed into place,
+    so a crash leaves no half copy; older versions removed after); every
+    replica then opens that folder, typically memory-mapping its ``.npy``
+    arrays read-only, so the pages are shared and a replica's own memory
+    does not grow with the table or the replica count.
+
+    Args:
+        url: the output root whose ``part`` is published (``io.publish``).
+        part: the published part (``"histories"``, ``"candidates"``).
+        build: ``build(url, pointer, folder)`` writes the pointer's version
+            into ``folder``, :data:`NODE_CACHE_MANIFEST` last; a module-level
+            function (it runs in a spawned process).
+        load: ``load(folder)`` opens a built folder.
+        cache_dir: the node cache (default: :func:`node_cache_dir`).
+
+    Raises:
+        FileNotFoundError: nothing is published there.
+        RuntimeError: building the node's copy failed (nothing is left).
+    """
+    import fcntl
+    import shutil
+    import uuid
+
+    fs, root = resolve(url)
+    ptr = published_version(url, part)
+    version = str(ptr["version"])
+    home = _private_dir(
+        os.path.join(
+            _private_dir(cache_dir or node_cache_dir()), _cache_key(fs, root, part)
+        )
+    )
+    folder = os.path.join(home, version)
+    # one builder per node: the others wait for it, then open its files
+    with open(os.path.join(home, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(os.path.join(folder, NODE_CACHE_MANIFEST)):
+            tmp = f"{folder}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+            try:
+                _build_aside(build, url, part, ptr, tmp, is_process_local(fs))
+                shutil.rmtree(folder, ignore_errors=True)  # one with no manifest
+                os.rename(tmp, folder)  # whole, or not there
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            # older versions (and leftovers of dead builders) go: maps that
+            # replicas still hold on them stay valid until unmapped
+            for name in os.listdir(home):
+                if name not in (version, ".lock"):
+                    shutil.rmtree(os.path.join(home, name), ignore_errors=True)
+    return load(folder)
 
 
 def _write_arrays(store: HistoryStore, folder: str) -> None:
@@ -424,14 +537,14 @@ def _write_arrays(store: HistoryStore, folder: str) -> None:
         for name, a in arrays.items():
             np.save(os.path.join(folder, f"{src}.{name}.npy"), np.ascontiguousarray(a))
         manifest["sources"][src] = list(ev.columns)
-    with open(os.path.join(folder, "manifest.json"), "w") as fh:
+    with open(os.path.join(folder, NODE_CACHE_MANIFEST), "w") as fh:
         json.dump(manifest, fh)
 
 
 def _map_arrays(folder: str) -> HistoryStore:
     import json
 
-    with open(os.path.join(folder, "manifest.json")) as fh:
+    with open(os.path.join(folder, NODE_CACHE_MANIFEST)) as fh:
         manifest = json.load(fh)
 
     def load(src: str, name: str) -> np.ndarray:
@@ -458,60 +571,10 @@ def _build_arrays(url: str, pointer: dict[str, Any], folder: str) -> None:
     _write_arrays(read_histories(url, pointer), folder)
 
 
-def _convert(url: str, ptr: dict[str, Any], tmp: str, here: bool) -> None:
-    """Write the version's arrays to ``tmp``: in a spawned process, so that
-    the snapshot read whole to convert it does not stay in this replica's
-    heap after it is freed (``here``: memory://, seen by this process only)."""
-    import multiprocessing
-
-    if here:
-        _build_arrays(url, ptr, tmp)
-        return
-    proc = multiprocessing.get_context("spawn").Process(
-        target=_build_arrays, args=(url, ptr, tmp), daemon=True
-    )
-    proc.start()
-    proc.join()
-    if proc.exitcode != 0:
-        raise RuntimeError(
-            f"{url}: converting histories version {ptr['version']} for the node "
-            f"cache failed (exit code {proc.exitcode})"
-        )
-
-
 def open_shared_histories(url: str, cache_dir: str | None = None) -> HistoryStore:
     """The published histories of ``url``, memory-mapped from one copy per
-    node: the first replica on a node converts the version into ``.npy``
-    arrays under :func:`node_cache_dir` (under a lock, so one replica builds
-    while the others wait; built aside, then renamed into place, so a crash
-    leaves no half copy; older versions removed after);
-    every replica then maps them read-only, so the pages are shared and a
-    replica's own memory does not grow with the snapshot or the replica
-    count (benchmarks/serve_memory.py). Same answers as :func:`read_histories`.
+    node (:func:`open_node_cached`: ``.npy`` arrays built once by one
+    replica, mapped read-only by every replica; benchmarks/serve_memory.py).
+    Same answers as :func:`read_histories`.
     """
-    import fcntl
-    import shutil
-    import uuid
-
-    fs, root = resolve(url)
-    ptr = published_version(url, "histories")
-    home = _private_dir(
-        os.path.join(_private_dir(cache_dir or node_cache_dir()), _cache_key(fs, root))
-    )
-    folder = os.path.join(home, str(ptr["version"]))
-    # one builder per node: the others wait for it, then map its arrays
-    with open(os.path.join(home, ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.path.exists(os.path.join(folder, "manifest.json")):
-            tmp = f"{folder}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-            try:
-                _convert(url, ptr, tmp, is_process_local(fs))
-                os.rename(tmp, folder)  # whole, or not there
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-            # older versions (and leftovers of dead builders) go: maps that
-            # replicas still hold on them stay valid until unmapped
-            for name in os.listdir(home):
-                if name not in (str(ptr["version"]), ".lock"):
-                    shutil.rmtree(os.path.join(home, name), ignore_errors=True)
-    return _map_arrays(folder)
+    return open_node_cached(url, "histories", _build_arrays, _map_arrays, cache_dir)

@@ -33,8 +33,10 @@ version it came from).
 
 from __future__ import annotations
 
+import json
+import os
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -63,7 +65,7 @@ from dynamix_ray.alure.retrieval import (
     seen_pairs,
 )
 from dynamix_ray.events import EventStore, ensure_store
-from dynamix_ray.histories import mode_by_user
+from dynamix_ray.histories import NODE_CACHE_MANIFEST, mode_by_user, open_node_cached
 from dynamix_ray.io import (
     check_complete,
     is_process_local,
@@ -84,6 +86,8 @@ __all__ = [
     "CandidateTable",
     "blend_bucket",
     "bucket_users",
+    "open_candidates",
+    "open_shared_candidates",
     "read_candidates",
     "run_candidates",
 ]
@@ -417,33 +421,58 @@ def run_candidates(
     return meta
 
 
+@dataclass(frozen=True, eq=False)
 class CandidateTable:
-    """A published candidates table in memory, for look-ups: users sorted,
-    each user's ads best first (CSR: ``offsets`` into ``ad_id`` and
-    ``score``). A look-up is a binary search and a slice: its cost does not
-    grow with conversions, and barely (log n) with users."""
+    """A published candidates table for look-ups: users sorted, each user's
+    ads best first (CSR: ``offsets`` into ``ad_id`` and ``score``). A look-up
+    is a binary search and a slice: its cost does not grow with
+    conversions, and barely (log n) with users.
 
-    def __init__(
-        self,
+    The arrays are in this process (:func:`read_candidates`) or memory-mapped
+    read-only from one copy per node (:func:`open_shared_candidates`); the
+    look-ups are the same.
+    """
+
+    user_id: np.ndarray  # (U,) int64, users with candidates, sorted
+    offsets: np.ndarray  # (U + 1,) int64: user i's rows are [offsets[i], offsets[i+1])
+    ad_id: np.ndarray  # (N,) int64, each user's best first
+    score: np.ndarray  # (N,) float64
+    as_of_ms: int
+    meta: dict[str, Any]  # the version's _meta.json
+    version: str = ""  # the published version it was read from
+    published_ms: int = 0
+
+    @classmethod
+    def from_table(
+        cls,
         table: pa.Table,
         meta: dict[str, Any],
-        version: str,
+        version: str = "",
         published_ms: int = 0,
-    ) -> None:
+    ) -> CandidateTable:
+        """The CSR of ``CANDIDATES_SCHEMA`` rows (any order)."""
         uid = table.column("user_id").to_numpy()
         rank = table.column("rank").to_numpy()
         order = np.lexsort((rank, uid))
         uid = uid[order]
-        self.ad_id = table.column("ad_id").to_numpy()[order]
-        self.score = table.column("score").to_numpy()[order]
         starts = np.flatnonzero(np.r_[True, uid[1:] != uid[:-1]][: len(uid)])
-        self.user_id = uid[starts]
-        self.offsets = np.r_[starts, len(uid)].astype(np.int64)
-        self.meta, self.version, self.published_ms = meta, version, published_ms
-        self.as_of_ms = int(meta["as_of_ms"])
+        return cls(
+            user_id=uid[starts],
+            offsets=np.r_[starts, len(uid)].astype(np.int64),
+            ad_id=table.column("ad_id").to_numpy()[order],
+            score=table.column("score").to_numpy()[order],
+            as_of_ms=int(meta["as_of_ms"]),
+            meta=meta,
+            version=version,
+            published_ms=published_ms,
+        )
 
     def __len__(self) -> int:
         return len(self.user_id)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, a).nbytes for a in _CSR_ARRAYS)
 
     def lookup(self, user_id: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The user's best ``k`` ads and their scores (empty when none)."""
@@ -455,15 +484,19 @@ class CandidateTable:
         return self.ad_id[lo:hi], self.score[lo:hi]
 
 
-def read_candidates(url: str) -> CandidateTable:
-    """The published version of a ``dynamix candidates`` OUT.
+_CSR_ARRAYS = ("user_id", "offsets", "ad_id", "score")
+
+
+def read_candidates(url: str, pointer: dict[str, Any] | None = None) -> CandidateTable:
+    """The published version of a ``dynamix candidates`` OUT (or the one of
+    ``pointer``), read into this process.
 
     Raises:
         FileNotFoundError: nothing is published there.
         io.IncompleteTable: the version's files are not the ones published.
     """
     fs, root = resolve(url)
-    ptr = published_version(url, "candidates")
+    ptr = pointer or published_version(url, "candidates")
     folder = check_complete(fs, root, "candidates", ptr)
     files = sorted(p for p in fs.find(folder) if p.endswith(".parquet"))
     tables = []
@@ -471,9 +504,68 @@ def read_candidates(url: str) -> CandidateTable:
         with fs.open(p, "rb") as fh:
             tables.append(pq.read_table(fh).cast(CANDIDATES_SCHEMA))
     table = pa.concat_tables(tables) if tables else CANDIDATES_SCHEMA.empty_table()
-    return CandidateTable(
+    return CandidateTable.from_table(
         table,
         read_json(fs, f"{folder}/_meta.json"),
-        ptr["version"],
+        str(ptr["version"]),
         int(ptr.get("published_ms", 0)),
     )
+
+
+def _write_csr(table: CandidateTable, folder: str) -> None:
+    """The table's arrays as ``.npy`` files in ``folder``, the manifest last."""
+    os.makedirs(folder, exist_ok=True)
+    for name in _CSR_ARRAYS:
+        a = np.ascontiguousarray(getattr(table, name))
+        np.save(os.path.join(folder, f"{name}.npy"), a)
+    manifest = {
+        "as_of_ms": table.as_of_ms,
+        "meta": table.meta,
+        "version": table.version,
+        "published_ms": table.published_ms,
+    }
+    with open(os.path.join(folder, NODE_CACHE_MANIFEST), "w") as fh:
+        json.dump(manifest, fh)
+
+
+def _map_csr(folder: str) -> CandidateTable:
+    """The table of a :func:`_write_csr` folder, its arrays memory-mapped
+    read-only (plain ndarray views of the maps: no memmap subclass on the
+    look-up path)."""
+    with open(os.path.join(folder, NODE_CACHE_MANIFEST)) as fh:
+        manifest = json.load(fh)
+    arrays = {
+        name: np.asarray(np.load(os.path.join(folder, f"{name}.npy"), mmap_mode="r"))
+        for name in _CSR_ARRAYS
+    }
+    return CandidateTable(
+        **arrays,
+        as_of_ms=int(manifest["as_of_ms"]),
+        meta=manifest["meta"],
+        version=str(manifest["version"]),
+        published_ms=int(manifest["published_ms"]),
+    )
+
+
+def _build_csr(url: str, pointer: dict[str, Any], folder: str) -> None:
+    _write_csr(read_candidates(url, pointer), folder)
+
+
+def open_shared_candidates(url: str, cache_dir: str | None = None) -> CandidateTable:
+    """The published candidates of ``url``, memory-mapped from one copy per
+    node (``histories.open_node_cached``: built once by one replica, mapped
+    read-only by every replica, so a replica's own memory does not grow with
+    the table; benchmarks/candidates_memory.py). Same look-ups as
+    :func:`read_candidates`.
+
+    Raises:
+        FileNotFoundError: nothing is published there.
+        RuntimeError: building the node's copy failed.
+    """
+    return open_node_cached(url, "candidates", _build_csr, _map_csr, cache_dir)
+
+
+def open_candidates(url: str, shared: bool = True) -> CandidateTable:
+    """What the Retriever serves: the published table memory-mapped from one
+    copy per node (``shared``), or read into this process (for comparison)."""
+    return open_shared_candidates(url) if shared else read_candidates(url)

@@ -181,6 +181,9 @@ class RetrieverSpec(DeploymentOptions):
     cap: int = Field(1500, ge=1)
     #: how often the Retriever checks for a newer published version
     reload_interval_s: float = Field(60.0, gt=0)
+    #: the table memory-mapped from one copy per node (``False``: each
+    #: replica reads its own copy into memory, as before; for comparison)
+    shared_table: bool = True
 
 
 class AppConfig(BaseModel):
@@ -799,17 +802,19 @@ class Retriever:
     (``alure.candidates_job``), whatever the number of users or conversions.
     A newer published version is loaded in a thread and swapped in
     (:class:`~dynamix_ray.serve.store.TableWatch`: a broken one is retried
-    with backoff while the last good table keeps answering)."""
+    with backoff while the last good table keeps answering). The table is
+    memory-mapped from one copy per node (``shared_table``), so replicas on
+    a node share it (``alure.candidates_job.open_candidates``)."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
-        from dynamix_ray.alure.candidates_job import read_candidates
+        from dynamix_ray.alure.candidates_job import open_candidates
         from dynamix_ray.io import published_version
 
         cfg = RetrieverSpec.model_validate(spec)
         self.cap, url = cfg.cap, cfg.table
         self._version = lambda: str(published_version(url, "candidates")["version"])
         self.watch: TableWatch[Any] = TableWatch(
-            read=lambda: read_candidates(url),
+            read=lambda: open_candidates(url, cfg.shared_table),
             version_of=lambda t: t.version,
             published_ms_of=lambda t: t.published_ms,
             retry_s=cfg.reload_interval_s,
