@@ -37,7 +37,12 @@ from dynamix_ray.events import run_bucket
 from dynamix_ray.experiments import ARMS, ExperimentConfig, run_experiment
 from dynamix_ray.features import POLICIES
 from dynamix_ray.histories import run_histories
-from dynamix_ray.inputs import check_checkpoint, check_events, check_table
+from dynamix_ray.inputs import (
+    check_checkpoint,
+    check_events,
+    check_events_or_stream,
+    check_table,
+)
 from dynamix_ray.io import resolve, write_json
 from dynamix_ray.online import ingest, redact
 from dynamix_ray.presets import MODEL_PRESETS, model_preset
@@ -819,14 +824,32 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
         description="Append every event of EVENTS to users' histories in Redis "
         "(created on first use): an event store bucket by bucket in Ray tasks "
         "(the bootstrap), event files (docs/contract.md §1: new files as they land) in "
-        "this process. `dynamix serve --histories redis://...` then ranks from "
-        "it; a request sees an event as soon as it is appended and older than "
-        "its ts - 60 s.",
+        "this process, or a Redis stream's entries as they arrive (each applied "
+        'once, docs/serving.md "A stream"). `dynamix serve --histories '
+        "redis://...` then ranks from it; a request sees an event as soon as it "
+        "is appended and older than its ts - 60 s.",
     )
-    p.add_argument("events", help="an event store or docs/contract.md §1 event files")
+    p.add_argument(
+        "events",
+        help="an event store, docs/contract.md §1 event files, or a Redis stream "
+        "redis://HOST:PORT/DB?stream=KEY[&group=G&consumer=C]",
+    )
     p.add_argument(
         "redis",
-        help="redis://HOST:PORT/DB?ns=NAME (ns: a namespace; default dynamix)",
+        help="redis://HOST:PORT/DB?ns=NAME (ns: a namespace; default dynamix); "
+        "several servers, comma-separated, are shards of one store",
+    )
+    p.add_argument(
+        "--follow",
+        action="store_true",
+        help="a stream: keep applying new entries until Ctrl-C (default: apply "
+        "what is there and exit)",
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=1000,
+        help="a stream: entries read and applied per round trip",
     )
     p.add_argument(
         "--max-seq-len",
@@ -1385,7 +1408,30 @@ def _loopback(host: str) -> bool:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
+    from dynamix_ray.online import consume_stream, stream_of
 
+    if stream_of(args.events) is not None:
+        try:
+            m = consume_stream(
+                args.events,
+                args.redis,
+                args.max_seq_len,
+                args.margin,
+                follow=args.follow,
+                batch=args.batch,
+            )
+        except KeyboardInterrupt:
+            print(
+                "dynamix ingest: stopped; unacknowledged entries are applied on restart"
+            )
+            return 130
+        total = sum(m["events"].values())
+        print(
+            f"dynamix ingest: {total:,} events from {redact(args.events)} into "
+            f"{redact(args.redis)} in {m['wall_s']:.1f} s; {m['dead_letters']:,} "
+            "entries not events (see the stream's :dead stream)"
+        )
+        return 0
     m = ingest(
         args.events,
         args.redis,
@@ -1485,7 +1531,7 @@ _INPUTS: dict[str, dict[str, Callable[[str], str]]] = {
     "u2u": {"eval": check_events, "validation_graph": _table("u2u")},
     "candidates": {"u2u": _table("u2u"), "events": check_events},
     "histories": {"events": check_events},
-    "ingest": {"events": check_events},
+    "ingest": {"events": check_events_or_stream},
 }
 
 

@@ -16,7 +16,13 @@ import fsspec
 from dynamix_ray.io import MADE_BY, POINTER, current_version, resolve, url_of
 from dynamix_ray.schema import SOURCES
 
-__all__ = ["InputError", "check_checkpoint", "check_events", "check_table"]
+__all__ = [
+    "InputError",
+    "check_checkpoint",
+    "check_events",
+    "check_events_or_stream",
+    "check_table",
+]
 
 
 class InputError(FileNotFoundError):
@@ -48,6 +54,18 @@ def check_events(url: str) -> str:
         f"{url}: no ad_impressions/ in it: expected an event dataset root "
         "(docs/contract.md §1) or an event store (`dynamix bucket`)"
     )
+
+
+def check_events_or_stream(url: str) -> str:
+    """``url`` if it is a Redis stream URL (``redis://...?stream=KEY``: checked
+    when it is read) or passes :func:`check_events`."""
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        if "stream=" not in url:
+            raise InputError(
+                f"{url}: a Redis URL as EVENTS must name a stream (?stream=KEY)"
+            )
+        return url
+    return check_events(url)
 
 
 def check_table(url: str, part: str) -> str:
