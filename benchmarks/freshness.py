@@ -45,6 +45,7 @@ from dynamix_ray.online import (  # noqa: E402
     ingest,
     local_redis,
     publish_events,
+    stop_process,
 )
 from dynamix_ray.serve.loadgen import p50_p99  # noqa: E402
 
@@ -231,11 +232,7 @@ def stream_lag(url: str, args: argparse.Namespace) -> dict:
         stop.set()
         bg.join(5)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
     dead = client.xlen("bench-ev:dead")
     return {
         "events": args.events,

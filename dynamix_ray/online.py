@@ -467,12 +467,19 @@ def local_redis(port: int, binary: str = "redis-server") -> Iterator[str]:
                 time.sleep(0.05)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def stop_process(proc: subprocess.Popen, grace_s: float = 10) -> None:
+    """End a process this code started, by its PID: SIGTERM, then SIGKILL
+    after ``grace_s``."""
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(grace_s)
 
 
 def _ingest_bucket(item: dict[str, Any], store: Any, redis_url: str) -> dict[str, int]:
