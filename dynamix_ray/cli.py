@@ -929,7 +929,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         choices=INGRESSES,
         default="proxy",
         help="proxy: Serve's Python HTTP proxy, on --host only; haproxy: Serve's "
-        'HAProxy ingress, 1.7-2x the QPS here (docs/serving.md, "Ingress"), '
+        'HAProxy ingress, 1.3-2.1x the QPS here (docs/serving.md, "Ingress"), '
         "but the router's replicas then listen on every interface, so it "
         "needs --api-key-env or --allow-unauthenticated whatever --host; on a "
         "cluster, Ray must have been started with RAY_SERVE_ENABLE_HA_PROXY=1 "
