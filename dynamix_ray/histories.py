@@ -423,6 +423,27 @@ def _private_dir(path: str) -> str:
     return path
 
 
+def _build_then_exit(
+    build: Callable[[str, dict[str, Any], str], None],
+    url: str,
+    ptr: dict[str, Any],
+    tmp: str,
+) -> None:
+    """The spawned builder: ``build``, then leave at once (``os._exit``), so
+    that no library's thread teardown at interpreter exit can abort the
+    process and fail a good build (a fresh-clone run once saw the child end
+    with "terminate called without an active exception", exit -6, most
+    likely there). A failed build still exits 1, with its traceback."""
+    import traceback
+
+    try:
+        build(url, ptr, tmp)
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(0)
+
+
 def _build_aside(
     build: Callable[[str, dict[str, Any], str], None],
     url: str,
@@ -444,7 +465,7 @@ def _build_aside(
         build(url, ptr, tmp)
     else:
         proc = multiprocessing.get_context("spawn").Process(
-            target=build, args=(url, ptr, tmp), daemon=True
+            target=_build_then_exit, args=(build, url, ptr, tmp), daemon=True
         )
         proc.start()
         proc.join()
