@@ -33,7 +33,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -79,39 +82,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ingest: {n:,} events in {m['wall_s']:.1f} s", flush=True)
 
         hist = RedisHistories.connect(f"{url}?ns=bench")
-        stop = threading.Event()
         cols = {c: np.array([1]) for c in hist.columns["ad_impressions"]}
         writer = RedisHistories.connect(f"{url}?ns=bench")
 
-        def background() -> None:
-            rng = np.random.default_rng(1)
-            gap = 1.0 / args.rate
-            while not stop.is_set():
-                t0 = time.perf_counter()
-                u = int(rng.integers(10**12, 2 * 10**12))
-                writer.append(
-                    "ad_impressions",
-                    np.array([u]),
-                    np.array([int(time.time() * 1000)]),
-                    cols,
+        def append(store: RedisHistories) -> Callable[[int, int], None]:
+            def write(user: int, ts_ms: int) -> None:
+                store.append(
+                    "ad_impressions", np.array([user]), np.array([ts_ms]), cols
                 )
-                time.sleep(max(0.0, gap - (time.perf_counter() - t0)))
 
-        bg = threading.Thread(target=background, daemon=True)
-        bg.start()
-        lags = []
-        for i in range(args.events):
-            user = 3 * 10**12 + i
-            t_event = int(time.time() * 1000)
-            t0 = time.perf_counter()
-            hist.append("ad_impressions", np.array([user]), np.array([t_event]), cols)
-            while True:
-                got = hist.rows(np.array([user]), np.array([t_event + 60_001]))
-                if got["ad_impressions.mask"].any():
-                    break
-            lags.append(1000 * (time.perf_counter() - t0))
-        stop.set()
-        bg.join(5)
+            return write
+
+        with background_writes(append(writer), args.rate):
+            lags = lags_until_visible(hist, append(hist), args.events, 3 * 10**12)
         res["freshness"] = {
             "events": args.events,
             "background_rate": args.rate,
@@ -150,6 +133,48 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+@contextmanager
+def background_writes(write: Callable[[int, int], None], rate: float) -> Iterator[None]:
+    """``write(user, now_ms)`` of random other users at ``rate`` a second in
+    a thread, for as long as the ``with`` block runs."""
+    stop = threading.Event()
+
+    def run() -> None:
+        rng = np.random.default_rng(1)
+        gap = 1.0 / rate
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            write(int(rng.integers(10**12, 2 * 10**12)), int(time.time() * 1000))
+            time.sleep(max(0.0, gap - (time.perf_counter() - t0)))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(5)
+
+
+def lags_until_visible(
+    hist: RedisHistories, write: Callable[[int, int], None], n: int, first_user: int
+) -> list[float]:
+    """Milliseconds from ``write``'s start to the first read of ``hist`` that
+    has the event, for ``n`` events of new users from ``first_user`` on."""
+    lags = []
+    for i in range(n):
+        user = first_user + i
+        t_event = int(time.time() * 1000)
+        t0 = time.perf_counter()
+        write(user, t_event)
+        while not hist.rows(np.array([user]), np.array([t_event + 60_001]))[
+            "ad_impressions.mask"
+        ].any():
+            pass
+        lags.append(1000 * (time.perf_counter() - t0))
+    return lags
+
+
 def stream_lag(url: str, args: argparse.Namespace) -> dict:
     """XADD -> visible, through a ``dynamix ingest --follow`` process."""
     import redis
@@ -176,32 +201,24 @@ def stream_lag(url: str, args: argparse.Namespace) -> dict:
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
     )
     cols = {c: np.array([1]) for c in hist.columns["ad_impressions"]}
-    stop = threading.Event()
 
-    def background() -> None:
-        rng = np.random.default_rng(1)
-        gap = 1.0 / args.rate
-        producer = redis.Redis.from_url(url)
-        while not stop.is_set():
-            t0 = time.perf_counter()
-            u = int(rng.integers(10**12, 2 * 10**12))
-            now = int(time.time() * 1000)
+    def publish(producer: Any) -> Callable[[int, int], None]:
+        def write(user: int, ts_ms: int) -> None:
             publish_events(
                 producer,
                 "bench-ev",
                 "ad_impressions",
-                np.array([u]),
-                np.array([now]),
+                np.array([user]),
+                np.array([ts_ms]),
                 cols,
             )
-            time.sleep(max(0.0, gap - (time.perf_counter() - t0)))
+
+        return write
 
     try:
         # the consumer is up once it applied a first event
         probe = 4 * 10**12
-        publish_events(
-            client, "bench-ev", "ad_impressions", np.array([probe]), np.array([0]), cols
-        )
+        publish(client)(probe, 0)
         deadline = time.monotonic() + 120
         while not hist.rows(np.array([probe]), np.array([120_000]))[
             "ad_impressions.mask"
@@ -209,28 +226,8 @@ def stream_lag(url: str, args: argparse.Namespace) -> dict:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the stream consumer did not start")
             time.sleep(0.05)
-        bg = threading.Thread(target=background, daemon=True)
-        bg.start()
-        lags = []
-        for i in range(args.events):
-            user = 5 * 10**12 + i
-            t_event = int(time.time() * 1000)
-            t0 = time.perf_counter()
-            publish_events(
-                client,
-                "bench-ev",
-                "ad_impressions",
-                np.array([user]),
-                np.array([t_event]),
-                cols,
-            )
-            while not hist.rows(np.array([user]), np.array([t_event + 60_001]))[
-                "ad_impressions.mask"
-            ].any():
-                pass
-            lags.append(1000 * (time.perf_counter() - t0))
-        stop.set()
-        bg.join(5)
+        with background_writes(publish(redis.Redis.from_url(url)), args.rate):
+            lags = lags_until_visible(hist, publish(client), args.events, 5 * 10**12)
     finally:
         stop_process(proc)
     dead = client.xlen("bench-ev:dead")

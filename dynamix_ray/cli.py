@@ -44,7 +44,7 @@ from dynamix_ray.inputs import (
     check_table,
 )
 from dynamix_ray.io import resolve, write_json
-from dynamix_ray.online import ingest, redact
+from dynamix_ray.online import consume_stream, ingest, redact, stream_of
 from dynamix_ray.presets import MODEL_PRESETS, model_preset
 from dynamix_ray.report import experiment_summary, write_report
 from dynamix_ray.runtime import (
@@ -1468,8 +1468,6 @@ def _loopback(host: str) -> bool:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from dynamix_ray.online import consume_stream, stream_of
-
     if stream_of(args.events) is not None:
         try:
             m = consume_stream(

@@ -59,10 +59,12 @@ def check_events(url: str) -> str:
 def check_events_or_stream(url: str) -> str:
     """``url`` if it is a Redis stream URL (``redis://...?stream=KEY``: checked
     when it is read) or passes :func:`check_events`."""
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        if "stream=" not in url:
+    from dynamix_ray.online import is_redis_url, redact, stream_of
+
+    if is_redis_url(url):
+        if stream_of(url) is None:
             raise InputError(
-                f"{url}: a Redis URL as EVENTS must name a stream (?stream=KEY)"
+                f"{redact(url)}: a Redis URL as EVENTS must name a stream (?stream=KEY)"
             )
         return url
     return check_events(url)

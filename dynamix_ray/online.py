@@ -42,11 +42,13 @@ from dynamix_ray.io import user_bucket
 from dynamix_ray.samples import HISTORY_SOURCES, SampleConfig
 
 __all__ = [
+    "REDIS_SCHEMES",
     "RedisHistories",
     "columns_of",
     "consume_stream",
     "default_columns",
     "ingest",
+    "is_redis_url",
     "local_redis",
     "publish_events",
     "shard_of",
@@ -96,13 +98,11 @@ class RedisHistories:
     def _clients(url: str) -> tuple[list[Any], str]:
         import redis
 
-        clients, names = [], set()
+        clients: list[Any] = []
+        names: set[str] = set()
         for one in url.split(","):
-            parsed = urlparse(one.strip())
-            query = parse_qs(parsed.query)
-            names.update(query.pop("ns", []))
-            # the other options (db=, ssl_cert_reqs=, ...) are redis-py's
-            clean = parsed._replace(query=urlencode(query, doseq=True)).geturl()
+            clean, ours = _our_options(one.strip(), "ns")
+            names.update(ours.values())
             clients.append(redis.Redis.from_url(clean, socket_timeout=5))
         if len(names) > 1:
             raise ValueError(f"{redact(url)}: more than one ?ns= ({sorted(names)})")
@@ -176,9 +176,10 @@ class RedisHistories:
                     f"{redact(url)}: no DynamiX histories in Redis namespace {ns!r}"
                     f"{where} (run `dynamix ingest`)"
                 )
-        if len({json.loads(m) == json.loads(metas[0]) for m in metas}) > 1:
+        layout = json.loads(metas[0])
+        if any(json.loads(m) != layout for m in metas[1:]):
             raise ValueError(f"{redact(url)}: the shards hold different layouts")
-        out = cls(clients, ns, json.loads(metas[0]))
+        out = cls(clients, ns, layout)
         out._check_places(url, claim=False)
         return out
 
@@ -317,15 +318,17 @@ class RedisHistories:
 
                 self._pool = ThreadPoolExecutor(self.shards, "dx-redis")
             got = list(self._pool.map(read, range(self.shards)))
+        in_shard_order = np.concatenate(groups)
         events: dict[str, SourceEvents] = {}
         for j, s in enumerate(sources):
-            lists, uids = [], []
-            for i, g in enumerate(groups):
-                lists += got[i][j * len(g) : (j + 1) * len(g)] if len(g) else []
-                uids.append(g)
+            lists = [
+                x
+                for i, g in enumerate(groups)
+                for x in got[i][j * len(g) : (j + 1) * len(g)]
+            ]
             counts = np.array([len(x) for x in lists], np.int64)
             rec = np.frombuffer(b"".join(b for x in lists for b in x), self.dtypes[s])
-            uid = np.repeat(np.concatenate(uids), counts)
+            uid = np.repeat(in_shard_order, counts)
             order = np.lexsort((rec["ts_ms"], uid))  # a late event, put in place
             rec, uid = rec[order], uid[order]
             events[s] = SourceEvents.from_arrays(
@@ -373,6 +376,25 @@ def _position(entry_id: bytes | str) -> tuple[int, int]:
     text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     ms, _, seq = text.partition("-")
     return int(ms), int(seq or 0)
+
+
+#: URL schemes of a Redis server (redis-py's): the one test of "is this Redis".
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def is_redis_url(url: str) -> bool:
+    """``url`` names a Redis server (or comma-separated shards)."""
+    return url.startswith(REDIS_SCHEMES)
+
+
+def _our_options(url: str, *names: str) -> tuple[str, dict[str, str]]:
+    """``url`` without the query options ``names`` (this module's: ``ns``,
+    ``stream``, ...), and their values; the other options (``db=``,
+    ``ssl_cert_reqs=``, ...) stay for redis-py."""
+    parsed = urlparse(url)
+    query = parse_qs(parsed.query)
+    ours = {n: query.pop(n)[0] for n in names if n in query}
+    return parsed._replace(query=urlencode(query, doseq=True)).geturl(), ours
 
 
 def redact(url: str) -> str:
@@ -553,22 +575,16 @@ def ingest(
 STREAM_FIELDS = ("source", "user_id", "ts")
 
 
-def stream_of(url: str) -> tuple[Any, str, str, str] | None:
-    """``(client, key, group, consumer)`` of a stream URL,
+def stream_of(url: str) -> tuple[str, str, str, str] | None:
+    """``(server URL, key, group, consumer)`` of a stream URL,
     ``redis://HOST:PORT/DB?stream=KEY[&group=G][&consumer=C]``, else None."""
-    import redis
-
-    parsed = urlparse(url)
-    if parsed.scheme not in ("redis", "rediss", "unix"):
+    if not is_redis_url(url):
         return None
-    query = parse_qs(parsed.query)
-    if "stream" not in query:
+    clean, ours = _our_options(url, "stream", "group", "consumer")
+    if "stream" not in ours:
         return None
-    key = query.pop("stream")[0]
-    group = query.pop("group", ["dynamix-ingest"])[0]
-    consumer = query.pop("consumer", ["ingest-1"])[0]
-    clean = parsed._replace(query=urlencode(query, doseq=True)).geturl()
-    return redis.Redis.from_url(clean, socket_timeout=30), key, group, consumer
+    group = ours.get("group", "dynamix-ingest")
+    return clean, ours["stream"], group, ours.get("consumer", "ingest-1")
 
 
 def publish_events(
@@ -604,6 +620,15 @@ def _parse_entries(
     events of a known source, with the reason (for the dead-letter stream)."""
     rows: dict[str, list[tuple[np.int64, np.int64, list[Any]]]] = {}
     bad: list[tuple[bytes, str]] = []
+    # each value in its column's dtype, so one out of range is this entry's
+    # fault (a dead letter), not the batch's
+    convert = {
+        src: [
+            (c, np.dtype(t).type, float if np.dtype(t).kind == "f" else int)
+            for c, t in cols.items()
+        ]
+        for src, cols in hist.columns.items()
+    }
     for eid, fields in entries:
         if fields is None:  # trimmed away while pending
             bad.append((eid, "deleted from the stream before it was applied"))
@@ -619,12 +644,7 @@ def _parse_entries(
             bad.append((eid, f"missing {', '.join(missing)}"))
             continue
         try:
-            # each in its column's dtype, so one out of range is this entry's
-            # fault (a dead letter), not the batch's
-            vals = [
-                np.dtype(t).type(float(f[c]) if np.dtype(t).kind == "f" else int(f[c]))
-                for c, t in cols.items()
-            ]
+            vals = [typed(parse(f[c])) for c, typed, parse in convert[src]]
             uid, ts = np.int64(int(f["user_id"])), np.int64(int(f["ts"]))
             rows.setdefault(src, []).append((uid, ts, vals))
         except (ValueError, OverflowError) as e:
@@ -676,7 +696,8 @@ def consume_stream(
         raise ValueError(
             f"{redact(stream_url)}: not a stream URL (redis://...?stream=KEY)"
         )
-    client, key, group, consumer = parsed
+    server, key, group, consumer = parsed
+    client: Any = redis.Redis.from_url(server, socket_timeout=30)  # untyped replies
     hist = RedisHistories.create(redis_url, default_columns(), max_seq_len, margin)
     try:
         client.xgroup_create(key, group, id="0", mkstream=True)

@@ -57,6 +57,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dynamix_ray.features import POLICIES
 from dynamix_ray.io import absolute_url
+from dynamix_ray.online import RedisHistories, is_redis_url
 from dynamix_ray.serve.api import (
     CandidatesRequest,
     CandidatesResponse,
@@ -295,10 +296,8 @@ class AppConfig(BaseModel):
                 )
 
         published(self.segments, "segments")
-        if self.histories.startswith(("redis://", "rediss://", "unix://")):
+        if is_redis_url(self.histories):
             try:
-                from dynamix_ray.online import RedisHistories
-
                 RedisHistories.connect(self.histories).check()
             except Exception as e:  # noqa: BLE001 - reported, with its URL
                 problems.append(f"histories: {type(e).__name__}: {e}")

@@ -35,6 +35,7 @@ from dynamix_ray.model.checkpoint import (
     resolve_checkpoint,
 )
 from dynamix_ray.model.config import CANDIDATE_ATTRIBUTES
+from dynamix_ray.online import RedisHistories, is_redis_url
 
 __all__ = ["CANDIDATE_ATTRIBUTES", "Ranker", "RankerDeployment", "score_isolated"]
 
@@ -179,9 +180,7 @@ def open_histories(url: str, shared: bool = True) -> Any:
     one copy per node (``shared``) or read into this process."""
     from dynamix_ray.histories import open_shared_histories, read_histories
 
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        from dynamix_ray.online import RedisHistories
-
+    if is_redis_url(url):
         return RedisHistories.connect(url)
     return open_shared_histories(url) if shared else read_histories(url)
 
